@@ -1,0 +1,1 @@
+"""Comparison strategies: all-reduce (Megatron), ladder residual, token splitting, no-communication."""

@@ -1,0 +1,1 @@
+"""spdbench harness: model sources, sharding, the rank-local LLaMA, communicators, launching."""

@@ -1,0 +1,218 @@
+"""The rank-local LLaMA: the model math for one tensor-parallel rank, and nothing else.
+
+Every module that tensor parallelism splits returns a full-width *partial* output
+(``Attention``: o_proj over this rank's heads; ``MLP``: down_proj over this rank's FFN
+columns). Summing the partials over ranks gives the single-device result; *when* and *how*
+that sum happens is the strategy's business (``suite.strategy``), never the model's.
+
+Activations travel as a flat ``[tokens, hidden]`` stream; a ``ForwardContext`` says which
+rows of the batch and which cache positions those tokens are, so strategies may cut the
+stream anywhere (token splitting) and attention still sees the right keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+@dataclass
+class Segment:
+    """A rectangle of the batch: ``rows`` x ``len(slots)`` tokens, contiguous in the flat stream."""
+
+    tokens: slice  # position of the rectangle in the flat token stream
+    rows: slice  # batch rows (= KV-cache rows)
+    slots: torch.Tensor  # [length] cache positions these tokens occupy
+    kv_len: int  # cache positions attended to (keys 0 .. kv_len-1)
+    mask: torch.Tensor  # [rows, 1, length, kv_len] True where attention is allowed
+    cos: torch.Tensor  # [rows, length, head_dim]
+    sin: torch.Tensor
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    @property
+    def length(self) -> int:
+        return self.slots.shape[0]
+
+    def sub(self, rows: slice, cols: slice, offset: int) -> Segment:
+        """The sub-rectangle ``rows x cols`` (relative), placed at ``offset`` in a new stream."""
+        slots = self.slots[cols]
+        n = (rows.stop - rows.start) * slots.shape[0]
+        kv_len = self.kv_len - (self.length - cols.stop)  # slots ascend by one: later keys are not needed
+        return Segment(slice(offset, offset + n), slice(self.rows.start + rows.start, self.rows.start + rows.stop),
+                       slots, kv_len, self.mask[rows, :, cols, :kv_len], self.cos[rows, cols], self.sin[rows, cols])
+
+
+@dataclass
+class ForwardContext:
+    """The tokens of one forward call, as segments of the flat stream (in order)."""
+
+    segments: list[Segment]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.segments[-1].tokens.stop
+
+    def split(self, at: int) -> tuple[ForwardContext, ForwardContext]:
+        """Cut the stream after ``at`` tokens; a row that straddles the cut is split in two."""
+        first, second = [], []
+        for seg in self.segments:
+            start, stop, width = seg.tokens.start, seg.tokens.stop, seg.length
+            if stop <= at:
+                first.append(seg.sub(slice(0, seg.n_rows), slice(0, width), seg.tokens.start))
+                continue
+            if start >= at:
+                second.append(seg.sub(slice(0, seg.n_rows), slice(0, width), start - at))
+                continue
+            full_rows, rest = divmod(at - start, width)
+            pieces = [(first, slice(0, full_rows), slice(0, width)),
+                      (first, slice(full_rows, full_rows + 1), slice(0, rest)),
+                      (second, slice(full_rows, full_rows + 1), slice(rest, width)),
+                      (second, slice(full_rows + 1 if rest else full_rows, seg.n_rows), slice(0, width))]
+            if not rest:  # the cut falls between rows: no straddling row
+                pieces = [pieces[0], pieces[3]]
+            for out, rows, cols in pieces:
+                if rows.stop > rows.start and cols.stop > cols.start:
+                    offset = out[-1].tokens.stop if out else 0
+                    out.append(seg.sub(rows, cols, offset))
+        return ForwardContext(first), ForwardContext(second)
+
+
+class Attention(nn.Module):
+    """This rank's query heads (and the KV heads they read); returns the o_proj partial."""
+
+    def __init__(self, config: LlamaConfig, kv_of_q: list[int], n_kv: int):
+        super().__init__()
+        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.n_q, self.n_kv = len(kv_of_q), n_kv
+        dim, hd = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(dim, self.n_q * hd, bias=False)
+        self.k_proj = nn.Linear(dim, n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(dim, n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_q * hd, dim, bias=False)
+        group = self.n_q // n_kv if n_kv and self.n_q % n_kv == 0 else 0
+        # Uneven head splits can give a rank query heads from KV groups of different sizes;
+        # then K/V are expanded per query head by index instead of SDPA's uniform GQA.
+        self.uniform_gqa = group > 0 and kv_of_q == [i // group for i in range(self.n_q)]
+        self.register_buffer("kv_of_q", torch.tensor(kv_of_q, dtype=torch.long), persistent=False)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, self.n_kv, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        parts = [self._segment(x[seg.tokens], seg) for seg in ctx.segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _segment(self, x: torch.Tensor, seg: Segment) -> torch.Tensor:
+        rows, length, hd = seg.n_rows, seg.length, self.head_dim
+        x = x.view(rows, length, -1)
+        q = self.q_proj(x).view(rows, length, self.n_q, hd).transpose(1, 2)
+        k = self.k_proj(x).view(rows, length, self.n_kv, hd).transpose(1, 2)
+        v = self.v_proj(x).view(rows, length, self.n_kv, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, seg.cos, seg.sin)
+        k_cache, v_cache = self.k_cache[seg.rows], self.v_cache[seg.rows]
+        k_cache.index_copy_(2, seg.slots, k)
+        v_cache.index_copy_(2, seg.slots, v)
+        k, v = k_cache[:, :, : seg.kv_len], v_cache[:, :, : seg.kv_len]
+        if self.uniform_gqa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, enable_gqa=self.n_kv != self.n_q)
+        else:
+            k, v = k.index_select(1, self.kv_of_q), v.index_select(1, self.kv_of_q)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask)
+        return self.o_proj(out.transpose(1, 2).reshape(rows * length, self.n_q * hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU over this rank's FFN columns; returns the down_proj partial."""
+
+    def __init__(self, dim: int, ffn: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn, bias=False)
+        self.up_proj = nn.Linear(dim, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block; strategies compose its pieces with the communicator."""
+
+    def __init__(self, config: LlamaConfig, kv_of_q: list[int], n_kv: int, ffn: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, kv_of_q, n_kv)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, ffn)
+
+    def attn(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Partial attention output of this rank: o_proj_i(Attn_i(RMSNorm1(h)))."""
+        return self.self_attn(self.input_layernorm(h), ctx)
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """Partial MLP output of this rank: down_i(silu(gate_i(u)) * up_i(u)), u = RMSNorm2(h)."""
+        return self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Embeddings and lm_head are replicated on every rank; the blocks are sharded."""
+
+    def __init__(self, config: LlamaConfig, blocks: list[Block]):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(blocks)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = LlamaRotaryEmbedding(config)
+
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        p = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.self_attn.setup_cache(batch, max_len, p.dtype, p.device)
+
+    def context(self, pad: torch.Tensor, slots: torch.Tensor, kv_len: int) -> ForwardContext:
+        """All rows of a left-padded batch at cache positions ``slots``.
+
+        ``pad[b]`` is row b's number of left-pad slots: its tokens attend causally to cache
+        positions >= pad[b], and a pad position attends only to itself (never a row of NaNs).
+        """
+        keys = torch.arange(kv_len, device=slots.device)
+        query = slots.view(1, -1, 1)
+        mask = (keys <= query) & ((keys >= pad.view(-1, 1, 1)) | (keys == query))
+        positions = (slots.view(1, -1) - pad.view(-1, 1)).clamp(min=0)
+        cos, sin = self.rotary(self.embed_tokens.weight, positions)
+        rows = pad.shape[0]
+        seg = Segment(slice(0, rows * slots.shape[0]), slice(0, rows), slots, kv_len, mask.unsqueeze(1), cos, sin)
+        return ForwardContext([seg])
+
+    def forward(self, tokens: torch.Tensor, ctx: ForwardContext, run_layers, last_only: bool = False):
+        """tokens: flat [T] ids; ``run_layers(layers, h, ctx)`` is the strategy bound to a communicator."""
+        h = run_layers(self.layers, self.embed_tokens(tokens), ctx)
+        if last_only:  # the last token of every row of a whole-batch context
+            (seg,) = ctx.segments
+            h = h.view(seg.n_rows, seg.length, -1)[:, -1]
+        return self.lm_head(self.norm(h))
