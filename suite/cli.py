@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 from suite import launch as launching
 
 EXIT_USAGE = 2
+# Modules that add subcommands: each defines ``add_command(subparsers)`` and sets
+# ``handler(args, parser) -> int`` on its parser (``parser.error`` for bad input).
+COMMAND_MODULES = ("suite.bench", "suite.projection", "suite.evaluate", "spd.cli", "reports.cli", "suite.demo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,6 +30,7 @@ def _generate_job(comm, device, args, prompts):
 
 
 def cmd_generate(args, parser) -> int:
+    from suite.sharding import check_tp
     from suite.sources import resolve
     from suite.strategy import make_strategy
 
@@ -36,6 +41,7 @@ def cmd_generate(args, parser) -> int:
         parser.error("--cuda-graph needs --device cuda")
     launching.placement(args.tp, args.device, args.backend)
     source = resolve(args.model)  # validates the model and fills the weight cache before ranks start
+    check_tp(source.config, args.tp)
     tokenizer = source.tokenizer()
     prompts = [tokenizer.encode(p) for p in args.prompt]
     if any(not p for p in prompts):
@@ -64,7 +70,7 @@ def cmd_generate(args, parser) -> int:
     return 0
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     from suite.generate import DTYPES
 
     p.add_argument("--model", default="smollm2-135m",
@@ -85,16 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spdbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = sub.add_parser("generate", help="greedy generation on N tensor-parallel ranks")
-    _add_model_args(gen)
+    add_model_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text, repeatable (one batch)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--cuda-graph", action="store_true", help="capture decode in a CUDA graph")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(handler=cmd_generate)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.add_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from suite.sharding import ShardingError
     from suite.sources import ModelSourceError
     from suite.strategy import StrategyError, parse_options
 
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "strategy_opt"):
             args.options = parse_options(args.strategy_opt)
         return args.handler(args, sub)
-    except (ModelSourceError, StrategyError, launching.LaunchError) as exc:
+    except (ModelSourceError, StrategyError, ShardingError, launching.LaunchError) as exc:
         sub.error(str(exc))
     except launching.RankError as exc:
         print(f"spdbench: {exc}", file=sys.stderr)

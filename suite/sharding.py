@@ -52,10 +52,19 @@ class BlockShard:
 Layout = list[list[BlockShard]]  # [layer][rank]
 
 
-def default_layout(config: LlamaConfig, tp: int) -> Layout:
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
+class ShardingError(ValueError):
+    """The model cannot be split as asked."""
+
+
+def check_tp(config: LlamaConfig, tp: int) -> None:
+    heads = config.num_attention_heads
     if not 1 <= tp <= heads:
-        raise ValueError(f"--tp {tp} is invalid: it must be between 1 and the model's {heads} attention heads")
+        raise ShardingError(f"--tp {tp} is invalid: it must be between 1 and the model's {heads} attention heads")
+
+
+def default_layout(config: LlamaConfig, tp: int) -> Layout:
+    check_tp(config, tp)
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
     group = heads // kv
     head_ranges = split_evenly(heads, tp)
     ffn_ranges = split_evenly(config.intermediate_size, tp)
