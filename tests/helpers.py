@@ -1,0 +1,35 @@
+"""Shared test helpers: the single-process Hugging Face reference and multi-rank runs."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import LlamaForCausalLM
+
+from suite.sources import ModelSource, resolve
+
+
+@functools.lru_cache(maxsize=4)
+def source(model: str) -> ModelSource:
+    return resolve(model)
+
+
+@functools.lru_cache(maxsize=4)
+def hf_model(model: str) -> LlamaForCausalLM:
+    """The single-device Hugging Face model on the same weights, float32, eval mode."""
+    src = source(model)
+    hf = LlamaForCausalLM(src.config)
+    hf.load_state_dict({name: src.weights.read(name) for name in hf.state_dict()})
+    return hf.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def hf_greedy(model: str, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy continuation of one unpadded prompt and the logits after its last token."""
+    hf = hf_model(model)
+    ids = torch.tensor([prompt])
+    logits = hf(ids).logits[0, -1]
+    out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                      pad_token_id=0)
+    return out[0, len(prompt):].tolist(), logits
