@@ -79,6 +79,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="baseline", help="baseline, spd, ladder, tokenweave, seqpar, nocomm, ...")
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. layers=last:16, split_min_tokens=0)")
+    p.add_argument("--spd-plan", metavar="PLAN.json", help="SPD plan file (same as --strategy-opt plan=PLAN.json)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "strategy_opt"):
             args.options = parse_options(args.strategy_opt)
+            if args.spd_plan:
+                args.options["plan"] = args.spd_plan
         return args.handler(args, sub)
     except (ModelSourceError, StrategyError, ShardingError, launching.LaunchError) as exc:
         sub.error(str(exc))
