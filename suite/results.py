@@ -92,3 +92,31 @@ def environment() -> dict:
         except Exception as exc:  # NVML absent or unusable: say so
             env["driver"] = f"n/a: {exc.__class__.__name__}"
     return env
+
+
+def import_benchmark(path: str | os.PathLike, command: str = "") -> list[dict]:
+    """Latency rows from a pytest-benchmark JSON file (``pytest tests/bench --benchmark-json=PATH``).
+
+    Each case's ``extra_info`` holds its scenario and the slowest rank's prefill / decode / end-to-end
+    times per round (the same figures ``spdbench bench`` stores); pytest-benchmark's own median of
+    a round is kept as ``benchmark_e2e_ms_median``. A row's ``cell_id`` covers the benchmark's
+    name and the run's date, so importing a file twice yields the same ids.
+    """
+    from suite.measure import Timings, summarise
+
+    data = json.loads(Path(path).read_text())
+    env = data["machine_info"].get("spdbench_env", data["machine_info"])
+    rows = []
+    for bench in data["benchmarks"]:
+        info = dict(bench["extra_info"])
+        timings = Timings(*(info.pop(k) for k in ("prefill_ms", "decode_ms_per_token", "e2e_ms", "comm_fraction")))
+        usable = info.pop("usable_model")
+        scenario = info | {"source": "pytest-benchmark", "benchmark": bench["fullname"], "run": data["datetime"]}
+        rows.append({"cell_id": cell_id(scenario), **scenario, "status": "ok", "error": None,
+                     "provenance": "measured", "usable_model": usable,
+                     **summarise(timings, info["batch"], info["new_tokens"]),
+                     "benchmark_e2e_ms_median": 1e3 * bench["stats"]["median"],
+                     "telemetry_status": "n/a: not sampled by pytest-benchmark", "energy_j": None,
+                     "j_per_token": None, "power_w_mean": None, "telemetry": {}, "env": env,
+                     "command": command, "time": data["datetime"]})
+    return rows

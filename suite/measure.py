@@ -1,0 +1,140 @@
+"""Timing one latency cell on a rank: warm-up, repetitions, the slowest rank, communication share.
+
+``measure(runner, comm, prompts, new_tokens, repetitions, warmup, cuda_graph)`` works with any
+communicator that has ``rank``, ``world`` and ``stats`` (the real one, or a projecting one that
+runs a single rank's shard). Every rank calls it in step. Each repetition is one
+``Runner.generate``: its prefill time is the time to first token, its decode steps give the time
+per output token, and end-to-end is their sum. After each repetition the ranks exchange their
+timings and keep the slowest rank's (a TP step is as slow as its slowest rank), together with
+the share of that rank's time spent blocked in collectives (``comm.stats``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from suite.comm import Communicator
+
+
+@dataclass
+class Timings:
+    """Per-repetition figures of the slowest rank, in milliseconds."""
+
+    prefill_ms: list[float] = field(default_factory=list)
+    decode_ms_per_token: list[float] = field(default_factory=list)  # empty when one token is generated
+    e2e_ms: list[float] = field(default_factory=list)
+    comm_fraction: list[float] = field(default_factory=list)  # empty when nothing was communicated
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated quantile (q in 0..1), None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _exchanges(comm) -> bool:
+    """True when the ranks are separate processes of a torch.distributed group."""
+    return isinstance(comm, Communicator) and comm.world > 1 and dist.is_initialized()
+
+
+def _gather_rows(comm, row: list[float]) -> torch.Tensor:
+    """[world, len(row)] of every rank's row (just this rank's when there is nothing to exchange)."""
+    mine = torch.tensor([row], dtype=torch.float64)
+    if not _exchanges(comm):
+        return mine
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(comm.group) == "nccl" else "cpu"
+    out = [torch.empty_like(mine, device=device) for _ in range(comm.world)]
+    dist.all_gather(out, mine.to(device), group=comm.group)
+    return torch.cat(out).cpu()
+
+
+def barrier(comm) -> None:
+    """All ranks start the next repetition together."""
+    if _exchanges(comm):
+        _gather_rows(comm, [0.0])
+
+
+def prompts_for(cell: dict, vocab_size: int) -> list[list[int]]:
+    """``batch`` prompts of ``prompt_len`` random token ids, the same on every rank (seeded by ``seed``)."""
+    gen = torch.Generator().manual_seed(cell["seed"])
+    return torch.randint(1, vocab_size, (cell["batch"], cell["prompt_len"]), generator=gen).tolist()
+
+
+def measure(runner, comm, prompts: list[list[int]], new_tokens: int, repetitions: int, warmup: int,
+            cuda_graph: bool = False, sampler=None) -> Timings:
+    """Warm up, then time ``repetitions`` generations; ``sampler`` (telemetry) spans the timed ones."""
+    for _ in range(warmup):
+        runner.generate(prompts, new_tokens, cuda_graph=cuda_graph)
+    timings = Timings()
+    stats = comm.stats
+    stats.enabled = True
+    try:
+        barrier(comm)
+        with sampler if sampler is not None else nullcontext():
+            for _ in range(repetitions):
+                barrier(comm)
+                stats.reset()
+                gen = runner.generate(prompts, new_tokens, cuda_graph=cuda_graph)
+                decode_s = sum(gen.decode_s)
+                e2e_s = gen.prefill_s + decode_s
+                per_token_s = decode_s / len(gen.decode_s) if gen.decode_s else float("nan")
+                ranks = _gather_rows(comm, [gen.prefill_s, per_token_s, e2e_s, stats.seconds, stats.calls])
+                prefill_s, per_token_s, e2e_s, comm_s, calls = ranks[int(ranks[:, 2].argmax())].tolist()
+                timings.prefill_ms.append(1e3 * float(ranks[:, 0].max()))
+                if gen.decode_s:
+                    timings.decode_ms_per_token.append(1e3 * float(ranks[:, 1].max()))
+                timings.e2e_ms.append(1e3 * e2e_s)
+                if calls:
+                    timings.comm_fraction.append(comm_s / e2e_s)
+    finally:
+        stats.enabled = False
+    return timings
+
+
+def summarise(t: Timings, batch: int, new_tokens: int) -> dict:
+    """Row fields: medians, p10/p90, throughput, communication share and the raw samples."""
+    e2e = statistics.median(t.e2e_ms)
+    return {"prefill_ms_median": statistics.median(t.prefill_ms), "prefill_ms_p10": quantile(t.prefill_ms, 0.1),
+            "prefill_ms_p90": quantile(t.prefill_ms, 0.9),
+            "decode_ms_per_token_median": quantile(t.decode_ms_per_token, 0.5),
+            "decode_ms_per_token_p10": quantile(t.decode_ms_per_token, 0.1),
+            "decode_ms_per_token_p90": quantile(t.decode_ms_per_token, 0.9),
+            "e2e_ms_median": e2e, "tokens_per_s": batch * new_tokens / (e2e / 1e3),
+            "comm_fraction": statistics.median(t.comm_fraction) if t.comm_fraction else None,
+            "samples": {"prefill_ms": t.prefill_ms, "decode_ms_per_token": t.decode_ms_per_token,
+                        "e2e_ms": t.e2e_ms}}
+
+
+def gather_objects(comm, obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if not _exchanges(comm):
+        return [obj]
+    out = [None] * comm.world
+    dist.all_gather_object(out, obj, group=comm.group)
+    return out
+
+
+def measure_cell(cell: dict, runner, comm, device: torch.device) -> dict:
+    """Row fields of one latency cell (timings + telemetry); every rank calls it in step.
+
+    ``cell`` needs batch, prompt_len, new_tokens, repetitions, warmup, decode_mode and seed.
+    """
+    from suite.telemetry import Sampler, combine
+
+    prompts = prompts_for(cell, runner.model.config.vocab_size)
+    sampler = Sampler(device)
+    timings = measure(runner, comm, prompts, cell["new_tokens"], cell["repetitions"], cell["warmup"],
+                      cuda_graph=cell["decode_mode"] == "cuda_graph", sampler=sampler)
+    tokens = cell["repetitions"] * cell["batch"] * cell["new_tokens"]
+    return summarise(timings, cell["batch"], cell["new_tokens"]) | combine(gather_objects(comm, sampler.summary()),
+                                                                            tokens)
