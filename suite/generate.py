@@ -27,6 +27,7 @@ class Generation:
     prefill_logits: torch.Tensor  # [batch, vocab] float32 logits after the last prompt token
     prefill_s: float  # time to first token
     decode_s: list[float] = field(default_factory=list)  # one entry per decode step
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # [batch, vocab] per decode step, if kept
 
 
 class _Clock:
@@ -84,7 +85,8 @@ class Runner:
         return self.model(tokens.flatten(), ctx, self.run_layers).view(len(prompts), width, -1)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, cuda_graph: bool = False) -> Generation:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, cuda_graph: bool = False,
+                 keep_logits: bool = False) -> Generation:
         width = max(len(p) for p in prompts)
         tokens, pad = self._prepare(prompts, width + max_new_tokens)
         max_len = width + max_new_tokens
@@ -95,21 +97,24 @@ class Runner:
         nxt = logits.argmax(-1)
         clock.mark()
         prefill_logits = logits.float()
-        out = [nxt]
+        out, kept = [nxt], []
         step = self._graphed_step(pad, max_len, nxt, width) if cuda_graph else None
         decode_clock = _Clock(self.device)
         decode_clock.mark()
         for i in range(max_new_tokens - 1):
             pos = torch.tensor([width + i], device=self.device)
-            nxt = step(nxt, pos) if step else self._step(nxt, pos, pad, max_len)
+            logits = step(nxt, pos) if step else self._step(nxt, pos, pad, max_len)
+            nxt = logits.argmax(-1)
             out.append(nxt)
+            if keep_logits:
+                kept.append(logits.float().cpu())
             decode_clock.mark()
         generated = torch.stack(out, dim=1).tolist()
-        return Generation(generated, prefill_logits.cpu(), clock.intervals()[0], decode_clock.intervals())
+        return Generation(generated, prefill_logits.cpu(), clock.intervals()[0], decode_clock.intervals(), kept)
 
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor, max_len: int) -> torch.Tensor:
         ctx = self.model.context(pad, pos, max_len)
-        return self.model(tokens, ctx, self.run_layers, last_only=True).argmax(-1)
+        return self.model(tokens, ctx, self.run_layers, last_only=True)
 
     def _graphed_step(self, pad, max_len, first_tokens, first_pos):
         """Capture one decode step in a CUDA graph; returns a replaying step function."""
@@ -135,7 +140,7 @@ class Runner:
             tok.copy_(tokens)
             pos_buf.copy_(pos)
             graph.replay()
-            return out.clone()
+            return out
         return replay
 
 

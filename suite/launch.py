@@ -2,7 +2,8 @@
 
 ``launch(fn, tp, *args)`` calls ``fn(comm, device, *args)`` on every rank and returns rank 0's
 result. Under ``torchrun`` (env:// rendezvous, so multi-node works) the current process is
-one rank; otherwise N processes are spawned. A rank that fails ends the whole run at once
+one rank; otherwise N processes are started (forked from a server that has the
+imports done, so a launch costs no N-fold torch import). A rank that fails ends the whole run at once
 (the others are terminated) with a ``RankError`` naming the rank and its error; collectives
 also carry a process-group timeout, so a lost rank can never hang the run.
 """
@@ -13,6 +14,7 @@ import datetime
 import os
 import queue
 import socket
+import time
 import traceback
 
 import torch
@@ -22,6 +24,7 @@ import torch.multiprocessing as mp
 from suite.comm import Communicator
 
 DEFAULT_TIMEOUT_S = 300
+_GRACE_S = 1.0
 
 
 class LaunchError(ValueError):
@@ -97,6 +100,12 @@ def _worker(rank, world, port, backend, device, timeout_s, fn, args, results):
             dist.destroy_process_group()
 
 
+def _raise_if_dead(procs, exclude) -> None:
+    for rank, p in enumerate(procs):
+        if rank not in exclude and p.exitcode not in (None, 0):
+            raise RankError(rank, f"process exited with code {p.exitcode}")
+
+
 def launch(fn, tp: int, *args, device: str = "cpu", backend: str = "auto",
            timeout_s: float = DEFAULT_TIMEOUT_S):
     """``fn(comm, device, *args)`` on ``tp`` ranks; returns rank 0's result (this rank's under torchrun)."""
@@ -109,7 +118,9 @@ def launch(fn, tp: int, *args, device: str = "cpu", backend: str = "auto",
         return fn(_init(rank, world, backend, timeout_s, dev), dev, *args)
     if tp == 1:
         return fn(Communicator(), _rank_device(device, 0), *args)
-    ctx = mp.get_context("spawn")
+    # A fork server imports torch and the model code once; each rank is a cheap fork of it.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["suite.generate"])
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, tp, port, backend, device, timeout_s, fn, args, results),
@@ -122,11 +133,13 @@ def launch(fn, tp: int, *args, device: str = "cpu", backend: str = "auto",
             try:
                 kind, rank, payload = results.get(timeout=0.5)
             except queue.Empty:
-                for r, p in enumerate(procs):
-                    if r not in done and p.exitcode not in (None, 0):
-                        raise RankError(r, f"process exited with code {p.exitcode}")
+                _raise_if_dead(procs, done)
                 continue
             if kind == "error":
+                # Peers of a failed rank fail too (broken connections); a rank that died without a
+                # word is the likelier cause, so look for one before blaming the reporter.
+                time.sleep(_GRACE_S)
+                _raise_if_dead(procs, done | {rank})
                 summary, _, trace = payload.partition("\n")
                 raise RankError(rank, summary) from RuntimeError(trace)
             done.add(rank)
