@@ -211,11 +211,11 @@ class _HostLink:
 class _Joined:
     """Device side: ``wait()`` makes the current stream wait for the spin kernels (as NCCL's work.wait())."""
 
-    def __init__(self, events: list):
-        self.events = events
+    def __init__(self, events: list, device: torch.device):
+        self.events, self.device = events, device
 
     def wait(self) -> None:
-        stream = torch.cuda.current_stream()
+        stream = torch.cuda.current_stream(self.device)
         for event in self.events:
             stream.wait_event(event)
 
@@ -238,12 +238,15 @@ def _spin_cycles_per_second(device_index: int) -> float:
 
 
 class _DeviceLink:
-    """GPU side: ``sms`` one-block spin kernels on their own streams, one per SM an NCCL kernel would hold.
+    """GPU side: ``sms`` spin kernels (``torch.cuda._sleep``) on their own streams, one per SM that an
+    NCCL kernel would occupy.
 
     Each stream runs in order, so collectives queue on the link as they do on NCCL's stream;
-    a collective starts once the compute stream has produced its input. Works under CUDA-graph
-    capture (the streams fork from and join the capturing stream). The spin counts SM clock
-    cycles, calibrated once; a clock that drops under load lengthens the wait.
+    a collective starts once the current stream has produced its input, and waiting joins the
+    current stream to it (no host sync). Works under CUDA-graph capture: the streams fork from
+    and join the capturing stream. Limits: a spin kernel is a single one-thread block, so it
+    takes a block slot on an SM but not the registers and shared memory an NCCL block holds;
+    it counts SM clock cycles, calibrated once, so a clock that drops under load lengthens it.
     """
 
     def __init__(self, device: torch.device, sms: int):
@@ -261,7 +264,7 @@ class _DeviceLink:
             event = torch.cuda.Event()
             event.record(stream)
             events.append(event)
-        return _Joined(events)
+        return _Joined(events, self.device)
 
 
 @dataclass
@@ -399,7 +402,9 @@ def run_projected_group(cells: list[dict], store, command: str = "", sms: int = 
         try:
             dev, tp = _device(cell["device"]), cell["tp"]
             strategy = make_strategy(cell["strategy"], cell["strategy_options"])
-            source = sources.setdefault(cell["model"], resolve(cell["model"], dev))
+            if cell["model"] not in sources:
+                sources[cell["model"]] = resolve(cell["model"], dev)
+            source = sources[cell["model"]]
             rank = heaviest_rank(source.config, tp)
             key = (cell["model"], cell["dtype"])
             if key != loaded or type(strategy).load_model is not Strategy.load_model:
@@ -464,7 +469,7 @@ def _commbench_job(comm, device, sizes, collectives, launches, iters, warmup, re
                       "reduce_scatter": lambda: comm.reduce_scatter(full),
                       "all_gather": lambda: comm.all_gather(part)}[coll]
                 nbytes = count * full.element_size()
-                for _ in range(warmup):
+                for _ in range(max(warmup, 1)):  # NCCL sets up before any graph capture
                     op()
                 times = [_timed_loop(op, iters, device, launch == "cuda_graph") for _ in range(repeats)]
                 slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
@@ -652,7 +657,10 @@ def add_command(subparsers) -> None:
     p.set_defaults(handler=cmd_commbench)
 
     v = subparsers.add_parser("validate-projection",
-                              help="run the same cells measured on N ranks and projected; report the error")
+                              help="run the same cells measured on N ranks and projected; report the error",
+                              description="Runs each cell (strategy x batch x prompt length) measured on --tp real "
+                              "ranks and projected on the heaviest rank with --interconnect, and reports the "
+                              "relative error of prefill and decode time. --strategy takes a comma-separated list.")
     add_model_args(v)
     v.add_argument("--interconnect", required=True,
                    help=f"profile name ({', '.join(available_profiles())}) or file from 'spdbench commbench'")
