@@ -31,6 +31,7 @@ a failed row naming the reason, and the other cells still run. Read the rows wit
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -123,11 +124,17 @@ def label(cell: dict) -> str:
             f"{cell['device']} {cell['decode_mode']}{mode}")
 
 
+@functools.lru_cache(maxsize=None)
+def _model_config(model: str):
+    from suite.sources import resolve
+
+    return resolve(model).config
+
+
 def check(cell: dict) -> str | None:
     """Why a cell cannot run (None if it can). Cheap: no weights are read."""
     from suite.generate import DTYPES
     from suite.sharding import check_tp
-    from suite.sources import resolve
     from suite.strategy import make_strategy
 
     for key in ("tp", "batch", "prompt_len", "new_tokens", "repetitions", "warmup"):
@@ -151,7 +158,7 @@ def check(cell: dict) -> str | None:
             return f"device={cell['device']!r}: choose cpu or cuda"
         if cell["mode"] == "measured":
             launching.placement(cell["tp"], cell["device"], cell["backend"])
-        config = resolve(cell["model"]).config
+        config = _model_config(cell["model"])
         check_tp(config, cell["tp"])
     except ValueError as exc:  # StrategyError, LaunchError, ModelSourceError, ShardingError
         return str(exc).replace("--tp", "tp").replace("--device", "device").replace("--backend", "backend")
@@ -275,14 +282,16 @@ def run(cells: list[dict], out: str | os.PathLike, command: str = "") -> ResultS
         else:
             runnable.append(c)
     done = len(cells) - len(runnable)
-    if launching.under_torchrun():  # one process group: only this world size, in one launch
-        world = int(os.environ["WORLD_SIZE"])
-        runnable = [c for c in runnable if c["tp"] == world and c["mode"] == "measured"]
-        if runnable:
-            units = _units(runnable)
-            launching.launch(_unit_job, world, [c for u in units for c in u], store.path, command, done,
-                             len(cells), device=runnable[0]["device"], backend=runnable[0]["backend"],
-                             timeout_s=runnable[0]["timeout"])
+    if launching.under_torchrun():  # one process group: the cells of its size and device, in one launch
+        world, first = int(os.environ["WORLD_SIZE"]), runnable[0] if runnable else None
+        here = [c for c in runnable if c["mode"] == "measured" and c["tp"] == world
+                and (c["device"], c["backend"], c["timeout"]) == (first["device"], first["backend"], first["timeout"])]
+        if main and len(here) < len(runnable):
+            tqdm.write(f"bench: under torchrun only cells with tp={world} on {first['device']} run; "
+                       f"{len(runnable) - len(here)} others are left for another launch", file=sys.stderr)
+        if here:
+            launching.launch(_unit_job, world, [c for u in _units(here) for c in u], store.path, command, done,
+                             len(cells), device=first["device"], backend=first["backend"], timeout_s=first["timeout"])
         return store
     for unit in _units(runnable):
         first = unit[0]

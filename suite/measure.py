@@ -30,6 +30,15 @@ class Timings:
     e2e_ms: list[float] = field(default_factory=list)
     comm_fraction: list[float] = field(default_factory=list)  # empty when nothing was communicated
 
+    def add(self, prefill_ms: float, decode_ms_per_token: float | None, e2e_ms: float,
+            comm_fraction: float | None) -> None:
+        self.prefill_ms.append(prefill_ms)
+        self.e2e_ms.append(e2e_ms)
+        if decode_ms_per_token is not None:
+            self.decode_ms_per_token.append(decode_ms_per_token)
+        if comm_fraction is not None:
+            self.comm_fraction.append(comm_fraction)
+
 
 def quantile(values: list[float], q: float) -> float | None:
     """Linear-interpolated quantile (q in 0..1), None for no values."""
@@ -47,7 +56,7 @@ def _exchanges(comm) -> bool:
     return isinstance(comm, Communicator) and comm.world > 1 and dist.is_initialized()
 
 
-def _gather_rows(comm, row: list[float]) -> torch.Tensor:
+def gather_rows(comm, row: list[float]) -> torch.Tensor:
     """[world, len(row)] of every rank's row (just this rank's when there is nothing to exchange)."""
     mine = torch.tensor([row], dtype=torch.float64)
     if not _exchanges(comm):
@@ -61,7 +70,7 @@ def _gather_rows(comm, row: list[float]) -> torch.Tensor:
 def barrier(comm) -> None:
     """All ranks start the next repetition together."""
     if _exchanges(comm):
-        _gather_rows(comm, [0.0])
+        gather_rows(comm, [0.0])
 
 
 def prompts_for(cell: dict, vocab_size: int) -> list[list[int]]:
@@ -70,34 +79,35 @@ def prompts_for(cell: dict, vocab_size: int) -> list[list[int]]:
     return torch.randint(1, vocab_size, (cell["batch"], cell["prompt_len"]), generator=gen).tolist()
 
 
+def repetition(runner, comm, prompts: list[list[int]], new_tokens: int, cuda_graph: bool = False):
+    """One timed generation on every rank -> the slowest rank's (prefill_ms, decode_ms_per_token or None,
+    e2e_ms, comm_fraction or None); ``comm.stats`` must be enabled for the communication share."""
+    comm.stats.reset()
+    gen = runner.generate(prompts, new_tokens, cuda_graph=cuda_graph)
+    decode_s = sum(gen.decode_s)
+    per_token_s = decode_s / len(gen.decode_s) if gen.decode_s else float("nan")
+    ranks = gather_rows(comm, [gen.prefill_s, per_token_s, gen.prefill_s + decode_s, comm.stats.seconds,
+                               comm.stats.calls])
+    _, _, e2e_s, comm_s, calls = ranks[int(ranks[:, 2].argmax())].tolist()
+    return (1e3 * float(ranks[:, 0].max()), 1e3 * float(ranks[:, 1].max()) if gen.decode_s else None,
+            1e3 * e2e_s, comm_s / e2e_s if calls else None)
+
+
 def measure(runner, comm, prompts: list[list[int]], new_tokens: int, repetitions: int, warmup: int,
             cuda_graph: bool = False, sampler=None) -> Timings:
     """Warm up, then time ``repetitions`` generations; ``sampler`` (telemetry) spans the timed ones."""
     for _ in range(warmup):
         runner.generate(prompts, new_tokens, cuda_graph=cuda_graph)
     timings = Timings()
-    stats = comm.stats
-    stats.enabled = True
+    comm.stats.enabled = True
     try:
         barrier(comm)
         with sampler if sampler is not None else nullcontext():
             for _ in range(repetitions):
                 barrier(comm)
-                stats.reset()
-                gen = runner.generate(prompts, new_tokens, cuda_graph=cuda_graph)
-                decode_s = sum(gen.decode_s)
-                e2e_s = gen.prefill_s + decode_s
-                per_token_s = decode_s / len(gen.decode_s) if gen.decode_s else float("nan")
-                ranks = _gather_rows(comm, [gen.prefill_s, per_token_s, e2e_s, stats.seconds, stats.calls])
-                prefill_s, per_token_s, e2e_s, comm_s, calls = ranks[int(ranks[:, 2].argmax())].tolist()
-                timings.prefill_ms.append(1e3 * float(ranks[:, 0].max()))
-                if gen.decode_s:
-                    timings.decode_ms_per_token.append(1e3 * float(ranks[:, 1].max()))
-                timings.e2e_ms.append(1e3 * e2e_s)
-                if calls:
-                    timings.comm_fraction.append(comm_s / e2e_s)
+                timings.add(*repetition(runner, comm, prompts, new_tokens, cuda_graph))
     finally:
-        stats.enabled = False
+        comm.stats.enabled = False
     return timings
 
 

@@ -1,0 +1,44 @@
+"""Generation latency per strategy and TP degree on a tiny random model (CPU, gloo).
+
+Fixed rounds (``benchmark.pedantic``): calibrated rounds would differ between ranks and
+deadlock them. Each round is one full generation; ``extra_info`` carries the scenario and the
+slowest rank's prefill / decode / end-to-end times per round.
+"""
+
+import pytest
+
+from ranks import RankGroup
+from suite.strategy import available
+
+MODEL = "random:tiny"
+WORLD_SIZES = [1, 2, 4]
+STRATEGIES = [("baseline", {}), ("spd", {"blocks": "all"}), ("ladder", {}), ("tokenweave", {}), ("seqpar", {}),
+              ("nocomm", {})]
+SCENARIO = {"model": MODEL, "batch": 2, "prompt_len": 32, "new_tokens": 8, "dtype": "float32", "device": "cpu",
+            "decode_mode": "eager", "backend": "gloo"}
+ROUNDS, WARMUP = 5, 1
+
+
+@pytest.mark.parametrize("tp", WORLD_SIZES)
+@pytest.mark.parametrize("strategy,options", STRATEGIES, ids=[s for s, _ in STRATEGIES])
+def test_generate(benchmark, strategy, options, tp):
+    if strategy not in available():
+        pytest.skip(f"strategy {strategy} is not installed")
+    from suite.measure import prompts_for
+
+    scenario = SCENARIO | {"kind": "latency", "strategy": strategy, "strategy_options": options, "tp": tp,
+                           "repetitions": ROUNDS, "warmup": WARMUP, "seed": 0}
+    prompts = prompts_for(scenario, 256)
+    rounds, warmup = (1, 0) if benchmark.disabled else (ROUNDS, WARMUP)
+    with RankGroup(scenario | {"prompts": prompts}, rounds + warmup) as group:
+        benchmark.pedantic(group.round, setup=group.barrier, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        usable = group.runner.strategy.usable
+    t = group.timings
+
+    def measured(values):  # the last ``rounds`` entries: warm-up rounds come first
+        return values[-rounds:] if values else []
+
+    benchmark.extra_info.update(scenario | {
+        "usable_model": usable, "prefill_ms": measured(t.prefill_ms), "e2e_ms": measured(t.e2e_ms),
+        "decode_ms_per_token": measured(t.decode_ms_per_token), "comm_fraction": measured(t.comm_fraction)})
+    assert len(t.e2e_ms) == rounds + warmup
