@@ -1,0 +1,323 @@
+"""The HTML report: renders from a fixture of hand-made result rows, loads cleanly in headless Chromium.
+
+The fixture rows (tests/fixtures/handmade_*) are invented test input, not measurements.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import io
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from reports import render
+from suite import cli
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROWS, BENCHMARK = FIXTURES / "handmade_results.jsonl", FIXTURES / "handmade_benchmark.json"
+STRATEGIES = {"baseline", "spd", "ladder", "tokenweave", "nocomm"}
+ARTIFACTS = Path(os.environ.get("SPDBENCH_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--remote-debugging-pipe"]
+
+
+def fixture_rows() -> list[dict]:
+    return [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    assert cli.main(["report", str(ROWS), str(BENCHMARK), "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def html(page) -> str:
+    return page.read_text()
+
+
+def pngs(html: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(b64)))
+            for b64 in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def raw_json(html: str) -> str:
+    return re.search(r'<script type="application/json" id="spdbench-rows">(.*?)</script>', html, re.S).group(1)
+
+
+# ---------------------------------------------------------------- the page as a file
+
+
+def test_reports_package_does_not_import_torch():
+    code = "import sys, reports.cli, reports.render, reports.figures; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_page_is_self_contained(html):
+    assert not re.search(r'(src|href)="(https?:)?//', html), "no resource may come from the network"
+    assert "<link" not in html
+    assert "Content-Security-Policy" in html
+
+
+def test_raw_rows_are_embedded_escaped(html):
+    text = raw_json(html)
+    assert "</" not in text
+    embedded = json.loads(text)
+    assert [r["cell_id"] for r in embedded] == [r["cell_id"] for r in fixture_rows()]
+
+
+def test_text_from_result_files_is_escaped(html):
+    assert "<script>alert(" not in html and "<b>ran out of memory" not in html
+    assert "&lt;/script&gt;&lt;script&gt;alert(" in html  # the hostile command is shown as text
+    assert "&lt;b&gt;ran out of memory&lt;/b&gt; &amp; stopped" in html  # the failed cell's error
+
+
+def test_measured_and_projected_are_separate(html):
+    measured = html.split('id="measured"')[1].split('id="projected"')[0]
+    projected = html.split('id="projected"')[1].split('id="figures"')[0]
+    for link in ("h100-nvlink", "pcie-lbw"):
+        assert link not in measured
+        assert f"random:llama3-70b - projected, interconnect {link}" in projected
+
+
+def test_summary_marks_nocomm_and_gives_na_reasons(html):
+    assert "nocomm (not a usable model)" in html
+    assert "n/a: not a usable model" in html
+    assert "n/a: no accuracy rows for this strategy with these options at N=1" in html
+    assert "n/a: N=1 has no communication" in html
+    assert "n/a: CPU run (NVML has no CPU power)" in html
+
+
+def test_figures_are_real_images(html):
+    images = pngs(html)
+    assert len(images) == 7  # every figure kind has rows in the fixture
+    for im in images:
+        assert im.width > 200 and im.height > 150
+        lo, hi = im.convert("L").getextrema()
+        assert hi - lo > 100, "a figure must not be a blank image"
+
+
+def test_benchmark_and_commands_sections(html):
+    assert "tests/bench/test_decode.py::test_decode[spd-2]" in html
+    assert "spdbench spd sensitivity --model smollm2-135m" in html
+    assert 'id="cmd-1"' in html and 'href="#cmd-1"' in html and 'id="env-2"' in html
+
+
+# ---------------------------------------------------------------- the numbers
+
+
+def test_speedup_bound_share_and_accuracy_change_follow_their_definitions():
+    rows = fixture_rows()
+    lat = [r for r in rows if r["kind"] == "latency" and r["status"] == "ok" and r["model"] == "smollm2-135m"
+           and r["tp"] == 4]
+    t = {r["strategy"]: r["decode_ms_per_token_median"] for r in lat}
+    acc = [r for r in rows if r["kind"] == "accuracy" and r["tp"] == 4 and r["spd_blocks_pct"] in (None, 70)
+           and r["spd_variant"] in (None, "zs") and r["strategy"] in ("baseline", "spd")]
+    spd_plan = next(r["strategy_options"] for r in lat if r["strategy"] == "spd")
+    acc = [r for r in acc if r["strategy"] == "baseline" or r["strategy_options"] == spd_plan]
+    # per task the headline metric is acc_norm where the task has it
+    norm_tasks = {r["task"] for r in acc if r["metric"] == "acc_norm"}
+    value = {(r["strategy"], r["task"]): r["value"] for r in acc
+             if r["metric"] == ("acc_norm" if r["task"] in norm_tasks else "acc")}
+    tasks = {task for _, task in value}
+    expected_delta = 100 * sum(value["spd", k] - value["baseline", k] for k in tasks) / len(tasks)
+
+    df = render.frame(rows, "latency")
+    _, deltas = render.accuracy_deltas(render.frame(rows, "accuracy"))
+    table = render.latency_table(df, deltas)
+    spd = table[(table.model == "smollm2-135m") & (table.tp == 4) & (table.strategy == "spd")].iloc[0]
+    assert spd.decode_speedup == pytest.approx(t["baseline"] / t["spd"])
+    assert spd.decode_bound_share == pytest.approx((t["baseline"] - t["spd"]) / (t["baseline"] - t["nocomm"]))
+    assert spd.acc_delta[0] == pytest.approx(expected_delta)
+    assert spd.acc_delta[1] == len(tasks) == 3
+
+
+# ---------------------------------------------------------------- missing kinds and bad input
+
+
+def test_missing_kinds_of_rows_do_not_break_the_page(tmp_path):
+    only_latency = tmp_path / "latency.jsonl"
+    only_latency.write_text("".join(json.dumps(r) + "\n" for r in fixture_rows()
+                                    if r["kind"] == "latency" and r["model"] == "random:llama3-8b"
+                                    and r["strategy"] != "nocomm"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    text = render.render(render.load([only_latency]))
+    assert "No projected latency rows in the results." in text
+    assert "No accuracy rows in the results" in text
+    assert "n/a: no spd_sensitivity rows in the results" in text
+    assert "n/a: no nocomm row for this scenario" in text
+    assert len(pngs(text)) == 3  # latency, speedup, power; the rest say what is missing
+    blank = render.render(render.load([empty]))
+    assert "No measured latency rows in the results." in blank and len(pngs(blank)) == 0
+    assert json.loads(raw_json(blank)) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.jsonl"], "RESULTS: no such file: missing.jsonl"),
+    ([str(ROWS), "-o", "report.txt"], "--output report.txt should name an .html file"),
+])
+def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["report", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_not_a_json_row_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "latency"}\n{"kind": \n')
+    with pytest.raises(render.ReportError, match=r"bad.jsonl:2 is not a JSON row"):
+        render.load([bad])
+
+
+# ---------------------------------------------------------------- the page in a browser
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe (no network port):
+    with --remote-debugging-pipe it reads commands on fd 3 and writes replies and events on fd 4,
+    each message a JSON object terminated by a NUL byte."""
+
+    def __init__(self, user_data_dir: Path):
+        to_chrome, self._out = os.pipe()
+        self._in, from_chrome = os.pipe()
+
+        def wire_pipes():  # in the child, before exec: make them fds 3 and 4 (via high fds, no clashes)
+            high_in, high_out = (fcntl.fcntl(fd, fcntl.F_DUPFD, 20) for fd in (to_chrome, from_chrome))
+            os.dup2(high_in, 3)
+            os.dup2(high_out, 4)
+
+        self.proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
+                                     preexec_fn=wire_pipes, close_fds=False, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome)
+        os.close(from_chrome)
+        self._buffer, self._next_id, self.events = b"", 0, []
+
+    def _receive(self, timeout_s: float) -> dict:
+        while b"\0" not in self._buffer:
+            ready, _, _ = select.select([self._in], [], [], timeout_s)
+            chunk = os.read(self._in, 1 << 20) if ready else b""
+            if not chunk:
+                raise TimeoutError("chromium sent nothing" if not ready else "chromium closed the pipe")
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None, timeout_s: float = 30):
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self._out, json.dumps(message).encode() + b"\0")
+        while True:
+            reply = self._receive(timeout_s)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+            self.events.append(reply)
+
+    def wait_for(self, event: str, timeout_s: float = 30) -> dict:
+        while not any(e.get("method") == event for e in self.events):
+            self.events.append(self._receive(timeout_s))
+        return next(e for e in self.events if e.get("method") == event)
+
+    def close(self):
+        try:
+            self.call("Browser.close", timeout_s=5)
+        except (OSError, TimeoutError, RuntimeError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._in)
+        os.close(self._out)
+
+
+PAGE_FACTS = """(() => ({
+  images: [...document.images].map(i => ({alt: i.alt, complete: i.complete, width: i.naturalWidth,
+                                           height: i.naturalHeight})),
+  summaries: [...document.querySelectorAll("table.summary")].map(
+    t => [...t.querySelectorAll("tbody tr td:first-child")].map(td => td.textContent)),
+  rawStatus: document.getElementById("raw-status").textContent,
+  downloadHref: document.getElementById("raw-download").href,
+}))()"""
+
+
+@pytest.fixture(scope="module")
+def browser_run(page, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        reason = "chromium is not installed (apt-get install -y chromium)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}: the browser test must run in CI")
+        pytest.skip(reason)
+    tools = DevTools(tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        target = next(t for t in tools.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        session = tools.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            tools.call(f"{domain}.enable", session=session)
+        tools.call("Emulation.setDeviceMetricsOverride",
+                   {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False}, session)
+        tools.call("Page.navigate", {"url": page.as_uri()}, session)
+        tools.wait_for("Page.loadEventFired")
+        facts = tools.call("Runtime.evaluate", {"expression": PAGE_FACTS, "returnByValue": True},
+                           session)["result"]["value"]
+        screenshot = base64.b64decode(tools.call("Page.captureScreenshot", {"format": "png"}, session)["data"])
+    finally:
+        tools.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "report.png").write_bytes(screenshot)
+    return facts, tools.events, screenshot
+
+
+def test_browser_loads_page_without_errors(browser_run):
+    _, events, _ = browser_run
+    errors = [e["params"] for e in events if e.get("method") == "Runtime.exceptionThrown"
+              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    assert errors == []
+    requests = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
+    assert requests and all(url.startswith(("file:", "data:", "blob:")) for url in requests), requests
+
+
+def test_browser_shows_every_strategy_in_every_summary_table(browser_run):
+    facts, _, _ = browser_run
+    assert len(facts["summaries"]) == 4  # 2 measured models, 2 projected interconnects
+    for table in facts["summaries"]:
+        assert {cell.split(" ")[0] for cell in table} == STRATEGIES
+
+
+def test_browser_decodes_every_figure(browser_run):
+    facts, _, _ = browser_run
+    assert len(facts["images"]) == 7
+    for image in facts["images"]:
+        assert image["complete"] and image["width"] > 200 and image["height"] > 150, image
+
+
+def test_browser_runs_the_page_script_and_screenshot_is_saved(browser_run):
+    facts, _, screenshot = browser_run
+    assert facts["rawStatus"] == f"({len(fixture_rows())} rows parsed)"
+    assert facts["downloadHref"].startswith("blob:")
+    shot = Image.open(io.BytesIO(screenshot))
+    assert shot.size == (1280, 2000)
+    assert (ARTIFACTS / "report.png").read_bytes() == screenshot
