@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def cmd_report(args, parser) -> int:
-    from reports.render import ReportError, write
+    from reports import gate
+    from reports.render import ReportError, load, write
 
     if not args.output.endswith((".html", ".htm")):
         parser.error(f"--output {args.output} should name an .html file (e.g. -o report.html)")
     try:
-        out = write(args.results, args.output, args.title)
-    except ReportError as exc:
+        max_drop = gate.parse_limits(args.max_accuracy_drop, "--max-accuracy-drop")
+        min_accuracy = gate.parse_limits(args.min_accuracy, "--min-accuracy")
+        results = load(args.results)
+    except (ReportError, ValueError) as exc:
         parser.error(str(exc))
-    print(f"wrote {out}")
-    return 0
+    checks = gate.check(results.rows, max_drop, min_accuracy) if max_drop or min_accuracy else None
+    print(f"wrote {write(results, args.output, args.title, checks)}")
+    failed = [text for text, ok in checks or [] if not ok]
+    for text in failed:
+        print(f"spdbench report: regression: {text}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def add_command(sub) -> None:
@@ -22,4 +31,9 @@ def add_command(sub) -> None:
                    help="JSONL result stores (spdbench bench/eval/project/spd) and pytest-benchmark JSON files")
     p.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
     p.add_argument("--title", default="spdbench report", help="page title")
+    p.add_argument("--max-accuracy-drop", action="append", default=[], metavar="STRATEGY=PP",
+                   help="fail (exit 1) if STRATEGY's mean accuracy is more than PP points below the baseline's "
+                        "(repeatable, e.g. tokenweave=0.5)")
+    p.add_argument("--min-accuracy", action="append", default=[], metavar="TASK=VALUE",
+                   help="fail (exit 1) if the baseline's accuracy on TASK is below VALUE (repeatable, e.g. piqa=0.6)")
     p.set_defaults(handler=cmd_report)

@@ -360,7 +360,7 @@ def embedded_json(rows: list[dict]) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def render(results: Results, title: str = "spdbench report") -> str:
+def render(results: Results, title: str = "spdbench report", checks: list[tuple[str, bool]] | None = None) -> str:
     rows = results.rows
     refs = Refs(rows)
     lat, acc = frame(rows, "latency"), frame(rows, "accuracy")
@@ -374,7 +374,7 @@ def render(results: Results, title: str = "spdbench report") -> str:
                              autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
                              undefined=jinja2.StrictUndefined)
     return env.get_template("report.html.j2").render(
-        title=title, sources=results.sources, kinds=kinds, n_rows=len(rows),
+        title=title, checks=checks, sources=results.sources, kinds=kinds, n_rows=len(rows),
         measured=[s for s in latency if s["provenance"] == "measured"],
         projected=[s for s in latency if s["provenance"] != "measured"],
         accuracy=accuracy_section(acc, refs),
@@ -389,8 +389,8 @@ def render(results: Results, title: str = "spdbench report") -> str:
         commands=refs.commands, envs=refs.envs, raw_json=Markup(embedded_json(rows)))
 
 
-def write(paths, out, title: str = "spdbench report") -> Path:
+def write(results: Results, out, title: str = "spdbench report", checks=None) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(load(paths), title))
+    out.write_text(render(results, title, checks))
     return out

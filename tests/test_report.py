@@ -179,6 +179,26 @@ def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path, monkeypatc
     assert exc.value.code == 2 and message in err and err.count("\n") == 1
 
 
+def test_regression_gate_passes_and_fails_on_thresholds(tmp_path, capsys):
+    out, accuracy = tmp_path / "gate.html", tmp_path / "accuracy.jsonl"
+    accuracy.write_text("".join(json.dumps(r) + "\n" for r in fixture_rows()
+                                if r["kind"] == "accuracy" and r["strategy"] != "spd"))
+    ok = ["report", str(accuracy), "-o", str(out), "--max-accuracy-drop", "ladder=7", "--min-accuracy", "piqa=0.6"]
+    assert cli.main(ok) == 0
+    assert "PASS: smollm2-135m ladder (layers=last:15) N=4: -6.15 pp vs baseline" in out.read_text()
+    # ladder loses 6.15 pp at N=4 in the fixture; tokenweave has no accuracy rows at all
+    assert cli.main([*ok[:4], "--max-accuracy-drop", "ladder=6", "--max-accuracy-drop", "tokenweave=0.5"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["spdbench report: regression: smollm2-135m ladder (layers=last:15) N=4: -6.15 pp vs baseline "
+                   "(allowed: -6.0 pp)",
+                   "spdbench report: regression: tokenweave: no accuracy rows to check against the allowed drop "
+                   "of 0.5 pp"]
+    assert "FAIL: tokenweave: no accuracy rows" in out.read_text()
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*ok[:4], "--min-accuracy", "piqa"])
+    assert exc.value.code == 2 and "--min-accuracy 'piqa': expected NAME=NUMBER" in capsys.readouterr().err
+
+
 def test_not_a_json_row_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kind": "latency"}\n{"kind": \n')
