@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import time
@@ -91,7 +92,9 @@ def _worker(rank, world, port, backend, device, timeout_s, fn, args, results):
         dev = _rank_device(device, rank)
         comm = _init(rank, world, backend, timeout_s, dev)
         out = fn(comm, dev, *args)
-        results.put(("done", rank, out if rank == 0 else None))
+        # Plain pickle copies tensors into the message: torch's shared-memory handles would
+        # die with this process before the parent reads them.
+        results.put(("done", rank, pickle.dumps(out) if rank == 0 else None))
     except BaseException as exc:  # report, then let the parent end the others
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         results.put(("error", rank, detail + "\n" + traceback.format_exc()))
@@ -144,7 +147,7 @@ def launch(fn, tp: int, *args, device: str = "cpu", backend: str = "auto",
                 raise RankError(rank, summary) from RuntimeError(trace)
             done.add(rank)
             if rank == 0:
-                answer = payload
+                answer = pickle.loads(payload)
     finally:
         for p in procs:
             if p.is_alive() and len(done) < tp:

@@ -26,10 +26,13 @@ def hf_model(model: str) -> LlamaForCausalLM:
 
 @torch.no_grad()
 def hf_greedy(model: str, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy continuation of one unpadded prompt and the logits after its last token."""
+    """Greedy continuation of one unpadded prompt (no EOS stop; each step a full forward, no
+    cache) and the logits after its last prompt token."""
     hf = hf_model(model)
     ids = torch.tensor([prompt])
-    logits = hf(ids).logits[0, -1]
-    out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                      pad_token_id=0)
-    return out[0, len(prompt):].tolist(), logits
+    first = None
+    for _ in range(new_tokens):
+        logits = hf(ids).logits[0, -1]
+        first = logits if first is None else first
+        ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist(), first
