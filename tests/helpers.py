@@ -24,12 +24,17 @@ def hf_model(model: str) -> LlamaForCausalLM:
     return hf.eval().requires_grad_(False)
 
 
-@torch.no_grad()
 def hf_greedy(model: str, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    return _hf_greedy(model, tuple(prompt), new_tokens)
+
+
+@functools.lru_cache(maxsize=64)
+@torch.no_grad()
+def _hf_greedy(model: str, prompt: tuple[int, ...], new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Greedy continuation of one unpadded prompt (no EOS stop; each step a full forward, no
     cache) and the logits after its last prompt token."""
     hf = hf_model(model)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([list(prompt)])
     first = None
     for _ in range(new_tokens):
         logits = hf(ids).logits[0, -1]
