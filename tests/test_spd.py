@@ -1,0 +1,320 @@
+"""SPD: the strategy against an independent single-process reference, plans, sensitivity, B2B, HG.
+
+Multi-rank checks run real gloo processes, one launch per N (module-scoped), and the tests
+assert on the collected results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from helpers import hf_model, source
+from spd import headgroup
+from spd.distill import DistillSettings, distill_to
+from spd.plan import Plan, PlanError, load_plan, make_plan, restrict
+from spd.ppl import ppl_job, sensitivity_job
+from spd.sensitivity import analyse
+from spd.shards import block_inputs
+from suite.launch import launch
+from suite.generate import Runner
+from suite.sharding import build_rank_model, default_layout
+from suite.strategy import make_strategy
+
+MODEL = "random:tiny-uneven"  # 9 heads, 3 KV heads, FFN 200: uneven splits at N = 2, 3, 4
+PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 11, 64, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process work on one thread: the CI machine's two cores are shared with the spawned ranks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- an independent single-process reference of the equations in methods.md -----------------
+
+def _split(n: int, parts: int) -> list[range]:
+    sizes = [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+    starts = [sum(sizes[:i]) for i in range(parts)]
+    return [range(s, s + z) for s, z in zip(starts, sizes)]
+
+
+@torch.no_grad()
+def reference_logits(model: str, prompts, tp: int, drop: set[int], layouts=None, overrides=None):
+    """Logits of the N-shard model with SPD on ``drop``; ``layouts[block] = (heads per rank, ffn per rank)``."""
+    hf = hf_model(model)
+    c, state = hf.config, hf.state_dict()
+    hd, n_q, n_kv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    w = lambda name: (overrides or {}).get(name, state[name])  # noqa: E731
+    rms = lambda x, g: g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)  # noqa: E731
+    ids = torch.tensor(prompts)
+    b, t = ids.shape
+    x = w("model.embed_tokens.weight")[ids]
+    cos, sin = hf.model.rotary_emb(x, torch.arange(t).expand(b, -1))
+    for layer in range(c.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        heads, ffns = (layouts or {}).get(layer, (_split(n_q, tp), [(r.start, r.stop) for r in _split(c.intermediate_size, tp)]))
+        u = rms(x, w(p + "input_layernorm.weight"))
+        q = (u @ w(p + "self_attn.q_proj.weight").T).view(b, t, n_q, hd).transpose(1, 2)
+        k = (u @ w(p + "self_attn.k_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
+        v = (u @ w(p + "self_attn.v_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = k.repeat_interleave(n_q // n_kv, 1), v.repeat_interleave(n_q // n_kv, 1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, t, hd]
+        wo = w(p + "self_attn.o_proj.weight")
+        ys = [sum(o[:, h] @ wo[:, h * hd:(h + 1) * hd].T for h in hs) for hs in heads]
+
+        def mlp(h, ffn):
+            a, z = ffn
+            u2 = rms(h, w(p + "post_attention_layernorm.weight"))
+            return (F.silu(u2 @ w(p + "mlp.gate_proj.weight")[a:z].T) * (u2 @ w(p + "mlp.up_proj.weight")[a:z].T)) \
+                @ w(p + "mlp.down_proj.weight")[:, a:z].T
+
+        if layer in drop:  # SPD: MLP shard i sees X + Y_i; one sync carries Y_i + Z_i
+            x = x + sum(y + mlp(x + y, f) for y, f in zip(ys, ffns))
+        else:
+            h = x + sum(ys)
+            x = h + sum(mlp(h, f) for f in ffns)
+    return rms(x, w("model.norm.weight")) @ w("lm_head.weight").T
+
+
+def test_reference_without_spd_is_the_hf_model():
+    with torch.no_grad():
+        hf = hf_model(MODEL)(torch.tensor(PROMPTS)).logits
+    torch.testing.assert_close(reference_logits(MODEL, PROMPTS, 4, set()), hf, atol=1e-4, rtol=1e-4)
+
+
+# --- fixtures: an empty plan, a distilled plan, permuted layouts --------------------------------
+
+def _write(path, plan: Plan):
+    plan.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("spd")
+
+
+@pytest.fixture(scope="module")
+def distilled(workdir):
+    """B2B on block 0 and HG+B2B on block 1 of the tiny model at N = 4 (block 2 zero-shot)."""
+    plan = Plan(MODEL, 4, {0: {"mode": "b2b", "sensitivity": 1.0}, 1: {"mode": "hg+b2b", "sensitivity": 2.0},
+                           2: {"mode": "zs", "sensitivity": 0.5}})
+    settings = DistillSettings(samples=8, seq_len=64, epochs=10, lr=1e-3, heldout_samples=4)
+    return load_plan(distill_to(_write(workdir / "plan.json", plan), workdir / "distilled", settings))
+
+
+def _scrambled(config, tp: int):
+    """A non-trivial head and FFN permutation: heads in reverse order, FFN shards rotated."""
+    layout = default_layout(config, tp)
+    n_q = config.num_attention_heads
+    out = []
+    for shards in layout:
+        heads = [tuple(n_q - 1 - h for h in s.q_heads) for s in shards]
+        ffns = [s.ffn for s in shards[1:] + shards[:1]]
+        out.append([type(s)(h, f, s.group) for s, h, f in zip(shards, heads, ffns)])
+    assert out != layout
+    return out
+
+
+def _logits_job(comm, device, model, prompts, configs, layouts, extra):
+    """Rank 0's logits for each (strategy, options) and for the baseline on each permuted layout."""
+    src = source(model)
+    out = {}
+    for key, (name, options) in configs.items():
+        strategy = make_strategy(name, options)
+        out[key] = Runner(strategy.load_model(src, comm.world, comm.rank, torch.float32, device), strategy,
+                          comm).logits(prompts)
+    baseline = make_strategy("baseline")
+    for key, layout in layouts.items():
+        model_ = build_rank_model(src, comm.world, comm.rank, torch.float32, device, layout)
+        out[key] = Runner(model_, baseline, comm).logits(prompts)
+    if extra:  # sensitivity steps against whole-model perplexities
+        windows, steps = extra
+        out["sensitivity"] = sensitivity_job(comm, device, model, windows, 2, steps)
+        n_layers = src.config.num_hidden_layers
+        out["ppl"] = dict(zip(steps, ppl_job(comm, device, model, [("spd", {"blocks": f"last:{n_layers - k}"})
+                                                                    for k in steps], windows, 2)))
+    # numpy pickles by value (torch tensors would travel as shared memory of an exiting process)
+    return {k: v.numpy() if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(workdir, distilled):
+    src = source(MODEL)
+    hg_windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    x = block_inputs(src, hg_windows)
+    results = {}
+    for tp in (1, 2, 3, 4):
+        empty = _write(workdir / f"empty-{tp}.json", Plan(MODEL, tp, {1: {"mode": "tp"}}))
+        configs = {"baseline": ("baseline", {}), "spd_all": ("spd", {"blocks": "all"}),
+                   "empty_plan": ("spd", {"plan": empty})}
+        layouts = {}
+        if tp > 1:
+            hg = [headgroup.shards_of(headgroup.head_grouping(src, b, tp, x[b]), src.config)
+                  for b in range(src.config.num_hidden_layers)]
+            layouts = {"hg_layout": hg, "scrambled_layout": _scrambled(src.config, tp)}
+        if tp == 4:
+            configs["distilled"] = ("spd", {"plan": str(distilled.path)})
+        extra = (hg_windows, [3, 2, 1, 0]) if tp == 2 else None
+        out = launch(_logits_job, tp, MODEL, PROMPTS, configs, layouts, extra)
+        results[tp] = {k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in out.items()}
+        results[tp]["layouts"] = layouts
+    return results
+
+
+# --- the strategy ---------------------------------------------------------------------------
+
+def test_spd_at_one_rank_equals_baseline(runs):
+    torch.testing.assert_close(runs[1]["spd_all"], runs[1]["baseline"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3, 4])
+def test_empty_plan_equals_baseline(runs, tp):
+    torch.testing.assert_close(runs[tp]["empty_plan"], runs[tp]["baseline"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_spd_everywhere_matches_reference(runs, tp):
+    n_layers = source(MODEL).config.num_hidden_layers
+    ref = reference_logits(MODEL, PROMPTS, tp, set(range(n_layers)))
+    torch.testing.assert_close(runs[tp]["spd_all"], ref, atol=1e-4, rtol=1e-4)
+    assert (runs[tp]["spd_all"] - runs[tp]["baseline"]).abs().max() > 1e-3  # SPD really changes the model
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+@pytest.mark.parametrize("layout", ["hg_layout", "scrambled_layout"])
+def test_head_permutation_leaves_baseline_unchanged(runs, tp, layout):
+    torch.testing.assert_close(runs[tp][layout], runs[tp]["baseline"], atol=1e-4, rtol=1e-4)
+
+
+def test_distilled_plan_matches_reference_with_its_weights_and_layout(runs, distilled):
+    from safetensors.torch import load_file
+
+    src = source(MODEL)
+    overrides = load_file(str(distilled.weights_path()))
+    layout = distilled.blocks[1]["layout"]
+    assert [r["q_heads"] for r in layout] != [list(r) for r in _split(9, 4)] or \
+        [r["ffn"] for r in layout] != [[r.start, r.stop] for r in _split(200, 4)]
+    layouts = {1: ([r["q_heads"] for r in layout], [tuple(r["ffn"]) for r in layout])}
+    ref = reference_logits(MODEL, PROMPTS, 4, {0, 1, 2}, layouts, overrides)
+    torch.testing.assert_close(runs[4]["distilled"], ref, atol=1e-4, rtol=1e-4)
+    assert src.config.num_hidden_layers == 3
+
+
+# --- B2B and HG -----------------------------------------------------------------------------
+
+def test_b2b_lowers_heldout_mse(distilled):
+    mse = distilled.distill["heldout_mse"]
+    assert set(mse) == {"0", "1"}
+    for block, m in mse.items():
+        assert m["mse_b2b"] < m["mse_zs"], (block, m)
+    assert distilled.distill["settings"]["epochs"] == 10
+
+
+def test_head_grouping_search_separates_similar_heads():
+    dist = torch.tensor([[0, 0.1, 5, 5], [0.1, 0, 5, 5], [5, 5, 0, 0.1], [5, 5, 0.1, 0]])
+    units = [(h,) for h in range(4)]
+    for limit in (headgroup.EXHAUSTIVE_LIMIT, 0):  # exhaustive, then the local search
+        headgroup.EXHAUSTIVE_LIMIT, saved = limit, headgroup.EXHAUSTIVE_LIMIT
+        try:
+            groups = [sorted(h for u in g for h in u) for g in headgroup.group_heads(dist, units, [2, 2])]
+        finally:
+            headgroup.EXHAUSTIVE_LIMIT = saved
+        assert [0, 1] not in groups and [2, 3] not in groups
+
+
+def test_head_grouping_units_respect_gqa():
+    config = source(MODEL).config
+    units, sizes = headgroup.units_and_sizes(config, 3)  # 3 KV groups on 3 ranks: whole groups move
+    assert units == [(0, 1, 2), (3, 4, 5), (6, 7, 8)] and sizes == [1, 1, 1]
+    units, sizes = headgroup.units_and_sizes(config, 4)  # N > KV heads: single heads, Megatron counts
+    assert len(units) == 9 and sizes == [3, 2, 2, 2]
+    assert headgroup.match_ffn(torch.tensor([[1.0, 9.0], [8.0, 1.0]])) == [1, 0]
+
+
+# --- sensitivity ----------------------------------------------------------------------------
+
+def test_sensitivity_steps_equal_whole_model_perplexity(runs):
+    sens, ppl = runs[2]["sensitivity"], runs[2]["ppl"]
+    for k in ppl:
+        assert math.isclose(sens[k], ppl[k], rel_tol=1e-4), (k, sens[k], ppl[k])
+
+
+def test_sensitivity_resumes_and_rejects_other_settings(tmp_path):
+    out = tmp_path / "sens.json"
+    kwargs = dict(samples=2, seq_len=32, calib=None)
+    first = analyse("random:tiny", 1, out, **kwargs)
+    assert sorted(map(int, first["ppl"])) == [0, 1, 2] and set(first["sensitivity"]) == {"0", "1"}
+    state = json.loads(out.read_text())
+    del state["ppl"]["0"], state["ppl"]["1"]  # as if interrupted after the first step
+    out.write_text(json.dumps(state))
+    assert analyse("random:tiny", 1, out, **kwargs)["ppl"] == pytest.approx(first["ppl"], rel=1e-6)
+    with pytest.raises(PlanError, match="other settings"):
+        analyse("random:tiny", 1, out, samples=3, seq_len=32)
+
+
+# --- plans ----------------------------------------------------------------------------------
+
+def _sens_state(values):
+    return {"model": MODEL, "tp": 4, "n_layers": len(values), "sensitivity": {str(b): s for b, s in enumerate(values)}}
+
+
+def test_plan_budget_and_classes():
+    state = _sens_state([0.9, 0.1, 0.5, 0.2, 0.05, 2.0])
+    plan = make_plan(state, "50%", t1=0.1, t2=0.3)
+    assert plan.spd_blocks() == {4, 1, 3}
+    assert [plan.mode(b) for b in range(6)] == ["tp", "zs", "tp", "b2b", "zs", "tp"]
+    full = make_plan(state, "100%", t1=0.1, t2=0.3)
+    assert [full.mode(b) for b in range(6)] == ["hg+b2b", "zs", "hg+b2b", "b2b", "zs", "hg+b2b"]
+    assert [make_plan(state, "6", t1=0.1, t2=0.3, variant="zs+b2b").mode(b) for b in (0, 3)] == ["b2b", "b2b"]
+    assert restrict(full, "50%").spd_blocks() == {4, 1, 3}
+    default = make_plan(state, "100%")
+    assert default.thresholds["t1"] <= default.thresholds["t2"] and "quantile" in default.thresholds["rule"]
+    with pytest.raises(PlanError, match="--budget"):
+        make_plan(state, "150%")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(model="random:tiny"), "was made for model"),
+    (lambda d: d.update(tp=2), "was made for --tp 2"),
+    (lambda d: d["blocks"].append({"block": 7, "mode": "zs"}), "out of range"),
+    (lambda d: d["blocks"].append({"block": 2, "mode": "fast"}), "unknown mode"),
+    (lambda d: d.update(version=9), "version"),
+    (lambda d: d["blocks"].append({"block": 0, "mode": "b2b"}), "need distilled weights"),
+])
+def test_invalid_plans_are_rejected(tmp_path, change, message):
+    data = Plan(MODEL, 4, {1: {"mode": "zs"}}).to_json()
+    change(data)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=message):
+        make_strategy("spd", {"plan": str(path)}).validate(source(MODEL), 4)
+
+
+def test_corrupt_plan_and_missing_options_fail_before_launch(tmp_path, capsys):
+    from suite.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(PlanError, match="not a readable JSON"):
+        make_strategy("spd", {"plan": str(bad)})
+    with pytest.raises(PlanError, match="exactly one of"):
+        make_strategy("spd", {})
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", MODEL, "--strategy", "spd", "--spd-plan", str(bad), "--prompt", "hi"])
+    assert exit_.value.code == 2 and "not a readable JSON" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.json"
+    Plan("random:tiny", 1, {}).save(wrong)
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", MODEL, "--strategy", "spd", "--spd-plan", str(wrong), "--prompt", "hi"])
+    assert exit_.value.code == 2 and "was made for model" in capsys.readouterr().err
