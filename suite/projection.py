@@ -530,10 +530,12 @@ def cmd_commbench(args, parser) -> int:
 
     try:
         sizes = [parse_bytes(s) for s in args.sizes] if args.sizes else None
-        for tp in args.tp:
-            launching.placement(tp, args.device, args.backend)
     except ProfileError as exc:
         parser.error(f"--sizes: {exc}")
+    for tp in args.tp:
+        if tp < 2:
+            parser.error(f"--tp {tp}: a collective needs at least 2 ranks")
+        launching.placement(tp, args.device, args.backend)
     if args.cuda_graph and args.device != "cuda":
         parser.error("--cuda-graph needs --device cuda (NCCL collectives captured in a CUDA graph)")
     if min(args.iters, args.repeats) < 1 or args.warmup < 0:
@@ -627,6 +629,7 @@ def cmd_validate(args, parser) -> int:
     check_tp(resolve(args.model).config, args.tp)
     try:
         profile = load_profile(args.interconnect)
+        profile.seconds("all_reduce", args.tp, 1, "cuda_graph" if args.cuda_graph else "eager")  # covers N
     except ProfileError as exc:
         parser.error(str(exc))
     results = validate(args, profile)
