@@ -118,6 +118,8 @@ class Profile:
         missing = [k for k in ("name", "sources", "method", "tables") if not data.get(k)]
         if missing:
             raise ProfileError(f"{where}: missing {', '.join(missing)} (every profile states its source and method)")
+        if not isinstance(data["tables"], dict):
+            raise ProfileError(f"{where}: tables must map collectives to launch modes to tables by N")
         tables = {}
         for coll, by_launch in data["tables"].items():
             if coll not in RING_FACTOR or not isinstance(by_launch, dict) or set(by_launch) - set(LAUNCHES):
