@@ -68,7 +68,8 @@ def latency_vs_n(lat: pd.DataFrame) -> dict:
     g = sns.relplot(df, x="tp", y="ms", hue="strategy_label", palette=_palette(lat), col="phase", row="setting",
                     kind="line",
                     marker="o", errorbar=None, height=3, aspect=1.9, facet_kws={"sharey": False, "sharex": False})
-    g.set(xticks=sorted(df.tp.unique()))
+    for (setting, _), ax in g.axes_dict.items():
+        ax.set_xticks(sorted(df[df.setting == setting].tp.unique()))
     g.set_titles("{row_name}\n{col_name}", size=9).set_axis_labels("N (tensor-parallel ranks)", "median latency")
     g.legend.set_title("strategy")
     return _figure(title, "median prefill latency and decode time per token; lower is better", g.figure)

@@ -101,7 +101,7 @@ def _plain(value) -> str:
 def options_label(options) -> str:
     if not isinstance(options, dict) or not options:
         return ""
-    return ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if v not in ("", None))
 
 
 # ---------------------------------------------------------------- frames
@@ -128,12 +128,16 @@ def latency_table(lat: pd.DataFrame, acc_delta: dict) -> pd.DataFrame:
     """Latency rows with speedup, share of the no-communication bound and accuracy change."""
     lat = lat.copy()
     lat["scenario"] = _key(lat, GROUP)
-    for phase, col in [("prefill", "prefill_ms_median"), ("decode", "decode_ms_per_token_median")]:
-        ref = lat[lat.strategy == NO_REFERENCE].groupby("scenario")[col].median()
-        bound = lat[lat.strategy == BOUND].groupby("scenario")[col].median()
-        base, low = lat.scenario.map(ref), lat.scenario.map(bound)
-        lat[f"{phase}_speedup"] = base / lat[col]
-        lat[f"{phase}_bound_share"] = (base - lat[col]) / (base - low)
+    for phase, stat in [("prefill", "prefill_ms"), ("decode", "decode_ms_per_token")]:
+        for col in (f"{stat}_median", f"{stat}_p10", f"{stat}_p90"):
+            lat[col] = pd.to_numeric(lat[col], errors="coerce") if col in lat else float("nan")
+        t, is_base = lat[f"{stat}_median"], lat.strategy == NO_REFERENCE
+        base = lat.scenario.map(t[is_base].groupby(lat.scenario).median())
+        low = lat.scenario.map(t[lat.strategy == BOUND].groupby(lat.scenario).median())
+        noise = lat.scenario.map((lat[f"{stat}_p90"] - lat[f"{stat}_p10"])[is_base].groupby(lat.scenario).median())
+        lat[f"{phase}_speedup"] = base / t
+        lat[f"{phase}_bound_share"] = (base - t) / (base - low)
+        lat[f"{phase}_bound_in_noise"] = (base - low) <= noise.fillna(0)  # the bound is not resolved
         lat[f"{phase}_has_base"], lat[f"{phase}_has_bound"] = base.notna(), low.notna()
     lat["acc_delta"] = [acc_delta.get((r.model, r.strategy, r.options, r.tp)) for r in lat.itertuples()]
     order = {NO_REFERENCE: 0, BOUND: 2}
@@ -194,12 +198,17 @@ class Refs:
             cmd["kinds"].add(str(r.get("kind")))
             cmd["rows"] += 1
             env = r.get("env") if isinstance(r.get("env"), dict) else {}
-            self.envs.setdefault(json.dumps(env, sort_keys=True, default=str),
-                                 {"n": len(self.envs) + 1, "env": env, "rows": 0})["rows"] += 1
+            self.envs.setdefault(self._env_key(env), {"n": len(self.envs) + 1, "env": env, "rows": 0})["rows"] += 1
+
+    @staticmethod
+    def _env_key(env) -> str:
+        """Environments that differ only in their timestamp are one environment."""
+        env = env if isinstance(env, dict) else {}
+        return json.dumps({k: v for k, v in env.items() if k != "time"}, sort_keys=True, default=str)
 
     def cell(self, command, env) -> Cell:
         c = self.commands[str(command or "n/a: no command recorded")]["n"]
-        e = self.envs[json.dumps(env if isinstance(env, dict) else {}, sort_keys=True, default=str)]["n"]
+        e = self.envs[self._env_key(env)]["n"]
         return Cell(f"cmd {c} / env {e}", "ref", f"#cmd-{c}")
 
 
@@ -231,7 +240,10 @@ def _relative_cells(r, phase: str) -> list:
         share = na("no nocomm row for this scenario")
     else:
         value = getattr(r, f"{phase}_bound_share")
-        share = na("baseline is as fast as nocomm") if _missing(value) or math.isinf(value) else f"{100 * value:.0f}%"
+        if _missing(value) or math.isinf(value) or getattr(r, f"{phase}_bound_in_noise"):
+            share = na("baseline-nocomm gap within the p10-p90 noise")
+        else:
+            share = f"{100 * value:.0f}%"
     return [speedup, share]
 
 
@@ -281,6 +293,7 @@ def accuracy_section(acc: pd.DataFrame, refs: Refs) -> list[dict]:
     for col in ["task", "metric", "value", "stderr", "limit", "spd_variant", "spd_blocks_pct"]:
         if col not in acc:
             acc[col] = None
+    acc = acc[acc["metric"] != "sample_len"]  # lm-eval's document count, not a score
     summary, _ = accuracy_deltas(acc)
     tables = []
     order = {NO_REFERENCE: 0, BOUND: 2}
