@@ -202,14 +202,14 @@ def _unit_job(comm, device, cells, store_path, command, done, total):
 
     main = comm.rank == 0
     store, env = ResultStore(store_path), environment() if main else None
-    sources, model, loaded = {}, None, object()
+    sources, model, runner, loaded = {}, None, None, object()
     with tqdm(total=total, initial=done, disable=not main, desc="bench", unit="cell", file=sys.stderr) as bar:
         for cell in cells:
             bar.set_postfix_str(label(cell))
             strategy = make_strategy(cell["strategy"], cell["strategy_options"])
             key = (cell["model"], cell["dtype"], _model_key(strategy))
             if key != loaded:
-                model = None
+                model = runner = None  # free the previous model before building the next
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -83,7 +83,8 @@ class Sampler:
                 "sm_clock_mhz": _optional(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_SM),
                 "mem_clock_mhz": _optional(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_MEM),
                 "temp_c": _optional(nv.nvmlDeviceGetTemperature, h, nv.NVML_TEMPERATURE_GPU),
-                "throttle": _optional(nv.nvmlDeviceGetCurrentClocksEventReasons, h),
+                "throttle": _optional(getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                                      or nv.nvmlDeviceGetCurrentClocksThrottleReasons, h),
                 "pcie_tx_kib_s": _optional(nv.nvmlDeviceGetPcieThroughput, h, nv.NVML_PCIE_UTIL_TX_BYTES),
                 "pcie_rx_kib_s": _optional(nv.nvmlDeviceGetPcieThroughput, h, nv.NVML_PCIE_UTIL_RX_BYTES),
                 "nvlink_tx_kib": nvlink_kib[0], "nvlink_rx_kib": nvlink_kib[1]}
@@ -132,7 +133,8 @@ class Sampler:
         reasons = 0
         for r in series("throttle"):
             reasons |= r
-        return {"status": "ok", "uuid": self.uuid, "name": torch.cuda.get_device_name(self.device),
+        name = _optional(self._nvml.nvmlDeviceGetName, self._handle)
+        return {"status": "ok", "uuid": self.uuid, "name": name.decode() if isinstance(name, bytes) else name,
                 "seconds": self.samples[-1]["t"], "energy_j": self.energy_j, "power_w_mean": mean("power_w"),
                 "power_w_max": peak("power_w"), "gpu_util_pct_mean": mean("gpu_util_pct"),
                 "mem_util_pct_mean": mean("mem_util_pct"), "mem_used_mib_max": peak("mem_used_mib"),
