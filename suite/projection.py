@@ -388,8 +388,8 @@ def run_projected_group(cells: list[dict], store, command: str = "", sms: int = 
 
     Each cell runs in this process on the heaviest rank's shard; its row (provenance
     ``projected``, the profile name in ``interconnect``) is appended as soon as it finishes.
-    Consecutive cells reuse the loaded shard unless their strategy builds its own (SPD). A cell
-    that fails gets a failed row and the others still run.
+    Consecutive cells reuse the loaded shard (a strategy that builds its own, e.g. SPD, only with
+    the same options). A cell that fails gets a failed row and the others still run.
     """
     from suite.bench import label, latency_row
     from suite.generate import DTYPES, Runner
@@ -398,7 +398,7 @@ def run_projected_group(cells: list[dict], store, command: str = "", sms: int = 
     from suite.strategy import Strategy, make_strategy
 
     profile = load_profile(cells[0]["interconnect"])
-    env, sources, loaded, model = environment(), {}, None, None
+    env, sources, loaded, model, builder = environment(), {}, None, None, None
     for cell in cells:
         strategy = None
         try:
@@ -408,14 +408,18 @@ def run_projected_group(cells: list[dict], store, command: str = "", sms: int = 
                 sources[cell["model"]] = resolve(cell["model"], dev)
             source = sources[cell["model"]]
             rank = heaviest_rank(source.config, tp)
-            key = (cell["model"], cell["dtype"])
-            if key != loaded or type(strategy).load_model is not Strategy.load_model:
+            own = type(strategy).load_model is not Strategy.load_model  # e.g. SPD: its own weights or layout
+            key = (cell["model"], cell["dtype"], *([cell["strategy"], sorted(strategy.options().items())] if own
+                                                   else []))
+            if key != loaded:
                 model = loaded = None
                 gc.collect()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-                model = strategy.load_model(source, tp, rank, DTYPES[cell["dtype"]], dev)
-                loaded = key if type(strategy).load_model is Strategy.load_model else None
+                model, builder = strategy.load_model(source, tp, rank, DTYPES[cell["dtype"]], dev), strategy
+                loaded = key
+            elif own:
+                strategy = builder  # the instance that built this shard (and checked itself against it)
             comm = ProjectingCommunicator(rank=rank, world=tp, profile=profile, device=dev, sms=sms)
             fields = project_cell(cell, Runner(model, strategy, comm))
             row = latency_row(cell, fields, strategy=strategy, env=env, command=command)

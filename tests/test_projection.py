@@ -192,10 +192,14 @@ def projected_rows(tmp_path_factory):
     profile_path.write_text(yaml.safe_dump({"name": "flat-3ms", "sources": ["test"], "method": "3 ms per collective",
                                             "tables": {"all_reduce": {"eager": {2: [[1, COST_US, "inf"]]}}}}))
     strategies = [{"name": n, "options": STRATEGY_OPTIONS.get(n, {})} for n in available()]
-    cells = expand({"model": "random:tiny-uneven", "strategies": strategies, "tp": 2, "batch": 2, "prompt_len": 8,
-                    "new_tokens": 3, "repetitions": 2, "warmup": 1, "mode": "projected",
-                    "interconnect": str(profile_path)})
-    rows = {r["strategy"]: r for r in run(cells, folder).rows()}
+    spd = [{"name": "spd", "options": STRATEGY_OPTIONS["spd"]}] if "spd" in available() else []
+    cells = expand({"model": "random:tiny-uneven", "tp": 2, "prompt_len": 8, "new_tokens": 3, "repetitions": 2,
+                    "warmup": 1, "mode": "projected", "interconnect": str(profile_path),
+                    "matrices": [{"strategies": strategies, "batch": 2},
+                                 {"strategies": spd, "batch": 1}]})  # a second cell on SPD's own shard
+    all_rows = run(cells, folder).rows()
+    assert len(all_rows) == len(cells) and all(r["status"] == "ok" for r in all_rows), all_rows
+    rows = {r["strategy"]: r for r in all_rows if r["batch"] == 2}
     counts = {n: _collectives_per_step(n, flat_profile(0)) for n in available()}
     return rows, counts
 
