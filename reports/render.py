@@ -281,8 +281,21 @@ def latency_sections(lat: pd.DataFrame, refs: Refs) -> list[dict]:
                          _accuracy_cell(r), _energy_cell(r), refs.cell(r.command, r.env)])
         title = model if prov == "measured" else f"{model} - projected, interconnect {link}"
         sections.append({"provenance": prov, "interconnect": None if link == "-" else link, "title": title,
-                         "caption": ", ".join(fixed), "header": header, "rows": body})
+                         "caption": "; ".join([", ".join(fixed), *_shared_reasons(header, body)]),
+                         "header": header, "rows": body})
     return sections
+
+
+def _shared_reasons(header: list[str], body: list[list]) -> list[str]:
+    """A column whose cells are all n/a for one reason says it once, in the caption (cells keep 'n/a')."""
+    notes = []
+    for i, name in enumerate(header):
+        cells = [row[i] for row in body]
+        if len(cells) > 1 and all(isinstance(c, Cell) and c.css == "na" and c.text == cells[0].text for c in cells):
+            notes.append(f"{name} {cells[0].text}")
+            for row in body:
+                row[i] = Cell("n/a", "na")
+    return notes
 
 
 def accuracy_section(acc: pd.DataFrame, refs: Refs) -> list[dict]:
