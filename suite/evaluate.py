@@ -10,8 +10,10 @@ local data (``suite.tasks``) and writes one ``accuracy`` row per task and metric
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shlex
+import sys
 import time
 
 import torch
@@ -200,7 +202,7 @@ class SpdbenchLM(TemplateLM):
 
 # --- spdbench eval --------------------------------------------------------------------------
 
-def accuracy_rows(results: dict, base: dict, limit) -> list[dict]:
+def accuracy_rows(results: dict, base: dict, limits: dict) -> list[dict]:
     """lm-eval's results -> one row per task and metric."""
     from suite.results import cell_id
 
@@ -211,6 +213,7 @@ def accuracy_rows(results: dict, base: dict, limit) -> list[dict]:
             if not isinstance(value, (int, float)):
                 continue
             scenario = {k: base[k] for k in ("kind", "model", "strategy", "strategy_options", "tp", "dtype", "data")}
+            limit = limits.get(task)
             scenario.update(task=task, metric=metric, limit=limit)
             rows.append({**base, "cell_id": cell_id(scenario), "task": task, "metric": metric, "value": float(value),
                          "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "limit": limit})
@@ -222,10 +225,56 @@ def _command(args) -> str:
     words = ["spdbench", "eval", "--model", args.model, "--tp", str(args.tp), "--strategy", args.strategy]
     for key, value in args.options.items():
         words += ["--strategy-opt", f"{key}={value}"]
-    for option in ("tasks", "limit", "data_dir", "max_length", "dtype", "device"):
+    for limit in args.limit:
+        words += ["--limit", limit]
+    for option in ("tasks", "data_dir", "max_length", "dtype", "device"):
         if getattr(args, option) is not None:
             words += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     return shlex.join(words + ["--out", str(args.out)])
+
+
+def _spd_fields(strategy, model: str) -> dict:
+    """SPD's variant and share of blocks that drop their sync (null for other strategies)."""
+    if strategy.name != "spd":
+        return {"spd_variant": None, "spd_blocks_pct": None}
+    from spd.plan import load_plan
+    from spd.strategy import parse_blocks
+    from suite.sources import resolve
+
+    n_layers = resolve(model).config.num_hidden_layers
+    if strategy.plan:
+        plan = load_plan(strategy.plan)
+        variant, blocks = (plan.budget or {}).get("variant"), plan.spd_blocks()
+    else:
+        variant, blocks = "zs", parse_blocks(strategy.blocks, n_layers)
+    return {"spd_variant": variant, "spd_blocks_pct": 100.0 * len(blocks) / n_layers}
+
+
+def _limits(values: list[str], names: list[str], folder) -> tuple[dict, dict | None]:
+    """--limit values -> documents per task, and lm-eval ``samples`` when tasks differ (local data only)."""
+    from suite.tasks import TaskDataError, converted
+
+    default, per_task = None, {}
+    for value in values:
+        task, sep, count = value.rpartition("=")
+        if sep and task not in names:
+            raise TaskDataError(f"--limit {value}: task {task!r} is not in --tasks")
+        if not count.isdigit() or int(count) < 1:
+            raise TaskDataError(f"--limit {value} is invalid: expected a count of at least 1 (K or TASK=K)")
+        if sep:
+            per_task[task] = int(count)
+        else:
+            default = int(count)
+    limits = {task: per_task.get(task, default) for task in names}
+    if not per_task:
+        return limits, None
+    if folder is None:
+        raise TaskDataError("--limit TASK=K needs local data (--data-dir); with the Hub use one --limit K")
+    samples = {}
+    for task in names:  # the first K documents, as --limit K takes them
+        n_docs = converted(task, folder).read_text().count("\n")
+        samples[task] = list(range(min(limits[task] or n_docs, n_docs)))
+    return limits, samples
 
 
 def cmd_eval(args, parser) -> int:
@@ -237,13 +286,14 @@ def cmd_eval(args, parser) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         parser.error("--tasks is empty: name at least one task, e.g. --tasks piqa,arc_easy")
-    for option in ("limit", "max_length", "batch_size"):
+    for option in ("max_length", "batch_size"):
         value = getattr(args, option)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} {value} is invalid: it must be at least 1")
     try:
         folder = data_dir(args.data_dir)
         tasks, manager = task_configs(names, folder)
+        limits, samples = _limits(args.limit, names, folder)
     except TaskDataError as exc:
         parser.error(str(exc))
     store = ResultStore(args.out)
@@ -259,16 +309,16 @@ def cmd_eval(args, parser) -> int:
             "model": args.model, "strategy": args.strategy, "strategy_options": strategy.options(),
             "usable_model": strategy.usable, "tp": args.tp, "dtype": args.dtype,
             "data": str(folder) if folder else "hub", "spd_plan": args.options.get("plan"),
-            "spd_variant": getattr(strategy, "spd_variant", None),
-            "spd_blocks_pct": getattr(strategy, "spd_blocks_pct", None),
+            **_spd_fields(strategy, args.model),
             "env": environment(), "command": _command(args)}
     start = time.perf_counter()
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
-                                          verbosity="WARNING")
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, samples=samples,
+                                          limit=None if samples else limits.get(names[0]),
+                                          bootstrap_iters=args.bootstrap_iters, verbosity="WARNING")
     finally:
         lm.close()
-    rows = accuracy_rows(results, {**base, "time": time.time()}, args.limit)
+    rows = accuracy_rows(results, {**base, "time": time.time()}, limits)
     store.append(*rows)
     if not strategy.usable:
         print(f"note: {args.strategy} is a latency bound, not a usable model: its scores are not an accuracy")
@@ -279,17 +329,46 @@ def cmd_eval(args, parser) -> int:
     return 0
 
 
+def cmd_lm_eval(args, parser) -> int:
+    """lm-eval's own command line, with the ``spdbench`` model registered and the local task data."""
+    from lm_eval.__main__ import cli_evaluate
+
+    from suite.tasks import TaskDataError, data_dir, include_dir
+
+    argv = args.lm_eval_args[1:] if args.lm_eval_args[:1] == ["--"] else list(args.lm_eval_args)
+    try:
+        folder = data_dir(args.data_dir)
+        if folder and "--include_path" not in argv:
+            argv = [*argv, "--include_path", str(include_dir(folder))]
+    except TaskDataError as exc:
+        parser.error(str(exc))
+    sys.argv = ["lm-eval", *argv]
+    cli_evaluate()
+    return 0
+
+
 def add_command(sub) -> None:
     from suite.cli import add_model_args
 
     p = sub.add_parser("eval", help="accuracy and perplexity with lm-eval's tasks on N tensor-parallel ranks")
     add_model_args(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. piqa,arc_easy,hellaswag,wikitext")
-    p.add_argument("--limit", type=int, help="documents per task (default: all)")
+    p.add_argument("--limit", action="append", default=[], metavar="K | TASK=K",
+                   help="documents per task (default: all); TASK=K sets one task's, repeatable "
+                        "(e.g. --limit 50 --limit wikitext=2)")
     p.add_argument("--data-dir", help="offline data folder (default: $SPDBENCH_DATA, else ../shared/data next to "
                                       "the project if present, else the Hugging Face Hub)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     p.add_argument("--max-length", type=int, help="context window in tokens (default: the model's); longer "
                                                   "documents are scored in rolling windows")
+    p.add_argument("--bootstrap-iters", type=int, default=1000,
+                   help="bootstrap resamples for the stderr of perplexity-like metrics (lm-eval's default: 100000)")
     p.add_argument("--out", required=True, help="results file (JSONL), appended to")
     p.set_defaults(handler=cmd_eval)
+    p = sub.add_parser("lm-eval", help="lm-eval's own command line with the spdbench model and the local data",
+                       description="Runs lm-eval's CLI (arguments after --) with the model `spdbench` registered, "
+                                   "e.g. spdbench lm-eval -- --model spdbench --model_args "
+                                   "model=smollm2-135m,tp=4,strategy=spd,spd_plan=plan.json --tasks piqa --device cpu")
+    p.add_argument("--data-dir", help="offline data folder, as for `spdbench eval`; its tasks replace the Hub's")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="-- then lm-eval's arguments")
+    p.set_defaults(handler=cmd_lm_eval)

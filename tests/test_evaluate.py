@@ -110,12 +110,13 @@ def _cli(argv: list[str]) -> int:
 
 def test_eval_command_writes_accuracy_rows(tmp_path):
     out = tmp_path / "results.jsonl"
-    assert _cli(["--model", "random:tiny", "--tp", "2", "--tasks", "piqa,boolq", "--limit", "2", "--out", str(out)]) == 0
+    assert _cli(["--model", "random:tiny", "--tp", "2", "--tasks", "piqa,boolq", "--limit", "2", "--limit", "boolq=1",
+                 "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["task"], r["metric"]) for r in rows} == {("piqa", "acc"), ("piqa", "acc_norm"), ("boolq", "acc")}
     for row in rows:
         assert row["kind"] == "accuracy" and row["status"] == "ok" and row["provenance"] == "measured"
-        assert row["tp"] == 2 and row["strategy"] == "baseline" and row["usable_model"] and row["limit"] == 2
+        assert row["tp"] == 2 and row["strategy"] == "baseline" and row["usable_model"] and row["limit"] == (1 if row["task"] == "boolq" else 2)
         assert 0.0 <= row["value"] <= 1.0 and row["command"].startswith("spdbench eval")
     assert len({r["cell_id"] for r in rows}) == len(rows)
 
@@ -124,6 +125,7 @@ def test_eval_command_writes_accuracy_rows(tmp_path):
     (["--tasks", "piqa,nope"], "unknown task 'nope'"),
     (["--tasks", "piqa", "--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data: no such data folder"),
     (["--tasks", "piqa", "--limit", "0"], "--limit 0 is invalid"),
+    (["--tasks", "piqa", "--limit", "boolq=3"], "--limit boolq=3: task 'boolq' is not in --tasks"),
 ])
 def test_bad_input_is_one_line_naming_the_argument(tmp_path, capsys, argv, message):
     out = tmp_path / "results.jsonl"
@@ -157,3 +159,15 @@ def test_local_documents_have_the_hub_fields():
     assert docs["winogrande"]["answer"] in ("1", "2") and "_" in docs["winogrande"]["sentence"]
     assert docs["boolq"]["label"] in (0, 1)
     assert converted("wikitext", data_dir()).read_text().count("\n") == 62  # articles of the test split
+
+
+def test_include_dir_gives_lm_eval_cli_its_own_tasks_on_local_data():
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from suite.tasks import include_dir
+
+    config = load_yaml(include_dir(data_dir()) / "arc_challenge.yaml", resolve_func=False)
+    assert config["task"] == "arc_challenge" and config["dataset_path"] == "json"
+    assert config["doc_to_choice"] == "{{choices.text}}"  # lm-eval's own prompt, through its include chain
+    (data_file,) = config["dataset_kwargs"]["data_files"].values()
+    assert data_file == str(converted("arc_challenge", data_dir()))

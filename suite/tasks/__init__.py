@@ -197,9 +197,41 @@ def converted(task: str, folder: Path) -> Path:
     return out
 
 
+def _lm_eval_tasks() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def _local_config(name: str, folder: Path) -> dict:
+    """Overrides that point lm-eval's own task ``name`` at the converted local documents."""
+    _, _, split, _ = LOCAL_TASKS[name]
+    return {"dataset_path": "json", "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(converted(name, folder))}},
+            "training_split": None, "validation_split": split if split == "validation" else None,
+            "test_split": split if split == "test" else None}
+
+
+def include_dir(folder: Path) -> Path:
+    """A folder for lm-eval's ``--include_path``: one YAML per task, named as lm-eval's own, that includes
+    lm-eval's config and reads the local documents (so ``--tasks piqa`` runs offline)."""
+    import yaml
+
+    configs = {name: {"include": str(_lm_eval_tasks() / LOCAL_TASKS[name][0]), "task": name,
+                      **_local_config(name, folder)} for name in LOCAL_TASKS}
+    key = hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_dir() / "tasks" / f"lm-eval-{key}"
+    if out.is_dir():
+        return out
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    for name, config in configs.items():
+        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, out)
+    return out
+
+
 def task_configs(names: list[str], folder: Path | None):
     """lm-eval's own configs for ``names`` (re-pointed at local data when ``folder`` is set) and a TaskManager."""
-    import lm_eval.tasks
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -213,13 +245,6 @@ def task_configs(names: list[str], folder: Path | None):
     if unknown:
         raise TaskDataError(f"unknown task {unknown[0]!r} in --tasks; with local data choose from: "
                             f"{', '.join(LOCAL_TASKS)}")
-    configs = []
-    for name in names:
-        original, _, split, _ = LOCAL_TASKS[name]
-        config = load_yaml(Path(lm_eval.tasks.__file__).parent / original, resolve_func=True)
-        config.update(dataset_path="json", dataset_name=None,
-                      dataset_kwargs={"data_files": {split: str(converted(name, folder))}},
-                      training_split=None, validation_split=split if split == "validation" else None,
-                      test_split=split if split == "test" else None)
-        configs.append(config)
+    configs = [{**load_yaml(_lm_eval_tasks() / LOCAL_TASKS[name][0], resolve_func=True), **_local_config(name, folder)}
+               for name in names]
     return configs, TaskManager(include_defaults=False)  # no need to index lm-eval's thousands of tasks
