@@ -7,8 +7,8 @@ import io
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
+matplotlib.use("Agg")  # no display: before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -96,6 +96,12 @@ def speedup_bars(lat: pd.DataFrame) -> dict:
                           "bound (not a usable model)", g.figure)
 
 
+def _variant_order(variants: pd.Series) -> list[str]:
+    """ZS, ZS+B2B, ZS+B2B+HG first (the paper's order), then any others."""
+    known = list(VARIANTS.values())
+    return sorted(set(variants), key=lambda v: (known.index(v) if v in known else len(known), v))
+
+
 def accuracy_vs_spd(acc: pd.DataFrame) -> dict:
     title = "Accuracy vs % of SPD blocks"
     if acc.empty:
@@ -105,9 +111,9 @@ def accuracy_vs_spd(acc: pd.DataFrame) -> dict:
         return _missing(title, "no accuracy rows with spd_blocks_pct")
     spd = spd.assign(variant=spd.spd_variant.map(lambda v: VARIANTS.get(v, str(v))), accuracy=100 * spd["mean"],
                      panel=spd.model.map(str) + " | N=" + spd.tp.map(str))
-    g = sns.relplot(spd, x="spd_blocks_pct", y="accuracy", hue="variant", col="panel", kind="line", marker="o", errorbar=None,
-                    height=3.2, aspect=1.3, hue_order=[v for v in VARIANTS.values() if v in set(spd.variant)]
-                    + sorted(set(spd.variant) - set(VARIANTS.values())), facet_kws={"sharey": False})
+    g = sns.relplot(spd, x="spd_blocks_pct", y="accuracy", hue="variant", hue_order=_variant_order(spd.variant),
+                    col="panel", kind="line", marker="o", errorbar=None, height=3.2, aspect=1.3,
+                    facet_kws={"sharey": False})
     base = acc[(acc.strategy == "baseline") & acc["mean"].notna()].groupby("model")["mean"].mean()
     for panel, ax in g.axes_dict.items():
         model = panel.split(" | ")[0]
@@ -126,8 +132,8 @@ def ppl_vs_spd(ppl: pd.DataFrame) -> dict:
     df = ppl.assign(variant=ppl.spd_variant.map(lambda v: VARIANTS.get(v, str(v))),
                     panel=ppl.model.map(str) + " | N=" + ppl.tp.map(str)
                     + " | " + ppl.get("dataset", pd.Series("", index=ppl.index)).map(str))
-    g = sns.relplot(df, x="budget_pct", y="ppl", hue="variant", col="panel", kind="line", marker="o", errorbar=None, height=3.2,
-                    aspect=1.3, facet_kws={"sharey": False})
+    g = sns.relplot(df, x="budget_pct", y="ppl", hue="variant", hue_order=_variant_order(df.variant), col="panel",
+                    kind="line", marker="o", errorbar=None, height=3.2, aspect=1.3, facet_kws={"sharey": False})
     g.set_titles("{col_name}", size=9).set_axis_labels("% of blocks with SPD", "perplexity")
     g.legend.set_title("SPD variant")
     return _figure(title, "lower is better", g.figure)
@@ -166,8 +172,8 @@ def sensitivity(sens: pd.DataFrame) -> dict:
     if sens.empty:
         return _missing(title, "no spd_sensitivity rows in the results")
     df = sens.assign(panel=sens.model.map(str) + " | N=" + sens.tp.map(str))
-    g = sns.catplot(df, x="block", y="sensitivity", col="panel", col_wrap=1, kind="bar", errorbar=None, height=3, aspect=3,
-                    color="tab:blue", sharex=False, sharey=False)
+    g = sns.catplot(df, x="block", y="sensitivity", col="panel", col_wrap=1, kind="bar", errorbar=None, height=3,
+                    aspect=3, color="tab:blue", sharex=False, sharey=False)
     g.set_titles("{col_name}", size=9).set_axis_labels("block", "PPL(SPD on i..L) - PPL(SPD on i+1..L)")
     return _figure(title, "blocks with low sensitivity are the first to get SPD", g.figure)
 

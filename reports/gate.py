@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from reports.render import NO_REFERENCE, accuracy_deltas, frame, headline_accuracy
+from reports.render import REFERENCE, accuracy_deltas, frame, headline_accuracy
 
 
 def parse_limits(items: list[str], option: str) -> dict[str, float]:
@@ -38,7 +38,7 @@ def check(rows: list[dict], max_drop: dict[str, float], min_accuracy: dict[str, 
             else:
                 results.append((f"{where}: {r.delta_pp:+.2f} pp vs baseline (allowed: -{limit} pp)",
                                 -r.delta_pp <= limit))
-    base = headline_accuracy(acc[acc.strategy == NO_REFERENCE]) if not acc.empty else acc
+    base = headline_accuracy(acc[acc.strategy == REFERENCE]) if not acc.empty else acc
     for task, floor in min_accuracy.items():
         mine = base[base.task == task] if not base.empty else base
         if mine.empty:

@@ -27,7 +27,10 @@ SCENARIO = ["batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode
 SCENARIO_LABELS = {"batch": "batch", "prompt_len": "prompt", "new_tokens": "new tokens", "dtype": "dtype",
                    "device": "device", "decode_mode": "decode"}
 GROUP = ["model", "provenance", "interconnect", "tp", *SCENARIO]
-NO_REFERENCE = "baseline"
+KIND_COLUMNS = {"accuracy": ["task", "metric", "value", "stderr", "limit", "spd_variant", "spd_blocks_pct"],
+                "spd_sensitivity": ["block", "sensitivity", "ppl"], "spd_ppl": ["budget_pct", "spd_variant", "ppl"]}
+ACCURACY_CONFIG = ["strategy", "options", "tp", "spd_variant", "spd_blocks_pct"]  # one row of the accuracy table
+REFERENCE = "baseline"
 BOUND = "nocomm"
 
 
@@ -111,7 +114,7 @@ def frame(rows: list[dict], kind: str) -> pd.DataFrame:
     """Successful rows of one kind, with the columns every table needs."""
     df = pd.DataFrame([r for r in rows if r.get("kind") == kind and r.get("status", "ok") == "ok"])
     for col in ["model", "strategy", "strategy_options", "provenance", "interconnect", "tp", "command", "env",
-                "usable_model", *SCENARIO]:
+                "usable_model", *SCENARIO, *KIND_COLUMNS.get(kind, [])]:
         if col not in df:
             df[col] = None
     df["options"] = df["strategy_options"].map(options_label)
@@ -131,7 +134,7 @@ def latency_table(lat: pd.DataFrame, acc_delta: dict) -> pd.DataFrame:
     for phase, stat in [("prefill", "prefill_ms"), ("decode", "decode_ms_per_token")]:
         for col in (f"{stat}_median", f"{stat}_p10", f"{stat}_p90"):
             lat[col] = pd.to_numeric(lat[col], errors="coerce") if col in lat else float("nan")
-        t, is_base = lat[f"{stat}_median"], lat.strategy == NO_REFERENCE
+        t, is_base = lat[f"{stat}_median"], lat.strategy == REFERENCE
         base = lat.scenario.map(t[is_base].groupby(lat.scenario).median())
         low = lat.scenario.map(t[lat.strategy == BOUND].groupby(lat.scenario).median())
         noise = lat.scenario.map((lat[f"{stat}_p90"] - lat[f"{stat}_p10"])[is_base].groupby(lat.scenario).median())
@@ -140,7 +143,7 @@ def latency_table(lat: pd.DataFrame, acc_delta: dict) -> pd.DataFrame:
         lat[f"{phase}_bound_in_noise"] = (base - low) <= noise.fillna(0)  # the bound is not resolved
         lat[f"{phase}_has_base"], lat[f"{phase}_has_bound"] = base.notna(), low.notna()
     lat["acc_delta"] = [acc_delta.get((r.model, r.strategy, r.options, r.tp)) for r in lat.itertuples()]
-    order = {NO_REFERENCE: 0, BOUND: 2}
+    order = {REFERENCE: 0, BOUND: 2}
     lat["order"] = lat.strategy.map(lambda s: order.get(s, 1))
     return lat.sort_values(["order", "strategy", "options", "tp", *SCENARIO],
                            key=lambda c: c if pd.api.types.is_numeric_dtype(c) else c.map(str))
@@ -150,7 +153,7 @@ def headline_accuracy(acc: pd.DataFrame) -> pd.DataFrame:
     """One accuracy number per task: acc_norm where the task has it, else acc."""
     acc = acc[acc["metric"].astype(str).str.startswith("acc")].copy()
     acc["norm"] = acc["metric"] == "acc_norm"
-    acc["variant_key"] = _key(acc, ["model", "strategy", "options", "tp", "spd_variant", "spd_blocks_pct", "limit"])
+    acc["variant_key"] = _key(acc, ["model", *ACCURACY_CONFIG])
     has_norm = acc.groupby(["variant_key", "task"])["norm"].transform("any")
     return acc[acc.norm == has_norm]
 
@@ -162,20 +165,19 @@ def accuracy_deltas(acc: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     the reference, else the baseline at any N."""
     if acc.empty:
         return acc, {}
-    acc = headline_accuracy(acc)
-    base = acc[acc.strategy == NO_REFERENCE]
-    same_n = base.groupby(["model", "tp", "task", "limit"], dropna=False)["value"].mean()
-    any_n = base.groupby(["model", "task", "limit"], dropna=False)["value"].mean()
+    acc = headline_accuracy(acc).assign(limit_key=lambda d: d["limit"].map(_plain))  # None/NaN: all documents
+    base = acc[acc.strategy == REFERENCE]
+    same_n = base.groupby(["model", "tp", "task", "limit_key"])["value"].mean()
+    any_n = base.groupby(["model", "task", "limit_key"])["value"].mean()
 
     def reference(r):
-        return same_n.get((r.model, r.tp, r.task, r.limit), any_n.get((r.model, r.task, r.limit)))
+        return same_n.get((r.model, r.tp, r.task, r.limit_key), any_n.get((r.model, r.task, r.limit_key)))
 
     acc["reference"] = [reference(r) for r in acc.itertuples()]
     acc["delta_pp"] = 100 * (acc["value"] - acc["reference"])
-    keys = ["model", "strategy", "options", "tp", "spd_variant", "spd_blocks_pct", "limit"]
-    summary = acc.groupby(keys, dropna=False).agg(mean=("value", "mean"), delta_pp=("delta_pp", "mean"),
-                                                  tasks=("task", "nunique"),
-                                                  compared=("delta_pp", "count")).reset_index()
+    summary = acc.groupby(["model", *ACCURACY_CONFIG], dropna=False).agg(
+        mean=("value", "mean"), delta_pp=("delta_pp", "mean"), tasks=("task", "nunique"),
+        compared=("delta_pp", "count")).reset_index()
     lookup = {}
     for r in summary.itertuples():
         if r.compared:
@@ -219,7 +221,7 @@ def _strategy_cell(r) -> Cell:
 def _accuracy_cell(r) -> Cell | str:
     if not r.usable_model:
         return na("not a usable model")
-    if r.strategy == NO_REFERENCE:
+    if r.strategy == REFERENCE:
         return "0 (reference)"
     if r.acc_delta is None:
         return na(f"no accuracy rows for this strategy{' with these options' if r.options else ''} at N={r.tp}")
@@ -228,7 +230,7 @@ def _accuracy_cell(r) -> Cell | str:
 
 
 def _relative_cells(r, phase: str) -> list:
-    if r.strategy == NO_REFERENCE:
+    if r.strategy == REFERENCE:
         return ["1.00x", "0%"]
     if not getattr(r, f"{phase}_has_base"):
         return [na("no baseline row for this scenario")] * 2
@@ -302,14 +304,10 @@ def accuracy_section(acc: pd.DataFrame, refs: Refs) -> list[dict]:
     """Per model: one row per configuration, one column per task (value +- stderr), mean and change."""
     if acc.empty:
         return []
-    acc = acc.copy()
-    for col in ["task", "metric", "value", "stderr", "limit", "spd_variant", "spd_blocks_pct"]:
-        if col not in acc:
-            acc[col] = None
     acc = acc[acc["metric"] != "sample_len"]  # lm-eval's document count, not a score
     summary, _ = accuracy_deltas(acc)
     tables = []
-    order = {NO_REFERENCE: 0, BOUND: 2}
+    order = {REFERENCE: 0, BOUND: 2}
     acc = acc.assign(order=acc.strategy.map(lambda s: order.get(s, 1)),
                      variant_order=acc.spd_variant.map(lambda v: ["zs", "zs+b2b", "zs+b2b+hg"].index(v)
                                                        if v in ("zs", "zs+b2b", "zs+b2b+hg") else -1))
@@ -317,21 +315,22 @@ def accuracy_section(acc: pd.DataFrame, refs: Refs) -> list[dict]:
                           na_position="first")
     for model, df in acc.groupby("model"):
         tasks = sorted({f"{t} ({m})" for t, m in zip(df.task, df.metric)})
-        keys = ["strategy", "options", "tp", "spd_variant", "spd_blocks_pct", "limit"]
-        header = ["strategy", "options", "N", "SPD variant", "SPD blocks %", "limit", *tasks, "mean accuracy",
+        keys = ACCURACY_CONFIG
+        header = ["strategy", "options", "N", "SPD variant", "SPD blocks %", *tasks, "mean accuracy",
                   "change vs baseline", "source"]
         body = []
         for key, g in df.groupby(keys, dropna=False, sort=False):
             cells = dict.fromkeys(tasks, na("not evaluated"))
             for r in g.itertuples():
-                err = "" if _missing(r.stderr) else f" +- {r.stderr:.4f}"
-                cells[f"{r.task} ({r.metric})"] = f"{r.value:.4f}{err}"
+                err = "" if _missing(r.stderr) else f" ± {r.stderr:.4f}"
+                limit = "all documents" if _missing(r.limit) else f"limit {_plain(r.limit)}"
+                cells[f"{r.task} ({r.metric})"] = f"{r.value:.4f}{err} ({limit})"
             s = summary[(summary.model == model) & (_key(summary, keys) == "|".join(map(str, key)))]
             usable = bool(g.usable_model.iloc[0])
             mean = number(s["mean"].iloc[0] if len(s) else None, ".4f", "no acc/acc_norm metric")
             if not usable:
                 change = na("not a usable model")
-            elif key[0] == NO_REFERENCE:
+            elif key[0] == REFERENCE:
                 change = "0 (reference)"
             else:
                 change = number(s["delta_pp"].iloc[0] if len(s) else None, "+.2f", "no baseline for these tasks")
@@ -345,7 +344,8 @@ def accuracy_section(acc: pd.DataFrame, refs: Refs) -> list[dict]:
 
 
 def simple_table(df: pd.DataFrame, cols: list[str], refs: Refs | None = None) -> dict:
-    body = [[Cell("n/a", "na") if _missing(v) else v for v in r] for r in df[cols].itertuples(index=False)]
+    body = [[Cell("n/a", "na") if _missing(v) else f"{v:.6g}" if isinstance(v, float) else v for v in r]
+            for r in df[cols].itertuples(index=False)]
     if refs is not None:
         body = [b + [refs.cell(c, e)] for b, c, e in zip(body, df.command, df.env)]
     return {"header": cols + (["source"] if refs is not None else []), "rows": body}

@@ -55,7 +55,7 @@ def pngs(html: str) -> list[Image.Image]:
 
 
 def raw_json(html: str) -> str:
-    return re.search(r'<script type="application/json" id="spdbench-rows">(.*?)</script>', html, re.S).group(1)
+    return re.search(r'<script type="application/json" id="spdbench-rows">(.*?)</script>', html, re.DOTALL).group(1)
 
 
 # ---------------------------------------------------------------- the page as a file
@@ -189,10 +189,10 @@ def test_regression_gate_passes_and_fails_on_thresholds(tmp_path, capsys):
     # ladder loses 6.15 pp at N=4 in the fixture; tokenweave has no accuracy rows at all
     assert cli.main([*ok[:4], "--max-accuracy-drop", "ladder=6", "--max-accuracy-drop", "tokenweave=0.5"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == ["spdbench report: regression: smollm2-135m ladder (layers=last:15) N=4: -6.15 pp vs baseline "
-                   "(allowed: -6.0 pp)",
-                   "spdbench report: regression: tokenweave: no accuracy rows to check against the allowed drop "
-                   "of 0.5 pp"]
+    assert err == [("spdbench report: regression: smollm2-135m ladder (layers=last:15) N=4: -6.15 pp vs baseline "
+                    "(allowed: -6.0 pp)"),
+                   ("spdbench report: regression: tokenweave: no accuracy rows to check against the allowed drop "
+                    "of 0.5 pp")]
     assert "FAIL: tokenweave: no accuracy rows" in out.read_text()
     with pytest.raises(SystemExit) as exc:
         cli.main([*ok[:4], "--min-accuracy", "piqa"])
@@ -218,7 +218,7 @@ class DevTools:
         to_chrome, self._out = os.pipe()
         self._in, from_chrome = os.pipe()
 
-        def wire_pipes():  # in the child, before exec: make them fds 3 and 4 (via high fds, no clashes)
+        def wire_pipes():  # in the child, before exec (the test process starts no threads): fds 3 and 4
             high_in, high_out = (fcntl.fcntl(fd, fcntl.F_DUPFD, 20) for fd in (to_chrome, from_chrome))
             os.dup2(high_in, 3)
             os.dup2(high_out, 4)
