@@ -207,17 +207,25 @@ def _unit_job(comm, device, cells, store_path, command, done, total):
         for cell in cells:
             bar.set_postfix_str(label(cell))
             strategy = make_strategy(cell["strategy"], cell["strategy_options"])
-            key = (cell["model"], cell["dtype"], _model_key(strategy))
-            if key != loaded:
-                model = runner = None  # free the previous model before building the next
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                source = sources.setdefault(cell["model"], resolve(cell["model"], device))
-                model = strategy.load_model(source, comm.world, comm.rank, DTYPES[cell["dtype"]], device)
-                loaded = key
-            runner = Runner(model, strategy, comm)
-            fields = measure_cell(cell, runner, comm, device)
+            try:
+                key = (cell["model"], cell["dtype"], _model_key(strategy))
+                if key != loaded:
+                    model = runner = None  # free the previous model before building the next
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if cell["model"] not in sources:
+                        sources[cell["model"]] = resolve(cell["model"], device)
+                    model = strategy.load_model(sources[cell["model"]], comm.world, comm.rank,
+                                                DTYPES[cell["dtype"]], device)
+                    loaded = key
+                runner = Runner(model, strategy, comm)
+                fields = measure_cell(cell, runner, comm, device)
+            except Exception as exc:  # recorded here too, for runs under torchrun (no parent to do it)
+                if main:
+                    store.append(latency_row(cell, error=f"{exc.__class__.__name__}: {exc}", strategy=strategy,
+                                             env=env, command=command))
+                raise
             if main:
                 store.append(latency_row(cell, fields, strategy=strategy, env=env, command=command))
             bar.update()
@@ -338,10 +346,12 @@ def cmd_bench(args, parser) -> int:
         except ConfigError as exc:
             parser.error(str(exc))
         run(cells, args.out, command)
-        rows = {r["cell_id"]: r for r in store.rows()}
-        failed = [r for r in (rows.get(cell_id(c)) for c in cells) if r and r["status"] != "ok"]
+        status = {r["cell_id"]: r["status"] for r in store.rows()}
+        states = [status.get(cell_id(c), "not run") for c in cells]
+        ok, failed = states.count("ok"), states.count("failed")
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{len(cells) - len(failed)} of {len(cells)} cells ok, {len(failed)} failed; rows in {store.path}")
+            waiting = f", {states.count('not run')} not run (other tp under torchrun)" if ok + failed < len(cells) else ""
+            print(f"{ok} of {len(cells)} cells ok, {failed} failed{waiting}; rows in {store.path}")
         return 1 if failed else 0
     return 0
 

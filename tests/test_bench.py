@@ -23,6 +23,7 @@ from suite.results import ResultStore, cell_id, import_benchmark
 from suite.telemetry import Sampler, combine
 
 REPO = Path(__file__).resolve().parents[1]
+SPD_BAD, SPD_OK = {"name": "spd", "options": {"blocks": "3"}}, {"name": "spd", "options": {"blocks": "last:1"}}
 TINY = {"model": "random:tiny", "prompt_len": 8, "new_tokens": 4, "repetitions": 3, "warmup": 1}
 
 
@@ -222,10 +223,12 @@ def test_each_repetition_keeps_the_slowest_rank():
 
 @pytest.fixture(scope="module")
 def matrix_run(tmp_path_factory):
-    """A tiny matrix: 2 strategies x N in 1, 2, 8, and one unknown strategy."""
+    """A tiny matrix: 2 strategies x N in 1, 2, 8; an unknown strategy; an SPD cell that fails while running
+    (block 3 of a 2-block model: found when the model loads), followed by one that works."""
     tmp = tmp_path_factory.mktemp("bench")
     config = write_config(tmp / "m.yaml", TINY | {"strategies": ["baseline", "nocomm"], "tp": [1, 2, 8],
-                                                  "matrices": [{}, {"strategies": ["nosuch"], "tp": 1}]})
+                                                  "matrices": [{}, {"strategies": ["nosuch"], "tp": 1},
+                                                               {"strategies": [SPD_BAD, SPD_OK], "tp": 2}]})
     run = bench("--config", str(config), "--out", str(tmp / "out"))
     return config, run, ResultStore(tmp / "out" / STORE_NAME).rows()
 
@@ -235,8 +238,8 @@ def test_matrix_gives_one_row_per_cell(matrix_run):
     assert first.returncode == 1, first.stderr  # some cells are impossible
     assert sorted(r["cell_id"] for r in rows) == sorted(cell_id(c) for c in load_config(config))
     ok = {(r["strategy"], r["tp"]) for r in rows if r["status"] == "ok"}
-    assert ok == {("baseline", 1), ("baseline", 2), ("nocomm", 1), ("nocomm", 2)}
-    assert "4 of 7 cells ok, 3 failed" in first.stdout
+    assert ok == {("baseline", 1), ("baseline", 2), ("nocomm", 1), ("nocomm", 2), ("spd", 2)}
+    assert "5 of 9 cells ok, 4 failed" in first.stdout
 
 
 def test_impossible_cells_fail_with_reason(matrix_run):
@@ -244,6 +247,7 @@ def test_impossible_cells_fail_with_reason(matrix_run):
     failed = {(r["strategy"], r["tp"]): r["error"] for r in rows if r["status"] == "failed"}
     assert "between 1 and the model's 4 attention heads" in failed[("baseline", 8)]
     assert "unknown strategy 'nosuch'" in failed[("nosuch", 1)]
+    assert "block 3 is out of range" in failed[("spd", 2)]  # a runtime failure: the next cell still ran
     assert "failed: tp 8 is invalid" in first.stderr
 
 
@@ -261,14 +265,14 @@ def test_rows_carry_timings_and_provenance(matrix_run):
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["new_tokens"] / (r["e2e_ms_median"] / 1e3))
         assert r["telemetry_status"] == "n/a: no GPU (device cpu)" and r["telemetry"] == {}
         assert r["energy_j"] is None and r["j_per_token"] is None and r["power_w_mean"] is None
-        communicates = r["strategy"] == "baseline" and r["tp"] > 1
+        communicates = r["strategy"] in ("baseline", "spd") and r["tp"] > 1
         assert (0 < r["comm_fraction"] < 1) if communicates else r["comm_fraction"] is None
 
 
 def test_store_reads_with_pandas(matrix_run):
     config, _, _ = matrix_run
     frame = pd.read_json(config.parent / "out" / STORE_NAME, lines=True)
-    assert len(frame) == 7 and {"cell_id", "status", "e2e_ms_median", "samples", "env"} <= set(frame.columns)
+    assert len(frame) == 9 and {"cell_id", "status", "e2e_ms_median", "samples", "env"} <= set(frame.columns)
 
 
 def test_killed_run_resumes_without_losing_or_repeating_cells(tmp_path):
