@@ -291,15 +291,20 @@ def run(cells: list[dict], out: str | os.PathLike, command: str = "") -> ResultS
             runnable.append(c)
     done = len(cells) - len(runnable)
     if launching.under_torchrun():  # one process group: the cells of its size and device, in one launch
-        world, first = int(os.environ["WORLD_SIZE"]), runnable[0] if runnable else None
-        here = [c for c in runnable if c["mode"] == "measured" and c["tp"] == world
-                and (c["device"], c["backend"], c["timeout"]) == (first["device"], first["backend"], first["timeout"])]
+        world = int(os.environ["WORLD_SIZE"])
+        mine = [c for c in runnable if c["mode"] == "measured" and c["tp"] == world]
+
+        def place(c):
+            return c["device"], c["backend"], c["timeout"]
+
+        here = [c for c in mine if place(c) == place(mine[0])]
         if main and len(here) < len(runnable):
-            tqdm.write(f"bench: under torchrun only cells with tp={world} on {first['device']} run; "
-                       f"{len(runnable) - len(here)} others are left for another launch", file=sys.stderr)
+            tqdm.write(f"bench: under torchrun with {world} ranks, {len(runnable) - len(here)} cells of other "
+                       f"tp, device or mode are left for another launch", file=sys.stderr)
         if here:
+            device, backend, timeout = place(here[0])
             launching.launch(_unit_job, world, [c for u in _units(here) for c in u], store.path, command, done,
-                             len(cells), device=first["device"], backend=first["backend"], timeout_s=first["timeout"])
+                             len(cells), device=device, backend=backend, timeout_s=timeout)
         return store
     for unit in _units(runnable):
         first = unit[0]
@@ -350,7 +355,8 @@ def cmd_bench(args, parser) -> int:
         states = [status.get(cell_id(c), "not run") for c in cells]
         ok, failed = states.count("ok"), states.count("failed")
         if int(os.environ.get("RANK", 0)) == 0:
-            waiting = f", {states.count('not run')} not run (other tp under torchrun)" if ok + failed < len(cells) else ""
+            skipped = len(cells) - ok - failed
+            waiting = f", {skipped} not run (other tp under torchrun)" if skipped else ""
             print(f"{ok} of {len(cells)} cells ok, {failed} failed{waiting}; rows in {store.path}")
         return 1 if failed else 0
     return 0
