@@ -1,0 +1,78 @@
+"""Ladder Residual (Zhang et al., arXiv 2501.06589): each module's all-reduce overlaps the next module.
+
+Modules 1..2L (odd attention, even MLP). Standard: x_k = x_{k-1} + AR(h_k(x_{k-1})). Ladder:
+
+    x_k = x_{k-1} + AR(h_k(x_{k-2}))   (modules k-1 and k in ladder layers; else h_k(x_{k-1}))
+
+The output of a ladder module reaches the stream one module late: its all-reduce is issued
+async and waited just before the module after next reads the stream. Per ladder layer:
+
+    wait(attn_prev); r = r + attn_prev_out
+    a = Attn_l(RMSNorm1(r)); attn_prev = AR(a, async)
+    wait(mlp_prev);  r = r + mlp_prev_out
+    m = MLP_l(RMSNorm2(r));  mlp_prev = AR(m, async)
+
+A non-ladder layer first flushes (waits and adds) the pending outputs; so does the end of the
+stack. This changes the model: pretrained weights without retraining lose accuracy.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from suite.strategy import Strategy, StrategyError, register
+
+
+def parse_layers(spec: str):
+    """``all`` | ``last:K`` | ``3,4,7`` (0-based; empty: none) -> a function of the layer count."""
+    text = spec.replace(" ", "").lower()
+    try:
+        if text == "all":
+            return lambda n: set(range(n))
+        if text.startswith("last:"):
+            k = int(text[5:])
+            if k >= 0:
+                return lambda n: set(range(n - k, n))
+        else:
+            chosen = {int(i) for i in text.split(",") if i}
+            return lambda n: chosen
+    except ValueError:
+        pass
+    raise StrategyError(f"option layers={spec!r}: expected all, last:K or 0-based layer indices like 3,4,7")
+
+
+@register("ladder")
+@dataclass
+class Ladder(Strategy):
+    layers: str = "all"  # "all", "last:K", or 0-based layer indices "3,4,7" ("" for none)
+
+    exact = False
+
+    def __post_init__(self):
+        self._choose = parse_layers(self.layers)  # bad syntax fails before any rank starts
+
+    def ladder_layers(self, n_layers: int) -> set[int]:
+        chosen = self._choose(n_layers)
+        if any(not 0 <= i < n_layers for i in chosen):
+            raise StrategyError(f"option layers={self.layers!r}: the model has {n_layers} layers (0..{n_layers - 1})")
+        return chosen
+
+    def run_layers(self, layers, h, comm, ctx):
+        ladder = self.ladder_layers(len(layers))
+        pending = deque()  # async all-reduces of ladder outputs not yet in the stream, oldest first
+
+        def flush(h, keep):
+            while len(pending) > keep:
+                h = h + pending.popleft().wait()
+            return h
+
+        for i, layer in enumerate(layers):
+            if i not in ladder:
+                h = flush(h, 0)
+                h = h + comm.all_reduce(layer.attn(h, ctx))
+                h = h + comm.all_reduce(layer.ffn(h))
+                continue
+            h = flush(h, 1)  # add the module before last; the previous one stays in flight
+            pending.append(comm.all_reduce(layer.attn(h, ctx), async_op=True))
+            h = flush(h, 1)
+            pending.append(comm.all_reduce(layer.ffn(h), async_op=True))
+        return flush(h, 0)

@@ -1,0 +1,64 @@
+"""Token-splitting overlap (TokenWeave, arXiv 2505.11329): one half's sync runs while the other computes.
+
+The batch's tokens are cut in two (at half the count rounded to ``split_multiple``, plus
+``split_offset``); a row straddling the cut is split and its second part attends to the first
+part's KV cache. Each half keeps its residual token-sharded and syncs with the fused
+reduce-scatter -> residual add + RMSNorm -> all-gather of ``seqpar``. Per layer:
+
+    comm stream                              compute stream
+    sync+RMSNorm of half 2 (prev MLP)        attention half 1
+    sync+RMSNorm of half 1 (attention)       attention half 2
+    sync+RMSNorm of half 2 (attention)       MLP half 1
+    sync+RMSNorm of half 1 (MLP)             MLP half 2
+
+On CUDA the syncs run on a second stream and the compute stream waits (an event) only right
+before it reads a half's synced input; on CPU the same schedule runs sequentially. Below
+``split_min_tokens`` (decode batches) it does not split: fused syncs only, as ``seqpar``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from baselines.seqpar import Shard, fused_layers, modules
+from suite.strategy import Strategy, StrategyError, register
+
+
+@register("tokenweave")
+@dataclass
+class TokenWeave(Strategy):
+    split_multiple: int = 256  # the first half's size is rounded to a multiple of this
+    split_offset: int = 0  # tokens added to the rounded first half (tuned per token count)
+    split_min_tokens: int = 1024  # fewer tokens: no split
+
+    def __post_init__(self):
+        if self.split_multiple < 1:
+            raise StrategyError(f"option split_multiple={self.split_multiple}: it must be at least 1")
+        if self.split_min_tokens < 0:
+            raise StrategyError(f"option split_min_tokens={self.split_min_tokens}: it must be at least 0")
+
+    def split_point(self, tokens: int) -> int | None:
+        """Size of the first half, or None when ``tokens`` are not split."""
+        if tokens < self.split_min_tokens:
+            return None
+        at = self.split_multiple * round(tokens / 2 / self.split_multiple) + self.split_offset
+        return at if 0 < at < tokens else None
+
+    def run_layers(self, layers, h, comm, ctx):
+        at = self.split_point(h.shape[0])
+        if at is None or not layers:
+            return fused_layers(layers, h, comm, ctx)
+        norm = layers[0].input_layernorm
+        halves = [Shard(x, c, norm, comm) for x, c in zip(h.split([at, h.shape[0] - at]), ctx.split(at))]
+        for module, next_norm in modules(layers):
+            for half in halves:
+                half.wait_ready()  # compute waits for this half's previous sync only now
+                partial = module(half.normed, half.ctx)
+                with comm.side_stream(h.device):  # waits for the partial, then overlaps what follows
+                    half.sync(partial, next_norm)
+                    half.mark_ready()
+        for half in halves:
+            half.wait_ready()
+        return torch.cat([half.normed for half in halves])

@@ -1,0 +1,172 @@
+"""Comparison strategies on real gloo ranks: tokenweave and seqpar equal the baseline, ladder equals
+an independent single-process reference of its equations, nocomm is the identity sync."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from suite.cli import main
+from suite.launch import launch
+from tests.helpers import hf_model, source
+
+MODEL = "smollm2-135m"
+NEW_TOKENS = 32
+TEXTS = ["The capital of France is", "Tensor parallelism splits every layer of a transformer across many GPUs",
+         "Once upon a time, in a small village"]
+# split_multiple=2 cuts the prefill inside a row and every decode step (3 tokens -> 2 + 1) between rows
+TOKENWEAVE = {"split_min_tokens": "0", "split_multiple": "2"}
+GENERATED = {"baseline": ("baseline", {}), "seqpar": ("seqpar", {}), "tokenweave": ("tokenweave", TOKENWEAVE)}
+LADDERS = ["all", "last:16", "3,4,7"]
+
+
+def prompts() -> list[list[int]]:
+    return [source(MODEL).tokenizer().encode(t) for t in TEXTS]
+
+
+def _job(comm, device, prompts):
+    """Every strategy on one rank model (they share weights): generations and full-prompt logits."""
+    from suite.generate import Runner, load_runner
+    from suite.strategy import make_strategy
+
+    model = load_runner(comm, device, MODEL, "baseline").model
+
+    def runner(name, options=None):
+        return Runner(model, make_strategy(name, options), comm)
+
+    out = {}
+    for key, (name, options) in GENERATED.items():
+        run = runner(name, options)
+        gen = run.generate(prompts, NEW_TOKENS)
+        out[key] = gen.tokens, gen.prefill_logits, run.logits(prompts).float()
+    out["nocomm"] = runner("nocomm").logits(prompts).float()
+    for layers in ["last:0", *LADDERS]:
+        out[f"ladder {layers}"] = runner("ladder", {"layers": layers}).logits(prompts).float()
+    return out
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4])
+def tp_run(request):
+    return request.param, launch(_job, request.param, prompts())
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    return (ours - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def _valid(logits: torch.Tensor, b: int, prompt: list[int]) -> torch.Tensor:
+    """Row b of left-padded [batch, width, vocab] logits without its pad positions."""
+    return logits[b, logits.shape[1] - len(prompt):]
+
+
+def test_prompts_straddle_the_token_split():
+    from suite.strategy import make_strategy
+
+    lengths = [len(p) for p in prompts()]
+    width, total = max(lengths), len(lengths) * max(lengths)
+    at = make_strategy("tokenweave", TOKENWEAVE).split_point(total)
+    assert len(set(lengths)) == len(lengths) and at % width, "the split must cut a row in two"
+    assert make_strategy("tokenweave", TOKENWEAVE).split_point(len(lengths)) == 2  # decode steps split too
+
+
+@pytest.mark.parametrize("name", ["seqpar", "tokenweave"])
+def test_fused_and_split_sync_equal_baseline(tp_run, name):
+    tp, out = tp_run
+    base_tokens, base_prefill, base_logits = out["baseline"]
+    tokens, prefill, logits = out[name]
+    assert tokens == base_tokens, f"{name} tp={tp}: greedy tokens differ from baseline"
+    assert _close(prefill, base_prefill), f"{name} tp={tp}: prefill logits differ"
+    for b, prompt in enumerate(prompts()):
+        assert _close(_valid(logits, b, prompt), _valid(base_logits, b, prompt)), f"{name} tp={tp} row {b}"
+
+
+def test_ladder_without_ladder_layers_equals_baseline(tp_run):
+    tp, out = tp_run
+    assert torch.equal(out["ladder last:0"], out["baseline"][2])  # the very same all-reduce schedule
+
+
+@torch.no_grad()
+def ladder_reference(prompt: list[int], ladder: set[int]) -> torch.Tensor:
+    """Logits [S, V] of the full HF weights with x_k = x_{k-1} + h_k(x_{k-2}) when modules k-1 and k
+    are both in ladder layers, else x_k = x_{k-1} + h_k(x_{k-1})."""
+    hf = hf_model(MODEL)
+    ids = torch.tensor([prompt])
+    x = hf.model.embed_tokens(ids)
+    rope = hf.model.rotary_emb(x, torch.arange(len(prompt))[None])
+    causal = torch.full((len(prompt), len(prompt)), float("-inf")).triu(1)[None, None]
+    modules = []
+    for i, layer in enumerate(hf.model.layers):
+        modules.append((lambda t, l=layer: l.self_attn(l.input_layernorm(t), rope, causal)[0], i in ladder))
+        modules.append((lambda t, l=layer: l.mlp(l.post_attention_layernorm(t)), i in ladder))
+    xs, after_ladder = [x], False
+    for h, is_ladder in modules:
+        xs.append(xs[-1] + h(xs[-2] if after_ladder and is_ladder else xs[-1]))
+        after_ladder = is_ladder
+    return hf.lm_head(hf.model.norm(xs[-1]))[0]
+
+
+def _ladder_set(layers: str) -> set[int]:
+    from suite.strategy import make_strategy
+
+    return make_strategy("ladder", {"layers": layers}).ladder_layers(source(MODEL).config.num_hidden_layers)
+
+
+def test_ladder_reference_without_ladder_is_hugging_face():
+    prompt = prompts()[1]
+    assert _close(ladder_reference(prompt, set()), hf_model(MODEL)(torch.tensor([prompt])).logits[0])
+
+
+def test_ladder_layer_sets():
+    assert _ladder_set("all") == set(range(30)) and _ladder_set("last:16") == set(range(14, 30))
+    assert _ladder_set("3, 4,7") == {3, 4, 7} and _ladder_set("") == set() == _ladder_set("last:0")
+
+
+@pytest.mark.parametrize("layers", LADDERS)
+def test_ladder_equals_reference(tp_run, layers):
+    tp, out = tp_run
+    ours = out[f"ladder {layers}"]
+    assert not _close(ours, out["baseline"][2]), "ladder layers must change the model"
+    for b, prompt in enumerate(prompts()):
+        ref = ladder_reference(prompt, _ladder_set(layers))
+        assert _close(_valid(ours, b, prompt), ref), f"ladder layers={layers} tp={tp} row {b}"
+
+
+def test_nocomm_is_baseline_only_on_one_rank(tp_run):
+    tp, out = tp_run
+    same = _close(out["nocomm"], out["baseline"][2])
+    assert same == (tp == 1), f"nocomm tp={tp}"
+
+
+@pytest.mark.parametrize("strategy, option, tp", [
+    ("ladder", "layers=last:16", 1), ("tokenweave", "split_min_tokens=0", 2), ("seqpar", None, 1),
+    ("nocomm", None, 1)])
+def test_generate_cli(capsys, strategy, option, tp):
+    args = ["generate", "--strategy", strategy, "--tp", str(tp), "--prompt", TEXTS[0], "--prompt", TEXTS[1],
+            "--max-new-tokens", "4"]
+    args += ["--strategy-opt", option] if option else []
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["strategy"] == strategy and len(result["token_ids"]) == 2
+    assert all(len(ids) == 4 for ids in result["token_ids"])
+    if option:
+        key, value = option.split("=")
+        assert str(result["strategy_options"][key]) == value
+    assert result["usable_model"] == (strategy != "nocomm")
+
+
+def test_generate_cli_notes_that_nocomm_is_not_a_model(capsys):
+    assert main(["generate", "--strategy", "nocomm", "--prompt", "Hi", "--max-new-tokens", "1"]) == 0
+    assert "not a usable model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy, option, message", [
+    ("ladder", "layers=top:3", "layers='top:3'"), ("ladder", "layers=last:-1", "expected all, last:K"),
+    ("tokenweave", "split_multiple=0", "split_multiple=0"), ("tokenweave", "split_min_tokens=x", "expected int"),
+    ("seqpar", "split_multiple=2", "has no option")])
+def test_bad_strategy_options_are_one_line_errors(capsys, strategy, option, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--strategy", strategy, "--strategy-opt", option, "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1
