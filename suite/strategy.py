@@ -21,8 +21,8 @@ from suite.sharding import build_rank_model
 from suite.sources import ModelSource
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-_BUILTIN_MODULES = ("baselines.allreduce", "baselines.ladder", "baselines.tokenweave", "baselines.nocomm",
-                    "spd.strategy")
+_BUILTIN_MODULES = ("baselines.allreduce", "baselines.ladder", "baselines.tokenweave", "baselines.seqpar",
+                    "baselines.nocomm", "spd.strategy")
 
 
 class StrategyError(ValueError):
