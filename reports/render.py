@@ -78,8 +78,8 @@ def load(paths) -> Results:
 @dataclass
 class Cell:
     text: str
-    css: str = ""  # "na" for n/a cells, "ref" for links to commands
-    href: str = ""
+    css: str = ""  # "na" for n/a cells, "ref" for links to commands and environments
+    links: tuple = ()  # (text, href) pairs shown instead of text
 
 
 def na(reason: str) -> Cell:
@@ -188,6 +188,14 @@ def accuracy_deltas(acc: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 # ---------------------------------------------------------------- page sections
 
 
+def _env_value(value):
+    if value is None:
+        return na("not recorded")
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
 class Refs:
     """Numbered commands and environments, so every number can be traced to its origin."""
 
@@ -208,10 +216,17 @@ class Refs:
         env = env if isinstance(env, dict) else {}
         return json.dumps({k: v for k, v in env.items() if k != "time"}, sort_keys=True, default=str)
 
+    def env_table(self) -> dict:
+        """One column per environment, one row per field."""
+        envs = list(self.envs.values())
+        fields = sorted({k for e in envs for k in e["env"]})
+        return {"header": ["field", *[f"env {e['n']} ({e['rows']} rows)" for e in envs]],
+                "rows": [[k, *[_env_value(e["env"].get(k)) for e in envs]] for k in fields]}
+
     def cell(self, command, env) -> Cell:
         c = self.commands[str(command or "n/a: no command recorded")]["n"]
         e = self.envs[self._env_key(env)]["n"]
-        return Cell(f"cmd {c} / env {e}", "ref", f"#cmd-{c}")
+        return Cell(f"cmd {c} / env {e}", "ref", ((f"cmd {c}", f"#cmd-{c}"), (f"env {e}", f"#env-{e}")))
 
 
 def _strategy_cell(r) -> Cell:
@@ -412,7 +427,7 @@ def render(results: Results, title: str = "spdbench report", checks: list[tuple[
         benchmarks=benchmark_tables(results.benchmarks),
         failed=[{"kind": r.get("kind"), "model": r.get("model"), "strategy": r.get("strategy"), "tp": r.get("tp"),
                  "error": r.get("error"), "ref": refs.cell(r.get("command"), r.get("env"))} for r in failed],
-        commands=refs.commands, envs=refs.envs, raw_json=Markup(embedded_json(rows)))
+        commands=refs.commands, envs=refs.envs, env_table=refs.env_table(), raw_json=Markup(embedded_json(rows)))
 
 
 def write(results: Results, out, title: str = "spdbench report", checks=None) -> Path:

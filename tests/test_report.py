@@ -114,7 +114,7 @@ def test_figures_are_real_images(html):
 def test_benchmark_and_commands_sections(html):
     assert "tests/bench/test_decode.py::test_decode[spd-2]" in html
     assert "spdbench spd sensitivity --model smollm2-135m" in html
-    assert 'id="cmd-1"' in html and 'href="#cmd-1"' in html and 'id="env-2"' in html
+    assert 'id="cmd-1"' in html and 'href="#cmd-1"' in html and 'id="env-2"' in html and 'href="#env-2"' in html
 
 
 # ---------------------------------------------------------------- the numbers
@@ -279,6 +279,8 @@ PAGE_FACTS = """(() => ({
   summaries: [...document.querySelectorAll("table.summary")].map(
     t => [...t.querySelectorAll("tbody tr td:first-child")].map(td => td.textContent)),
   rawStatus: document.getElementById("raw-status").textContent,
+  brokenLinks: [...document.querySelectorAll('a[href^="#"]')].map(a => a.getAttribute("href"))
+    .filter(href => !document.getElementById(href.slice(1))),
   downloadHref: document.getElementById("raw-download").href,
 }))()"""
 
@@ -325,6 +327,11 @@ def test_browser_shows_every_strategy_in_every_summary_table(browser_run):
     assert len(facts["summaries"]) == 4  # 2 measured models, 2 projected interconnects
     for table in facts["summaries"]:
         assert {cell.split(" ")[0] for cell in table} == STRATEGIES
+
+
+def test_browser_finds_every_in_page_link_target(browser_run):
+    facts, _, _ = browser_run
+    assert facts["brokenLinks"] == []
 
 
 def test_browser_decodes_every_figure(browser_run):
