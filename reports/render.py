@@ -188,9 +188,12 @@ def accuracy_deltas(acc: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 # ---------------------------------------------------------------- page sections
 
 
-def _env_value(value):
-    if value is None:
+def _env_value(env: dict, key: str):
+    if key not in env:
         return na("not recorded")
+    value = env[key]
+    if value is None:
+        return "none"
     if isinstance(value, list):
         return ", ".join(map(str, value)) or "none"
     return str(value)
@@ -221,7 +224,7 @@ class Refs:
         envs = list(self.envs.values())
         fields = sorted({k for e in envs for k in e["env"]})
         return {"header": ["field", *[f"env {e['n']} ({e['rows']} rows)" for e in envs]],
-                "rows": [[k, *[_env_value(e["env"].get(k)) for e in envs]] for k in fields]}
+                "rows": [[k, *[_env_value(e["env"], k) for e in envs]] for k in fields]}
 
     def cell(self, command, env) -> Cell:
         c = self.commands[str(command or "n/a: no command recorded")]["n"]
