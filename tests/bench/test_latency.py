@@ -8,6 +8,8 @@ slowest rank's prefill / decode / end-to-end times per round.
 import pytest
 
 from ranks import RankGroup
+from suite.measure import prompts_for
+from suite.presets import PRESETS
 from suite.strategy import available
 
 MODEL = "random:tiny"
@@ -15,7 +17,7 @@ WORLD_SIZES = [1, 2, 4]
 STRATEGIES = [("baseline", {}), ("spd", {"blocks": "all"}), ("ladder", {}), ("tokenweave", {}), ("seqpar", {}),
               ("nocomm", {})]
 SCENARIO = {"model": MODEL, "batch": 2, "prompt_len": 32, "new_tokens": 8, "dtype": "float32", "device": "cpu",
-            "decode_mode": "eager", "backend": "gloo"}
+            "decode_mode": "eager", "backend": "gloo", "mode": "measured", "interconnect": None}
 ROUNDS, WARMUP = 5, 1
 
 
@@ -24,11 +26,9 @@ ROUNDS, WARMUP = 5, 1
 def test_generate(benchmark, strategy, options, tp):
     if strategy not in available():
         pytest.skip(f"strategy {strategy} is not installed")
-    from suite.measure import prompts_for
-
     scenario = SCENARIO | {"kind": "latency", "strategy": strategy, "strategy_options": options, "tp": tp,
                            "repetitions": ROUNDS, "warmup": WARMUP, "seed": 0}
-    prompts = prompts_for(scenario, 256)
+    prompts = prompts_for(scenario, PRESETS["tiny"]["vocab_size"])
     rounds, warmup = (1, 0) if benchmark.disabled else (ROUNDS, WARMUP)
     with RankGroup(scenario | {"prompts": prompts}, rounds + warmup) as group:
         benchmark.pedantic(group.round, setup=group.barrier, rounds=rounds, warmup_rounds=warmup, iterations=1)
