@@ -64,6 +64,17 @@ def test_malformed_matrix_is_named(config, message):
         expand(config, "m.yaml")
 
 
+def test_cli_rejects_a_malformed_matrix_in_one_line(tmp_path, capsys):
+    from suite.cli import main
+
+    config = write_config(tmp_path / "m.yaml", {"model": "random:tiny", "batchsize": 2})
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--config", str(config), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "unknown key 'batchsize'" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_shipped_configs_expand():
     assert len(load_config(REPO / "configs/cpu-smoke.yaml")) == 6 * 3
     ladder = load_config(REPO / "configs/gpu-ladder.yaml")
