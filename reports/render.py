@@ -379,7 +379,8 @@ def benchmark_tables(benchmarks: list[dict]) -> list[dict]:
                          json.dumps(b.get("params") or {}, default=str)] +
                         [number(s.get(k), ".4f", "missing") if k != "rounds" else s.get("rounds", "")
                          for k in ("median", "mean", "stddev", "rounds")] +
-                        [json.dumps(b.get("extra_info") or {}, default=str)])
+                        [json.dumps({k: v for k, v in (b.get("extra_info") or {}).items()
+                                     if not isinstance(v, (list, dict))}, default=str)])  # per-round samples left out
         env = {**f.get("machine_info", {}), "commit": f.get("commit_info", {}).get("id"), "date": f.get("datetime")}
         tables.append({"title": f["file"], "caption": "times in seconds",
                        "header": ["benchmark", "group", "params", "median s", "mean s", "stddev s", "rounds",
