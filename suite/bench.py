@@ -157,7 +157,10 @@ def check(cell: dict) -> str | None:
         if cell["device"] not in ("cpu", "cuda"):
             return f"device={cell['device']!r}: choose cpu or cuda"
         if cell["mode"] == "measured":
-            launching.placement(cell["tp"], cell["device"], cell["backend"])
+            backend = launching.placement(cell["tp"], cell["device"], cell["backend"])
+            if cell["decode_mode"] == "cuda_graph" and cell["tp"] > 1 and backend != "nccl":
+                return (f"decode_mode=cuda_graph with tp={cell['tp']} needs NCCL (one GPU per rank): "
+                        f"{backend} collectives cannot be captured in a CUDA graph")
         config = _model_config(cell["model"])
         check_tp(config, cell["tp"])
     except ValueError as exc:  # StrategyError, LaunchError, ModelSourceError, ShardingError
