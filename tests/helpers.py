@@ -6,6 +6,7 @@ import functools
 
 import torch
 from transformers import LlamaForCausalLM
+from transformers.initialization import no_init_weights
 
 from suite.sources import ModelSource, resolve
 
@@ -19,7 +20,8 @@ def source(model: str) -> ModelSource:
 def hf_model(model: str) -> LlamaForCausalLM:
     """The single-device Hugging Face model on the same weights, float32, eval mode."""
     src = source(model)
-    hf = LlamaForCausalLM(src.config)
+    with no_init_weights():  # every weight is loaded below
+        hf = LlamaForCausalLM(src.config)
     hf.load_state_dict({name: src.weights.read(name) for name in hf.state_dict()})
     return hf.eval().requires_grad_(False)
 
@@ -31,13 +33,12 @@ def hf_greedy(model: str, prompt: list[int], new_tokens: int) -> tuple[list[int]
 @functools.lru_cache(maxsize=64)
 @torch.no_grad()
 def _hf_greedy(model: str, prompt: tuple[int, ...], new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy continuation of one unpadded prompt (no EOS stop; each step a full forward, no
-    cache) and the logits after its last prompt token."""
+    """Greedy continuation of one unpadded prompt (Hugging Face's own KV cache, no EOS stop)
+    and the logits after its last prompt token."""
     hf = hf_model(model)
-    ids = torch.tensor([list(prompt)])
-    first = None
+    out = hf(torch.tensor([list(prompt)]), use_cache=True)
+    first, tokens = out.logits[0, -1], []
     for _ in range(new_tokens):
-        logits = hf(ids).logits[0, -1]
-        first = logits if first is None else first
-        ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist(), first
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = hf(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, first
