@@ -225,9 +225,10 @@ def _command(args) -> str:
     words = ["spdbench", "eval", "--model", args.model, "--tp", str(args.tp), "--strategy", args.strategy]
     for key, value in args.options.items():
         words += ["--strategy-opt", f"{key}={value}"]
+    words += ["--tasks", args.tasks]
     for limit in args.limit:
         words += ["--limit", limit]
-    for option in ("tasks", "data_dir", "max_length", "dtype", "device"):
+    for option in ("data_dir", "max_length", "dtype", "device"):
         if getattr(args, option) is not None:
             words += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     return shlex.join(words + ["--out", str(args.out)])

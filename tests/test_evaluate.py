@@ -21,6 +21,9 @@ pytestmark = pytest.mark.skipif(data_dir() is None, reason="needs the offline da
 # 64-token context cuts into several rolling windows. Multiple-choice contexts are truncated too.
 SAMPLES = {"piqa": [0, 1, 2, 3], "arc_easy": [0, 1, 2, 3], "hellaswag": [0, 1], "wikitext": [29]}
 MAX_LENGTH = 64
+# generate_until: greedy, cut at the stop string (prompts of different lengths share a batch)
+GENERATE = [SimpleNamespace(args=(prompt, {"until": ["\n\n", "."], "max_gen_toks": 6}))
+            for prompt in ("The capital of France is", "Question: What do bees make?\nAnswer:")]
 
 
 def _evaluate(lm) -> tuple[dict, dict]:
@@ -45,7 +48,7 @@ def _ours(tp: int, strategy: str = "baseline") -> tuple[dict, dict, list]:
     calls, call = [], lm.pool.call
     lm.pool.call = lambda method, *args: calls.append((method, args)) or call(method, *args)
     try:
-        return (*_evaluate(lm), calls)
+        return (*_evaluate(lm), calls, lm.generate_until(GENERATE))
     finally:
         lm.close()
 
@@ -56,7 +59,7 @@ def runs():
 
     hf = HFLM(pretrained=str(gguf_to_safetensors(embedded_gguf())), device="cpu", dtype="float32",
               batch_size=16, max_length=MAX_LENGTH)
-    results = {"hf": _evaluate(hf), 1: _ours(1), 4: _ours(4)}
+    results = {"hf": (*_evaluate(hf), None, hf.generate_until(GENERATE)), 1: _ours(1), 4: _ours(4)}
     if "tokenweave" in available():
         results["tokenweave"] = _ours(4, "tokenweave")
     return results
@@ -64,19 +67,20 @@ def runs():
 
 @pytest.mark.parametrize("tp", [1, 4])
 def test_scores_equal_lm_eval_huggingface_model(runs, tp):
-    hf_metrics, hf_lls = runs["hf"]
-    metrics, lls, _ = runs[tp]
+    hf_metrics, hf_lls, _, hf_texts = runs["hf"]
+    metrics, lls, _, texts = runs[tp]
     for task in ("piqa", "arc_easy", "hellaswag"):
         for metric in ("acc", "acc_norm"):
             assert metrics[task][metric] == pytest.approx(hf_metrics[task][metric], abs=0.002), (task, metric)
     assert metrics["wikitext"]["word_perplexity"] == pytest.approx(hf_metrics["wikitext"]["word_perplexity"], rel=0.005)
     for task in SAMPLES:  # stronger than the metrics: every request's log-likelihood
         assert lls[task] == pytest.approx(hf_lls[task], abs=2e-3), task
+    assert texts == hf_texts and all(texts)
 
 
 def test_rolling_windows_respect_max_length(runs):
-    _, _, calls = runs[1]
-    scored = [item for method, (batch,) in calls if method == "score" for item in batch]
+    _, _, calls, _ = runs[1]
+    scored = [item for method, args in calls if method == "score" for item in args[0]]
     assert max(len(tokens) - 1 for tokens, _ in scored) == MAX_LENGTH  # inputs fill, never exceed, the context
     windows = [n for tokens, n in scored if n > 8]  # perplexity windows predict many tokens; choices a few
     assert len(windows) >= 270 // MAX_LENGTH
@@ -85,8 +89,9 @@ def test_rolling_windows_respect_max_length(runs):
 def test_tokenweave_equals_baseline(runs):
     if "tokenweave" not in runs:
         pytest.skip("the tokenweave strategy is not installed")
-    _, baseline_lls, _ = runs[4]
-    metrics, lls, _ = runs["tokenweave"]
+    _, baseline_lls, _, texts = runs[4]
+    metrics, lls, _, tokenweave_texts = runs["tokenweave"]
+    assert tokenweave_texts == texts
     assert metrics == runs[4][0]
     for task in SAMPLES:
         assert lls[task] == pytest.approx(baseline_lls[task], abs=2e-3), task
