@@ -106,6 +106,19 @@ def cmd_ladder(args, parser) -> int:
     return 0
 
 
+def _handler(fn, parser):
+    """Run ``fn``; a bad plan, sensitivity or data file is a one-line usage error of this subcommand."""
+    from spd.data import DataError
+    from spd.plan import PlanError
+
+    def run(args, _parser) -> int:
+        try:
+            return fn(args, parser)
+        except (PlanError, DataError) as exc:
+            parser.error(str(exc))
+    return run
+
+
 def add_command(sub) -> None:
     spd = sub.add_parser("spd", help="SPD tooling: sensitivity, plan, distill, ladder")
     cmds = spd.add_subparsers(dest="spd_command", required=True, parser_class=type(spd))
@@ -115,7 +128,7 @@ def add_command(sub) -> None:
     _calib_args(p, samples=8, seq_len=256)
     p.add_argument("--out", required=True, help="sensitivity JSON (re-read to resume)")
     p.add_argument("--results", help="also append spd_sensitivity rows to this JSONL results file")
-    p.set_defaults(handler=cmd_sensitivity)
+    p.set_defaults(handler=_handler(cmd_sensitivity, p))
 
     p = cmds.add_parser("plan", help="SPD plan for a budget of blocks from a sensitivity file")
     p.add_argument("--sensitivity", required=True, help="output of `spdbench spd sensitivity`")
@@ -125,7 +138,7 @@ def add_command(sub) -> None:
     p.add_argument("--variant", default="zs+b2b+hg", choices=["zs", "zs+b2b", "zs+b2b+hg"],
                    help="zs: every SPD block zero-shot; zs+b2b: no head grouping; zs+b2b+hg: full")
     p.add_argument("--out", required=True)
-    p.set_defaults(handler=cmd_plan)
+    p.set_defaults(handler=_handler(cmd_plan, p))
 
     p = cmds.add_parser("distill", help="B2B distillation (and head grouping) of a plan's SB/ESB blocks")
     p.add_argument("--plan", required=True)
@@ -133,7 +146,7 @@ def add_command(sub) -> None:
     _calib_args(p, samples=16, seq_len=256)
     _distill_args(p)
     p.add_argument("--out", required=True, help="folder for plan.json and weights.safetensors")
-    p.set_defaults(handler=cmd_distill)
+    p.set_defaults(handler=_handler(cmd_distill, p))
 
     p = cmds.add_parser("ladder", help="WikiText-2 perplexity for budgets x {zs, zs+b2b, zs+b2b+hg}")
     _run_args(p)
@@ -145,4 +158,4 @@ def add_command(sub) -> None:
     p.add_argument("--eval-seq-len", type=int, default=256, help="tokens per WikiText-2 window")
     p.add_argument("--out", required=True, help="folder for the plans and distilled weights (reused when present)")
     p.add_argument("--results", help="append spd_ppl rows to this JSONL results file")
-    p.set_defaults(handler=cmd_ladder)
+    p.set_defaults(handler=_handler(cmd_ladder, p))
