@@ -205,7 +205,7 @@ def _unit_job(comm, device, cells, store_path, command, done, total):
 
     main = comm.rank == 0
     store, env = ResultStore(store_path), environment() if main else None
-    sources, model, runner, loaded = {}, None, None, object()
+    sources, model, runner, loaded, owner = {}, None, None, object(), None
     with tqdm(total=total, initial=done, disable=not main, desc="bench", unit="cell", file=sys.stderr) as bar:
         for cell in cells:
             bar.set_postfix_str(label(cell))
@@ -221,7 +221,9 @@ def _unit_job(comm, device, cells, store_path, command, done, total):
                         sources[cell["model"]] = resolve(cell["model"], device)
                     model = strategy.load_model(sources[cell["model"]], comm.world, comm.rank,
                                                 DTYPES[cell["dtype"]], device)
-                    loaded = key
+                    loaded, owner = key, strategy
+                elif key[2]:  # a strategy that built its own model (SPD) also runs it
+                    strategy = owner
                 runner = Runner(model, strategy, comm)
                 fields = measure_cell(cell, runner, comm, device)
             except Exception as exc:  # recorded here too, for runs under torchrun (no parent to do it)

@@ -42,6 +42,8 @@ def cmd_generate(args, parser) -> int:
     launching.placement(args.tp, args.device, args.backend)
     source = resolve(args.model)  # validates the model and fills the weight cache before ranks start
     check_tp(source.config, args.tp)
+    if hasattr(strategy, "validate"):  # e.g. an SPD plan made for another model or N
+        strategy.validate(source, args.tp)
     tokenizer = source.tokenizer()
     prompts = [tokenizer.encode(p) for p in args.prompt]
     if any(not p for p in prompts):
@@ -79,7 +81,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="baseline", help="baseline, spd, ladder, tokenweave, seqpar, nocomm, ...")
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. layers=last:16, split_min_tokens=0)")
-    p.add_argument("--spd-plan", metavar="PLAN.json", help="SPD plan file (same as --strategy-opt plan=PLAN.json)")
+    p.add_argument("--spd-plan", metavar="PLAN.json",
+                   help="SPD plan file (implies --strategy spd; same as --strategy-opt plan=PLAN.json)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
@@ -120,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "strategy_opt"):
             args.options = parse_options(args.strategy_opt)
-            if args.spd_plan:
-                args.options["plan"] = args.spd_plan
+            if args.spd_plan:  # implies --strategy spd
+                if args.strategy not in ("baseline", "spd"):
+                    sub.error(f"--spd-plan needs --strategy spd, not {args.strategy}")
+                args.strategy, args.options["plan"] = "spd", args.spd_plan
         return args.handler(args, sub)
     except (ModelSourceError, StrategyError, ShardingError, launching.LaunchError) as exc:
         sub.error(str(exc))
