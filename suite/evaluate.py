@@ -178,12 +178,12 @@ class SpdbenchLM(TemplateLM):
                     raise ValueError("spdbench generates greedily; the task asks for sampling (do_sample/temperature)")
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
-                until.append(self.tok_decode([self.eot_token_id]))
                 new = int(kwargs.get("max_gen_toks", 256))
-                prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - new):] for i in indices]
+                prompts = [self.tok_encode(requests[i].args[0])[-max(1, self.max_length - new):] for i in indices]
                 for batch in self._batches(prompts, len):
-                    texts = [self.tok_decode(ids) for ids in
-                             self.pool.call("generate", [prompts[j] for j in batch], new)]
+                    generated = self.pool.call("generate", [prompts[j] for j in batch], new)
+                    texts = [self.tok_decode(ids[:ids.index(self.eot_token_id)] if self.eot_token_id in ids else ids)
+                             for ids in generated]
                     for j, text in zip(batch, texts):
                         for stop in until:
                             if stop:
