@@ -47,9 +47,6 @@ class Shard:
 
     def sync(self, partial: torch.Tensor, norm) -> None:
         """r_i += RS(partial)_i;  U = AG(norm(r_i)), or AG(r_i) when ``norm`` is None."""
-        if partial.is_cuda:  # tensors made on another stream must outlive this stream's use
-            for t in (partial, self.residual):
-                t.record_stream(torch.cuda.current_stream(partial.device))
         self.residual = self.residual + self.comm.reduce_scatter(self._pad(partial))
         out = self.residual if norm is None else norm(self.residual)
         self.normed = self.comm.all_gather(out)[: self.tokens]

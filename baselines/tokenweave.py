@@ -57,6 +57,9 @@ class TokenWeave(Strategy):
                 half.wait_ready()  # compute waits for this half's previous sync only now
                 partial = module(half.normed, half.ctx)
                 with comm.side_stream(h.device):  # waits for the partial, then overlaps what follows
+                    if h.is_cuda:  # made on the compute stream: keep their memory until this stream is done
+                        for t in (partial, half.residual):
+                            t.record_stream(torch.cuda.current_stream(h.device))
                     half.sync(partial, next_norm)
                     half.mark_ready()
         for half in halves:
