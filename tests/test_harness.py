@@ -134,8 +134,12 @@ def test_generate_json_on_two_ranks():
     (["--dtype", "float8"], "--dtype"),
     (["--device", "cuda"], "cuda"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, needle):
-    run = spdbench("generate", "--prompt", "x", "--model", "random:tiny", *args)
-    assert run.returncode == 2, run.stderr
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], run.stderr
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
+    from suite.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--prompt", "x", "--model", "random:tiny", *args])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], stderr
