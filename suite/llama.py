@@ -44,6 +44,7 @@ class Segment:
     mask: torch.Tensor  # [rows, 1, length, kv_len] True where attention is allowed
     cos: torch.Tensor  # [rows, length, head_dim]
     sin: torch.Tensor
+    causal: bool = False  # plain causal attention from slot 0 without padding (``mask`` not needed)
 
     @property
     def n_rows(self) -> int:
@@ -137,11 +138,13 @@ class Attention(nn.Module):
         k_cache.index_copy_(2, seg.slots, k)
         v_cache.index_copy_(2, seg.slots, v)
         k, v = k_cache[:, :, : seg.kv_len], v_cache[:, :, : seg.kv_len]
+        mask = None if seg.causal else seg.mask
         if self.uniform_gqa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, enable_gqa=self.n_kv != self.n_q)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=seg.causal,
+                                                 enable_gqa=self.n_kv != self.n_q)
         else:
             k, v = k.index_select(1, self.kv_of_q), v.index_select(1, self.kv_of_q)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=seg.causal)
         return self.o_proj(out.transpose(1, 2).reshape(rows * length, self.n_q * hd))
 
 
@@ -206,7 +209,11 @@ class Transformer(nn.Module):
         positions = (slots.view(1, -1) - pad.view(-1, 1)).clamp(min=0)
         cos, sin = self.rotary(self.embed_tokens.weight, positions)
         rows = pad.shape[0]
-        seg = Segment(slice(0, rows * slots.shape[0]), slice(0, rows), slots, kv_len, mask.unsqueeze(1), cos, sin)
+        # A prefill from slot 0 without padding is plain causal attention (SDPA's fast path);
+        # decode (one slot, kv_len > 1) never reads ``pad`` back from the device.
+        causal = slots.shape[0] == kv_len and not bool(pad.any())
+        seg = Segment(slice(0, rows * slots.shape[0]), slice(0, rows), slots, kv_len, mask.unsqueeze(1), cos, sin,
+                      causal)
         return ForwardContext([seg])
 
     def forward(self, tokens: torch.Tensor, ctx: ForwardContext, run_layers, last_only: bool = False):

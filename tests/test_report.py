@@ -40,7 +40,13 @@ def fixture_rows() -> list[dict]:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "report.html"
-    assert cli.main(["report", str(ROWS), str(BENCHMARK), "-o", str(out)]) == 0
+    repo, cwd = FIXTURES.parents[1], os.getcwd()
+    os.chdir(repo)  # the page names its inputs as given: keep them relative to the project
+    try:
+        assert cli.main(["report", str(ROWS.relative_to(repo)), str(BENCHMARK.relative_to(repo)),
+                         "-o", str(out)]) == 0
+    finally:
+        os.chdir(cwd)
     return out
 
 
