@@ -21,6 +21,18 @@ import tempfile
 from pathlib import Path
 
 
+def parse_jsonl(text: str, where, error: type[Exception] = ValueError) -> list[dict]:
+    """One JSON object per non-blank line; a bad line raises ``error`` naming ``where`` and the line."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise error(f"{where}:{n}: not a JSON line ({exc.msg})") from None
+    return rows
+
+
 def cell_id(scenario: dict) -> str:
     """A stable identifier of a scenario (key order does not matter)."""
     return hashlib.sha256(json.dumps(scenario, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -31,16 +43,7 @@ class ResultStore:
         self.path = Path(path)
 
     def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        rows = []
-        for n, line in enumerate(self.path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{self.path}:{n}: not a JSON row ({exc.msg})") from None
-        return rows
+        return parse_jsonl(self.path.read_text(), self.path) if self.path.exists() else []
 
     def finished(self) -> set[str]:
         """cell_ids that completed successfully (their cells are skipped on a re-run)."""

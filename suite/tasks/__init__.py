@@ -16,6 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from suite.results import parse_jsonl
 from suite.sources import cache_dir
 
 _REPO_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -26,14 +27,7 @@ class TaskDataError(ValueError):
 
 
 def _jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(_read(path).splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{path}:{n}: not a JSON line ({exc.msg})") from None
-    return rows
+    return parse_jsonl(_read(path), path, TaskDataError)
 
 
 def _read(path: Path) -> str:
