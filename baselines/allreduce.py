@@ -6,7 +6,7 @@
 
 from dataclasses import dataclass
 
-from suite.strategy import Strategy, register
+from suite.parallel.strategy import Strategy, register
 
 
 @register("baseline")

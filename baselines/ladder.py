@@ -19,7 +19,7 @@ stack. This changes the model: pretrained weights without retraining lose accura
 from collections import deque
 from dataclasses import dataclass
 
-from suite.strategy import Strategy, StrategyError, register
+from suite.parallel.strategy import Strategy, StrategyError, register
 
 
 def parse_layers(spec: str):
@@ -46,6 +46,7 @@ class Ladder(Strategy):
     layers: str = "all"  # "all", "last:K", or 0-based layer indices "3,4,7" ("" for none)
 
     exact = False
+    changes_model = True
 
     def __post_init__(self):
         self._choose = parse_layers(self.layers)  # bad syntax fails before any rank starts

@@ -8,7 +8,7 @@ Right shapes, wrong outputs: its latency is the bound every overlap or drop meth
 
 from dataclasses import dataclass
 
-from suite.strategy import Strategy, register
+from suite.parallel.strategy import Strategy, register
 
 
 @register("nocomm")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from suite.strategy import Strategy, register
+from suite.parallel.strategy import Strategy, register
 
 
 def modules(layers):
@@ -31,7 +31,7 @@ def modules(layers):
     return steps
 
 
-class Shard:
+class ScatteredStream:
     """A run of tokens in sequence-parallel form: this rank's rows of the residual, and the
     normed full-width input U of the next module. ``ready`` marks U on a second CUDA stream."""
 
@@ -66,10 +66,10 @@ def fused_layers(layers, h, comm, ctx):
     """The decoder stack with fused syncs on one stream; returns the full residual stream."""
     if not layers:
         return h
-    shard = Shard(h, ctx, layers[0].input_layernorm, comm)
+    stream = ScatteredStream(h, ctx, layers[0].input_layernorm, comm)
     for module, norm in modules(layers):
-        shard.sync(module(shard.normed, ctx), norm)
-    return shard.normed
+        stream.sync(module(stream.normed, ctx), norm)
+    return stream.normed
 
 
 @register("seqpar")

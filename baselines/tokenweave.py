@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from baselines.seqpar import Shard, fused_layers, modules
-from suite.strategy import Strategy, StrategyError, register
+from baselines.seqpar import ScatteredStream, fused_layers, modules
+from suite.parallel.strategy import Strategy, StrategyError, register
 
 
 @register("tokenweave")
@@ -51,7 +51,7 @@ class TokenWeave(Strategy):
         if at is None or not layers:
             return fused_layers(layers, h, comm, ctx)
         norm = layers[0].input_layernorm
-        halves = [Shard(x, c, norm, comm) for x, c in zip(h.split([at, h.shape[0] - at]), ctx.split(at))]
+        halves = [ScatteredStream(x, c, norm, comm) for x, c in zip(h.split([at, h.shape[0] - at]), ctx.split(at))]
         for module, next_norm in modules(layers):
             for half in halves:
                 half.wait_ready()  # compute waits for this half's previous sync only now

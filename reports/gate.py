@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 from reports.render import REFERENCE, accuracy_deltas, frame, headline_accuracy
+from suite.errors import SpdbenchError
 
 
 def parse_limits(items: list[str], option: str) -> dict[str, float]:
-    """``NAME=NUMBER`` items -> {name: number}; ValueError names the option and the fix."""
+    """``NAME=NUMBER`` items -> {name: number}; a bad item names the option and the fix."""
     limits = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -18,7 +19,7 @@ def parse_limits(items: list[str], option: str) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not name.strip():
-            raise ValueError(f"{option} {item!r}: expected NAME=NUMBER (e.g. {option} spd=2.0)")
+            raise SpdbenchError(f"{option} {item!r}: expected NAME=NUMBER (e.g. {option} spd=2.0)")
     return limits
 
 

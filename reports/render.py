@@ -12,6 +12,7 @@ Derived columns, per scenario (model, provenance, interconnect, N, batch, prompt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,35 +23,49 @@ import pandas as pd
 from markupsafe import Markup
 
 from reports import figures
+from suite.errors import SpdbenchError
+from suite.results import SCENARIOS, ResultStore, Row
 
 SCENARIO = ["batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode"]
 SCENARIO_LABELS = {"batch": "batch", "prompt_len": "prompt", "new_tokens": "new tokens", "dtype": "dtype",
                    "device": "device", "decode_mode": "decode"}
 GROUP = ["model", "provenance", "interconnect", "tp", *SCENARIO]
-KIND_COLUMNS = {"accuracy": ["task", "metric", "value", "stderr", "limit", "spd_variant", "spd_blocks_pct"],
-                "spd_sensitivity": ["block", "sensitivity", "ppl"], "spd_ppl": ["budget_pct", "spd_variant", "ppl"]}
 ACCURACY_CONFIG = ["strategy", "options", "tp", "spd_variant", "spd_blocks_pct"]  # one row of the accuracy table
 REFERENCE = "baseline"
 BOUND = "nocomm"
 
 
-class ReportError(ValueError):
+class ReportError(SpdbenchError):
     """A result file that cannot be read."""
 
 
 @dataclass
 class Results:
-    rows: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # as ``Row.to_json`` writes them: every field of the kind
     benchmarks: list[dict] = field(default_factory=list)  # pytest-benchmark files, as read
     sources: list[str] = field(default_factory=list)
 
 
-def load(paths) -> Results:
-    """Read JSONL result stores and pytest-benchmark JSON files."""
-    results = Results()
+def _files(paths) -> list[Path]:
+    """Result files; a folder stands for the result files in it (as ``spdbench run`` and ``bench`` write them)."""
+    files = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise ReportError(f"RESULTS: no such file: {path}")
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                raise ReportError(f"results {path}: a folder without .jsonl result files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ReportError(f"results {path}: no such file or folder")
+    return files
+
+
+def load(paths) -> Results:
+    """Read JSONL result stores (files, or folders of them) and pytest-benchmark JSON files."""
+    results = Results()
+    for path in _files(paths):
         text = path.read_text()
         try:
             whole = json.loads(text)
@@ -59,15 +74,15 @@ def load(paths) -> Results:
         if isinstance(whole, dict) and "benchmarks" in whole:
             results.benchmarks.append({"file": str(path), **whole})
         else:
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ReportError(f"RESULTS: {path}:{n} is not a JSON row ({exc.msg})") from None
-                    if not isinstance(row, dict):
-                        raise ReportError(f"RESULTS: {path}:{n} is not a JSON object")
-                    results.rows.append(row)
+            try:
+                rows = ResultStore(path).rows()
+            except SpdbenchError as exc:
+                raise ReportError(str(exc)) from None
+            for n, row in enumerate(rows, 1):
+                try:
+                    results.rows.append(Row.from_json(row).to_json() | {"cell_id": row.get("cell_id")})
+                except (SpdbenchError, TypeError, AttributeError, KeyError) as exc:
+                    raise ReportError(f"{path}: row {n} is not a result row ({exc})") from None
         results.sources.append(str(path))
     return results
 
@@ -111,15 +126,11 @@ def options_label(options) -> str:
 
 
 def frame(rows: list[dict], kind: str) -> pd.DataFrame:
-    """Successful rows of one kind, with the columns every table needs."""
-    df = pd.DataFrame([r for r in rows if r.get("kind") == kind and r.get("status", "ok") == "ok"])
-    for col in ["model", "strategy", "strategy_options", "provenance", "interconnect", "tp", "command", "env",
-                "usable_model", *SCENARIO, *KIND_COLUMNS.get(kind, [])]:
-        if col not in df:
-            df[col] = None
+    """Successful rows of one kind (every field of the kind is in every row: ``suite.results``)."""
+    fields = [f.name for f in dataclasses.fields(SCENARIOS[kind])] + list(SCENARIOS[kind].values)
+    df = pd.DataFrame([r for r in rows if r["kind"] == kind and r["status"] == "ok"],
+                      columns=["cell_id", "kind", *fields, "status", "provenance", "usable_model", "env", "command"])
     df["options"] = df["strategy_options"].map(options_label)
-    df["provenance"] = df["provenance"].fillna("measured")
-    df["usable_model"] = df["usable_model"].where(df["usable_model"].notna(), df["strategy"] != BOUND)
     return df
 
 

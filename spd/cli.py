@@ -1,20 +1,16 @@
-"""``spdbench spd ...``: sensitivity analysis, plans, B2B distillation and the perplexity ladder."""
+"""``spdbench spd ...``: sensitivity analysis, plans, B2B distillation and the perplexity sweep."""
 
 from __future__ import annotations
 
-import shlex
-import sys
-
-from suite import launch as launching
+from suite.cli.common import add_placement_args, at_least, command_line
+from suite.defaults import EMBEDDED_MODEL
 
 
 def _run_args(p) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, random:<preset>, a .gguf, an HF folder or hub id")
+    p.add_argument("--model", default=EMBEDDED_MODEL,
+                   help="smollm2-135m, random:<preset>, a .gguf, an HF folder or hub id")
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel degree N the plan is for")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
-    p.add_argument("--timeout", type=float, default=launching.DEFAULT_TIMEOUT_S,
-                   help="seconds a collective may wait before the run fails")
+    add_placement_args(p)
 
 
 def _calib_args(p, samples: int, seq_len: int) -> None:
@@ -26,7 +22,7 @@ def _calib_args(p, samples: int, seq_len: int) -> None:
 
 
 def _distill_args(p) -> None:
-    from spd.distill import DistillSettings
+    from spd.settings import DistillSettings
 
     d = DistillSettings()
     p.add_argument("--epochs", type=int, default=d.epochs, help="B2B epochs (paper: 10)")
@@ -37,26 +33,17 @@ def _distill_args(p) -> None:
                    help="held-out windows (seed+1) on which the before/after MSE is measured")
 
 
-def _positive(parser, **values) -> None:
-    for name, v in values.items():
-        if v < 1:
-            parser.error(f"--{name.replace('_', '-')} {v} is invalid: it must be at least 1")
-
-
-def _command() -> str:
-    return shlex.join(["spdbench", *sys.argv[1:]])
-
-
 def cmd_sensitivity(args, parser) -> int:
+    at_least(1, tp=args.tp, samples=args.samples, seq_len=args.seq_len)
     from spd.sensitivity import analyse, rows
+    from suite.parallel import launch as launching
     from suite.results import ResultStore
 
-    _positive(parser, samples=args.samples, seq_len=args.seq_len)
     launching.placement(args.tp, args.device, args.backend)
     state = analyse(args.model, args.tp, args.out, args.calib, args.samples, args.seq_len, args.seed,
                     device=args.device, backend=args.backend, timeout_s=args.timeout)
     if args.results:
-        ResultStore(args.results).append(*rows(state, _command()))
+        ResultStore(args.results).append(*rows(state, command_line()))
     ranked = sorted(state["sensitivity"].items(), key=lambda kv: kv[1])
     print(f"baseline perplexity {state['ppl'][str(state['n_layers'])]:.3f}; least sensitive blocks: "
           + ", ".join(f"{b} ({s:+.3f})" for b, s in ranked[:5]))
@@ -78,7 +65,7 @@ def cmd_plan(args, parser) -> int:
 
 
 def _settings(args):
-    from spd.distill import DistillSettings
+    from spd.settings import DistillSettings
 
     return DistillSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, train_norms=args.train_norms,
                            samples=args.samples, seq_len=args.seq_len, seed=args.seed,
@@ -86,41 +73,31 @@ def _settings(args):
 
 
 def cmd_distill(args, parser) -> int:
+    at_least(1, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, batch_size=args.batch_size)
     from spd.distill import distill_to
 
-    _positive(parser, samples=args.samples, seq_len=args.seq_len, epochs=args.epochs, batch_size=args.batch_size)
     path = distill_to(args.plan, args.out, _settings(args), args.model)
     print(f"wrote {path} and its weights")
     return 0
 
 
-def cmd_ladder(args, parser) -> int:
-    from spd.ladder import ladder
+def cmd_sweep(args, parser) -> int:
+    at_least(1, tp=args.tp, samples=args.samples, seq_len=args.seq_len, eval_samples=args.eval_samples,
+             eval_seq_len=args.eval_seq_len)
+    from spd.sweep import sweep
+    from suite.parallel import launch as launching
 
-    _positive(parser, samples=args.samples, seq_len=args.seq_len, eval_samples=args.eval_samples,
-              eval_seq_len=args.eval_seq_len)
     budgets = [int(b) for b in args.budgets.split(",")]
     launching.placement(args.tp, args.device, args.backend)
-    table = ladder(args, budgets, _settings(args), _command())
+    table = sweep(args.model, args.tp, args.sensitivity, budgets, _settings(args), args.out, args.eval_samples,
+                  args.eval_seq_len, args.results, command_line(), device=args.device, backend=args.backend,
+                  timeout=args.timeout)
     print(table.to_string())
     return 0
 
 
-def _handler(fn, parser):
-    """Run ``fn``; a bad plan, sensitivity or data file is a one-line usage error of this subcommand."""
-    from spd.data import DataError
-    from spd.plan import PlanError
-
-    def run(args, _parser) -> int:
-        try:
-            return fn(args, parser)
-        except (PlanError, DataError) as exc:
-            parser.error(str(exc))
-    return run
-
-
 def add_command(sub) -> None:
-    spd = sub.add_parser("spd", help="SPD tooling: sensitivity, plan, distill, ladder")
+    spd = sub.add_parser("spd", help="SPD tooling: sensitivity, plan, distill, sweep")
     cmds = spd.add_subparsers(dest="spd_command", required=True, parser_class=type(spd))
 
     p = cmds.add_parser("sensitivity", help="per-block sensitivity by progressive zero-shot SPD (resumable)")
@@ -128,7 +105,7 @@ def add_command(sub) -> None:
     _calib_args(p, samples=8, seq_len=256)
     p.add_argument("--out", required=True, help="sensitivity JSON (re-read to resume)")
     p.add_argument("--results", help="also append spd_sensitivity rows to this JSONL results file")
-    p.set_defaults(handler=_handler(cmd_sensitivity, p))
+    p.set_defaults(handler=cmd_sensitivity)
 
     p = cmds.add_parser("plan", help="SPD plan for a budget of blocks from a sensitivity file")
     p.add_argument("--sensitivity", required=True, help="output of `spdbench spd sensitivity`")
@@ -138,7 +115,7 @@ def add_command(sub) -> None:
     p.add_argument("--variant", default="zs+b2b+hg", choices=["zs", "zs+b2b", "zs+b2b+hg"],
                    help="zs: every SPD block zero-shot; zs+b2b: no head grouping; zs+b2b+hg: full")
     p.add_argument("--out", required=True)
-    p.set_defaults(handler=_handler(cmd_plan, p))
+    p.set_defaults(handler=cmd_plan)
 
     p = cmds.add_parser("distill", help="B2B distillation (and head grouping) of a plan's SB/ESB blocks")
     p.add_argument("--plan", required=True)
@@ -146,9 +123,9 @@ def add_command(sub) -> None:
     _calib_args(p, samples=16, seq_len=256)
     _distill_args(p)
     p.add_argument("--out", required=True, help="folder for plan.json and weights.safetensors")
-    p.set_defaults(handler=_handler(cmd_distill, p))
+    p.set_defaults(handler=cmd_distill)
 
-    p = cmds.add_parser("ladder", help="WikiText-2 perplexity for budgets x {zs, zs+b2b, zs+b2b+hg}")
+    p = cmds.add_parser("sweep", help="WikiText-2 perplexity for budgets x {zs, zs+b2b, zs+b2b+hg}")
     _run_args(p)
     _calib_args(p, samples=16, seq_len=256)
     _distill_args(p)
@@ -158,4 +135,4 @@ def add_command(sub) -> None:
     p.add_argument("--eval-seq-len", type=int, default=256, help="tokens per WikiText-2 window")
     p.add_argument("--out", required=True, help="folder for the plans and distilled weights (reused when present)")
     p.add_argument("--results", help="append spd_ppl rows to this JSONL results file")
-    p.set_defaults(handler=_handler(cmd_ladder, p))
+    p.set_defaults(handler=cmd_sweep)

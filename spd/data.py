@@ -1,7 +1,7 @@
 """Token windows for SPD calibration and evaluation, from the offline data folder.
 
-The data folder defaults to ``../shared/data`` next to the repository root and is overridden by
-the environment variable ``SPDBENCH_DATA``. Calibration windows are drawn at random offsets with
+The data folder is the one accuracy uses (``suite.accuracy.tasks.data_dir``: ``SPDBENCH_DATA``, else
+``../shared/data`` next to the project). Calibration windows are drawn at random offsets with
 a fixed seed; evaluation windows are consecutive and non-overlapping from the start of the text.
 """
 
@@ -13,24 +13,24 @@ from pathlib import Path
 
 import torch
 
+from suite.accuracy.tasks import data_dir
+from suite.errors import SpdbenchError
+
 CALIBRATION = "calibration_wiki/wiki.utf8"
 WIKITEXT2_TEST = "wikitext2_raw/wiki.test.raw"
 
 
-class DataError(ValueError):
+class DataError(SpdbenchError):
     """A data file is missing or too short for the requested windows."""
-
-
-def data_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return Path(os.environ.get("SPDBENCH_DATA", default))
 
 
 def data_file(path: str | os.PathLike | None, default: str) -> Path:
     """An explicit path as given, else ``default`` inside the data folder."""
-    file = Path(path) if path else data_dir() / default
-    if not file.is_file():
-        raise DataError(f"data file {file} not found: pass --calib FILE or set SPDBENCH_DATA to the data folder")
+    folder = data_dir()
+    file = Path(path) if path else folder / default if folder else None
+    if file is None or not file.is_file():
+        raise DataError(f"data file {file or default} not found: pass calib FILE or set SPDBENCH_DATA to the data "
+                        "folder")
     return file
 
 

@@ -14,7 +14,7 @@ and after is measured on held-out calibration windows (another seed) and recorde
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,24 +24,11 @@ from tqdm import tqdm
 from spd.data import calibration_windows
 from spd.headgroup import head_grouping, shards_of
 from spd.plan import Plan, load_plan
+from spd.settings import DistillSettings
 from spd.shards import NORMS, ShardedBlock, block_inputs, default_shards
-from suite.sources import resolve
+from suite.model.sources import resolve
 
 WEIGHTS_FILE = "weights.safetensors"
-
-
-@dataclass
-class DistillSettings:
-    epochs: int = 10
-    lr: float = 5e-5
-    batch_size: int = 1
-    train_norms: bool = False
-    samples: int = 16
-    seq_len: int = 256
-    seed: int = 0
-    heldout_samples: int = 4
-    heldout_seed: int = 1
-    calib: str | None = None
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import math
 import torch
 
 from spd.shards import ShardedBlock
-from suite.sharding import BlockShard, default_layout
+from suite.model.sharding import BlockShard, default_layout
 
 EXHAUSTIVE_LIMIT = 200_000
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from suite.sharding import BlockShard, Layout, check_tp, default_layout
-from suite.sources import ModelSource, WeightSource
-from suite.strategy import StrategyError
+from suite.model.sharding import BlockShard, Layout, check_tp, default_layout
+from suite.model.sources import ModelSource, WeightSource
+from suite.parallel.strategy import StrategyError
 
 FORMAT, VERSION = "spdbench-spd-plan", 1
 MODES = ("tp", "zs", "b2b", "hg+b2b")
@@ -80,7 +80,7 @@ class Plan:
             raise PlanError(f"{where} was made for model {self.model!r}, not {source.identity!r}: "
                             "run `spdbench spd sensitivity/plan` for this model")
         if self.tp != tp:
-            raise PlanError(f"{where} was made for --tp {self.tp}, not {tp}: SPD plans depend on N; "
+            raise PlanError(f"{where} was made for tp {self.tp}, not {tp}: SPD plans depend on N; "
                             "make a plan for this N")
         check_tp(source.config, tp)
         n_layers = source.config.num_hidden_layers
@@ -203,7 +203,7 @@ def parse_budget(budget: str, n_layers: int) -> int:
     except ValueError:
         n = -1
     if not 0 <= n <= n_layers:
-        raise PlanError(f"--budget {budget!r}: expected a percentage 0%..100% or a block count 0..{n_layers}")
+        raise PlanError(f"budget {budget!r}: expected a percentage 0%..100% or a block count 0..{n_layers}")
     return n
 
 
@@ -218,7 +218,7 @@ def make_plan(state: dict, budget: str, t1: float | None = None, t2: float | Non
     import statistics
 
     if variant not in VARIANTS:
-        raise PlanError(f"--variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+        raise PlanError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     sens = {int(b): s for b, s in state["sensitivity"].items()}
     n_layers = state["n_layers"]
     if sorted(sens) != list(range(n_layers)):
@@ -226,7 +226,7 @@ def make_plan(state: dict, budget: str, t1: float | None = None, t2: float | Non
     q1, q2 = statistics.quantiles(sens.values(), n=3, method="inclusive")
     t1, t2 = q1 if t1 is None else t1, q2 if t2 is None else t2
     if t1 > t2:
-        raise PlanError(f"--t1 {t1} is above --t2 {t2}: thresholds must satisfy t1 <= t2")
+        raise PlanError(f"t1 {t1} is above t2 {t2}: thresholds must satisfy t1 <= t2")
     n = parse_budget(budget, n_layers)
     chosen = sorted(sens, key=lambda b: (sens[b], b))[:n]
     blocks = {}
@@ -245,7 +245,7 @@ def restrict(plan: Plan, budget: str) -> Plan:
     chosen = sorted((b for b in plan.blocks if plan.mode(b) != "tp"),
                     key=lambda b: (plan.blocks[b]["sensitivity"], b))[:n]
     if len(chosen) < n:
-        raise PlanError(f"--budget {budget}: the plan has only {len(chosen)} SPD blocks")
+        raise PlanError(f"budget {budget}: the plan has only {len(chosen)} SPD blocks")
     blocks = {b: e if b in chosen else {**e, "mode": "tp"} for b, e in plan.blocks.items()}
     return Plan(plan.model, plan.tp, blocks, plan.thresholds, {**(plan.budget or {}), "requested": budget, "blocks": n},
                 plan.weights, plan.distill, plan.path)

@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from spd.strategy import run_blocks
-from suite.generate import DTYPES
-from suite.sharding import build_rank_model
-from suite.sources import resolve
-from suite.strategy import make_strategy
+from suite.model.sharding import build_rank_model
+from suite.model.sources import DTYPES, resolve
+from suite.parallel.strategy import bound_strategy
 
 
 def _batches(windows: torch.Tensor, batch: int):
@@ -36,7 +35,7 @@ def nll_sum(model, h: torch.Tensor, rows: torch.Tensor) -> float:
     h = h.view(*rows.shape, -1)
     total = 0.0
     for b in range(rows.shape[0]):  # one row at a time keeps the [tokens, vocab] logits small
-        logits = model.lm_head(model.norm(h[b, :-1])).float()
+        logits = model.head(h[b, :-1]).float()
         total += F.cross_entropy(logits, rows[b, 1:], reduction="sum").item()
     return total
 
@@ -48,12 +47,12 @@ def ppl_job(comm, device, model_name: str, configs: list[tuple[str, dict]], wind
     source = resolve(model_name, device)
     out = []
     for name, options in tqdm(configs, desc="models", disable=comm.rank != 0 or len(configs) == 1):
-        strategy = make_strategy(name, options)
+        strategy = bound_strategy(name, options, source, comm.world)
         model = strategy.load_model(source, comm.world, comm.rank, DTYPES[dtype], device)
         total = 0.0
         for rows in _batches(windows.to(device), batch):
             ctx = _context(model, rows)
-            h = strategy.run_layers(model.layers, model.embed_tokens(rows.flatten()), comm, ctx)
+            h = strategy.run_layers(model.layers, model.embed(rows.flatten()), comm, ctx)
             total += nll_sum(model, h, rows) if comm.rank == 0 else 0.0
         out.append(math.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
     return out
@@ -73,7 +72,7 @@ def sensitivity_job(comm, device, model_name: str, windows: torch.Tensor, batch:
     inputs = []  # per batch: the residual stream entering every block, and the final one (baseline TP)
     for rows in batches:
         ctx = _context(model, rows)
-        h, hs = model.embed_tokens(rows.flatten()), []
+        h, hs = model.embed(rows.flatten()), []
         for layer in model.layers:
             hs.append(h)
             h = run_blocks([layer], h, comm, ctx, drop=set())

@@ -18,8 +18,8 @@ from pathlib import Path
 from spd.data import calibration_windows
 from spd.plan import PlanError, write_json_atomic
 from spd.ppl import sensitivity_job
-from suite import launch as launching
-from suite.sources import resolve
+from suite.parallel import launch as launching
+from suite.model.sources import resolve
 
 FORMAT = "spdbench-spd-sensitivity"
 SETTINGS = ("model", "tp", "calib", "samples", "seq_len", "seed")
@@ -75,19 +75,14 @@ def analyse(model: str, tp: int, out: str | Path, calib: str | None = None, samp
     return state
 
 
-def rows(state: dict, command: str) -> list[dict]:
+def rows(state: dict, command: str) -> list:
     """Result rows (kind ``spd_sensitivity``) for the results store."""
-    from suite.results import cell_id, environment
+    from suite.results import Row, SensitivityScenario, environment
 
-    env, out = environment(), []
-    ppl = state["ppl"]
-    for block, s in sorted(state["sensitivity"].items(), key=lambda kv: int(kv[0])):
-        scenario = {"kind": "spd_sensitivity", "model": state["model"], "tp": state["tp"], "block": int(block),
-                    "calib": state["calib"], "samples": state["samples"], "seq_len": state["seq_len"],
-                    "seed": state["seed"]}
-        out.append({**scenario, "cell_id": cell_id(scenario), "status": "ok", "error": None,
-                    "provenance": "measured", "interconnect": None, "strategy": "spd",
-                    "strategy_options": {"blocks": f"{block}..{state['n_layers'] - 1}"}, "usable_model": True,
-                    "sensitivity": s, "ppl": ppl[block], "env": env, "command": command,
-                    "time": env["time"]})
-    return out
+    env, ppl = environment(), state["ppl"]
+    return [Row(scenario=SensitivityScenario(model=state["model"], strategy="spd", tp=state["tp"],
+                                             strategy_options={"blocks": f"{block}..{state['n_layers'] - 1}"},
+                                             block=int(block), calib=state["calib"], samples=state["samples"],
+                                             seq_len=state["seq_len"], seed=state["seed"]),
+                values={"sensitivity": s, "ppl": ppl[block]}, env=env, command=command)
+            for block, s in sorted(state["sensitivity"].items(), key=lambda kv: int(kv[0]))]

@@ -1,7 +1,7 @@
 """One decoder block's N shards computed explicitly in a single process (for B2B and HG).
 
 Each rank's partials are the same slices of the same full weights the sharded model loads
-(``suite.sharding``), so the sums below are the all-reduces of the multi-rank model:
+(``suite.model.sharding``), so the sums below are the all-reduces of the multi-rank model:
 
     TP:  H = X + sum_i Y_i;          out = H + sum_i MLP_i(RMSNorm2(H))
     SPD: out = X + sum_i (Y_i + MLP_i(RMSNorm2(X + Y_i)))
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from suite.comm import Communicator
-from suite.sharding import BlockShard, build_rank_model, default_layout
+from suite.parallel.comm import Communicator
+from suite.model.sharding import BlockShard, build_rank_model, default_layout
 from spd.strategy import run_blocks
 
 WEIGHTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
@@ -102,7 +102,7 @@ def block_inputs(source, windows: torch.Tensor) -> list[torch.Tensor]:
     comm, (n, length) = Communicator(), windows.shape
     model.setup_cache(n, length)
     ctx = model.context(torch.zeros(n, dtype=torch.long), torch.arange(length), length)
-    h, out = model.embed_tokens(windows.flatten()), []
+    h, out = model.embed(windows.flatten()), []
     for layer in model.layers:
         out.append(h.view(n, length, -1))
         h = run_blocks([layer], h, comm, ctx, drop=set())

@@ -14,11 +14,11 @@ Other blocks run as the baseline (two syncs). Which blocks drop comes from a pla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 
 from spd.plan import OverlayWeights, Plan, PlanError, load_plan
-from suite.sharding import build_rank_model
-from suite.strategy import Strategy, register
+from suite.parallel.strategy import Strategy, register
 
 
 def run_blocks(layers, h, comm, ctx, drop: set[int]):
@@ -61,6 +61,7 @@ class SPD(Strategy):
     blocks: str = ""  # zero-shot SPD without a plan: all, last:K or i,j,...
 
     exact = False
+    changes_model = True
 
     def __post_init__(self):
         if bool(self.plan) == bool(self.blocks):
@@ -68,29 +69,39 @@ class SPD(Strategy):
                             "blocks=all|last:K|i,j,... (e.g. --spd-plan plan.json or --strategy-opt blocks=all)")
         self._plan: Plan | None = load_plan(self.plan) if self.plan else None
         self._drop: set[int] | None = None
+        self._n_layers: int | None = None
         if self.blocks:
             parse_blocks(self.blocks, None)  # the syntax now; the range once the model is known
 
-    def validate(self, source, tp: int) -> None:
+    def bind(self, source, tp: int) -> None:
         """Check the plan (or block list) against the model and N; raises PlanError."""
-        n_layers = source.config.num_hidden_layers
+        self._n_layers = source.config.num_hidden_layers
         if self._plan:
             self._plan.validate(source, tp)
             self._drop = self._plan.spd_blocks()
         else:
-            self._drop = parse_blocks(self.blocks, n_layers)
+            self._drop = parse_blocks(self.blocks, self._n_layers)
 
-    def load_model(self, source, tp, rank, dtype, device):
-        self.validate(source, tp)
-        if not self._plan:
-            return build_rank_model(source, tp, rank, dtype, device)
-        weights = self._plan.weights_path()
-        if weights and self._plan.distilled_blocks():
-            source = replace(source, weights=OverlayWeights(source.weights, weights,
-                                                            self._plan.distilled_blocks()))
-        return build_rank_model(source, tp, rank, dtype, device, self._plan.layout(source.config, tp))
+    def layout(self, config, tp):
+        return self._plan.layout(config, tp) if self._plan else super().layout(config, tp)
+
+    def weights(self, source):
+        path = self._plan.weights_path() if self._plan else None
+        if path and self._plan.distilled_blocks():
+            return OverlayWeights(source.weights, path, self._plan.distilled_blocks())
+        return source.weights
+
+    def model_key(self) -> str | None:
+        """A plan may regroup heads and carry distilled weights: its own model; zero-shot blocks run the plain one."""
+        return f"spd-plan:{Path(self.plan).resolve()}" if self._plan else None
+
+    def describe(self) -> dict:
+        if self._drop is None:
+            return {}
+        variant = (self._plan.budget or {}).get("variant") if self._plan else "zs"
+        return {"spd_variant": variant, "spd_blocks_pct": 100.0 * len(self._drop) / self._n_layers}
 
     def run_layers(self, layers, h, comm, ctx):
         if self._drop is None:
-            raise PlanError("strategy spd was not validated against a model: call load_model or validate first")
+            raise PlanError("strategy spd is not bound to a model: call bind(source, tp) first")
         return run_blocks(layers, h, comm, ctx, self._drop)

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
-from suite.sources import ModelSource, resolve
+from suite.model.sources import ModelSource, resolve
 
 
 @functools.lru_cache(maxsize=4)

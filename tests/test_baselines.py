@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from suite.cli import main
-from suite.launch import launch
+from suite.parallel.launch import launch
 from tests.helpers import hf_model, source
 
 MODEL = "smollm2-135m"
@@ -29,8 +29,8 @@ def prompts() -> list[list[int]]:
 
 def _job(comm, device, prompts):
     """Every strategy on one rank model (they share weights): generations and full-prompt logits."""
-    from suite.generate import Runner, load_runner
-    from suite.strategy import make_strategy
+    from suite.parallel.runner import Runner, load_runner
+    from suite.parallel.strategy import make_strategy
 
     model = load_runner(comm, device, MODEL, "baseline").model
 
@@ -63,7 +63,7 @@ def _valid(logits: torch.Tensor, b: int, prompt: list[int]) -> torch.Tensor:
 
 
 def test_prompts_straddle_the_token_split():
-    from suite.strategy import make_strategy
+    from suite.parallel.strategy import make_strategy
 
     lengths = [len(p) for p in prompts()]
     width, total = max(lengths), len(lengths) * max(lengths)
@@ -110,7 +110,7 @@ def ladder_reference(prompt: tuple[int, ...], ladder: frozenset[int]) -> torch.T
 
 
 def _ladder_set(layers: str) -> frozenset[int]:
-    from suite.strategy import make_strategy
+    from suite.parallel.strategy import make_strategy
 
     ladder = make_strategy("ladder", {"layers": layers})
     return frozenset(ladder.ladder_layers(source(MODEL).config.num_hidden_layers))

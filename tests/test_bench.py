@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 
-from suite.bench import STORE_NAME, ConfigError, check, expand, latency_row, load_config
-from suite.generate import Generation
-from suite.launch import launch
-from suite.measure import measure_cell, quantile
-from suite.results import ResultStore, cell_id, import_benchmark
-from suite.telemetry import Sampler, combine
+from suite.latency.bench import STORE_NAME, ConfigError, check, expand, import_benchmark, latency_row, load_config
+from suite.parallel.runner import Generation
+from suite.parallel.launch import launch
+from suite.latency.measure import measure_cell
+from suite.latency.stats import quantile
+from suite.results import ResultStore
+from suite.latency.telemetry import Sampler, combine
 
 REPO = Path(__file__).resolve().parents[1]
 SPD_BAD, SPD_OK = {"name": "spd", "options": {"blocks": "3"}}, {"name": "spd", "options": {"blocks": "last:1"}}
@@ -46,11 +47,11 @@ def test_matrix_expands_axes_and_sub_matrices():
     cells = expand({"model": "random:tiny", "strategies": ["baseline", {"name": "ladder", "options": {"layers": 1}}],
                     "tp": [1, 2], "batch": 3, "matrices": [{"prompt_len": 8}, {"prompt_len": [16, 32], "tp": 4}]})
     assert len(cells) == 2 * 2 + 2 * 2
-    assert len({cell_id(c) for c in cells}) == len(cells)
-    assert {(c["tp"], c["prompt_len"]) for c in cells} == {(1, 8), (2, 8), (4, 16), (4, 32)}
-    ladder = next(c for c in cells if c["strategy"] == "ladder")
-    assert ladder["strategy_options"] == {"layers": "1"} and ladder["batch"] == 3
-    assert ladder["mode"] == "measured" and ladder["interconnect"] is None and ladder["decode_mode"] == "eager"
+    assert len({c.cell_id for c in cells}) == len(cells)
+    assert {(c.tp, c.prompt_len) for c in cells} == {(1, 8), (2, 8), (4, 16), (4, 32)}
+    ladder = next(c for c in cells if c.strategy == "ladder")
+    assert ladder.strategy_options == {"layers": "1"} and ladder.batch == 3
+    assert ladder.mode == "measured" and ladder.interconnect is None and ladder.decode_mode == "eager"
 
 
 @pytest.mark.parametrize("config,message", [
@@ -78,9 +79,9 @@ def test_cli_rejects_a_malformed_matrix_in_one_line(tmp_path, capsys):
 def test_shipped_configs_expand():
     assert len(load_config(REPO / "configs/cpu-smoke.yaml")) == 6 * 3
     ladder = load_config(REPO / "configs/gpu-ladder.yaml")
-    assert {c["decode_mode"] for c in ladder} == {"cuda_graph"} and {c["batch"] for c in ladder} == {1, 4, 16, 64}
+    assert {c.decode_mode for c in ladder} == {"cuda_graph"} and {c.batch for c in ladder} == {1, 4, 16, 64}
     weave = load_config(REPO / "configs/gpu-tokenweave.yaml")
-    assert {c["prompt_len"] for c in weave} == {1024, 2048, 4096, 8192, 16384} and {c["tp"] for c in weave} == {4, 8}
+    assert {c.prompt_len for c in weave} == {1024, 2048, 4096, 8192, 16384} and {c.tp for c in weave} == {4, 8}
 
 
 @pytest.mark.parametrize("change,reason", [
@@ -165,7 +166,7 @@ class _FakeNVML:
 
 def test_telemetry_summary_from_nvml_readings(monkeypatch):
     nvml = _FakeNVML()
-    monkeypatch.setattr("suite.telemetry._nvml_handle", lambda device: (nvml, object(), "GPU-x"))
+    monkeypatch.setattr("suite.latency.telemetry._nvml_handle", lambda device: (nvml, object(), "GPU-x"))
     with Sampler(torch.device("cpu"), interval_s=0.01) as s:
         time.sleep(0.05)
     g = s.summary()
@@ -247,7 +248,7 @@ def matrix_run(tmp_path_factory):
 def test_matrix_gives_one_row_per_cell(matrix_run):
     config, first, rows = matrix_run
     assert first.returncode == 1, first.stderr  # some cells are impossible
-    assert sorted(r["cell_id"] for r in rows) == sorted(cell_id(c) for c in load_config(config))
+    assert sorted(r["cell_id"] for r in rows) == sorted(c.cell_id for c in load_config(config))
     ok = {(r["strategy"], r["tp"]) for r in rows if r["status"] == "ok"}
     assert ok == {("baseline", 1), ("baseline", 2), ("nocomm", 1), ("nocomm", 2), ("spd", 2)}
     assert "5 of 9 cells ok, 4 failed" in first.stdout
@@ -299,14 +300,14 @@ def test_killed_run_resumes_without_losing_or_repeating_cells(tmp_path):
     proc.wait()
     before = store.rows()
     assert 1 <= len(before) < len(cells), "the kill must land between cells"
-    unfinished = [c for c in cells if cell_id(c) not in {r["cell_id"] for r in before}]
+    unfinished = [c for c in cells if c.cell_id not in {r["cell_id"] for r in before}]
     store.append(latency_row(unfinished[0], error="an earlier failure"))  # failed cells are retried
 
     again = bench("--config", str(config), "--out", str(tmp_path / "out"))
     assert again.returncode == 0, again.stderr
     assert f"{len(before)} of {len(cells)} cells already finished" in again.stderr
     rows = store.rows()
-    assert sorted(r["cell_id"] for r in rows) == sorted(cell_id(c) for c in cells)  # each cell once
+    assert sorted(r["cell_id"] for r in rows) == sorted(c.cell_id for c in cells)  # each cell once
     assert all(r["status"] == "ok" for r in rows)
     assert rows[:len(before)] == before  # finished rows kept as they were
 
@@ -321,7 +322,7 @@ def test_pytest_benchmark_json_imports_into_the_store(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:]
     imported = bench("--import-benchmark", str(out_json), "--out", str(tmp_path / "out"))
     assert imported.returncode == 0, imported.stderr
-    assert [r["cell_id"] for r in import_benchmark(out_json)] == [r["cell_id"] for r in store.rows()]  # stable ids
+    assert [r.cell_id for r in import_benchmark(out_json)] == [r["cell_id"] for r in store.rows()]  # stable ids
     (row,) = store.rows()
     assert (row["strategy"], row["tp"], row["model"], row["status"]) == ("baseline", 2, "random:tiny", "ok")
     assert len(row["samples"]["e2e_ms"]) == 5 and 0 < row["comm_fraction"] < 1

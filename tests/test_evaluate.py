@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from types import SimpleNamespace
 
@@ -10,10 +9,10 @@ import lm_eval
 import pytest
 import torch
 
-from suite.evaluate import SpdbenchLM, _RankScorer, add_command
-from suite.sources import embedded_gguf, gguf_to_safetensors
-from suite.strategy import available, parse_options
-from suite.tasks import TaskDataError, converted, data_dir, task_configs
+from suite.accuracy.lm_eval_model import SpdbenchLM, _RankScorer
+from suite.model.sources import embedded_gguf, gguf_to_safetensors
+from suite.parallel.strategy import available
+from suite.accuracy.tasks import TaskDataError, converted, data_dir, task_configs
 
 pytestmark = pytest.mark.skipif(data_dir() is None, reason="needs the offline data folder (SPDBENCH_DATA)")
 
@@ -99,18 +98,16 @@ def test_tokenweave_equals_baseline(runs):
 
 def test_projecting_communicator_is_refused():
     with pytest.raises(ValueError, match="projecting communicator"):
-        _RankScorer(SimpleNamespace(projected=True, rank=0, world=1), torch.device("cpu"), "random:tiny",
+        _RankScorer(SimpleNamespace(carries_data=False, rank=0, world=1), torch.device("cpu"), "random:tiny",
                     "baseline", {}, "float32")
 
 
 # --- the command line -----------------------------------------------------------------------
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="spdbench")
-    add_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *argv])
-    args.options = parse_options(args.strategy_opt)
-    return args.handler(args, parser._subparsers._group_actions[0].choices["eval"])
+    from suite.cli import main
+
+    return main(["eval", *argv])
 
 
 def test_eval_command_writes_accuracy_rows(tmp_path):
@@ -128,9 +125,9 @@ def test_eval_command_writes_accuracy_rows(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "piqa,nope"], "unknown task 'nope'"),
-    (["--tasks", "piqa", "--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data: no such data folder"),
-    (["--tasks", "piqa", "--limit", "0"], "--limit 0 is invalid"),
-    (["--tasks", "piqa", "--limit", "boolq=3"], "--limit boolq=3: task 'boolq' is not in --tasks"),
+    (["--tasks", "piqa", "--data-dir", "/nonexistent/data"], "data_dir /nonexistent/data: no such data folder"),
+    (["--tasks", "piqa", "--limit", "0"], "limit 0 is invalid"),
+    (["--tasks", "piqa", "--limit", "boolq=3"], "limit boolq=3: task 'boolq' is not in tasks"),
 ])
 def test_bad_input_is_one_line_naming_the_argument(tmp_path, capsys, argv, message):
     out = tmp_path / "results.jsonl"
@@ -146,7 +143,7 @@ def test_malformed_data_file_is_named_and_nothing_is_cached(tmp_path, monkeypatc
     (tmp_path / "piqa").mkdir()
     (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c"}\n{"goal": oops}\n')
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
-    with pytest.raises(TaskDataError, match=r"piqa/valid\.jsonl:2: not a JSON line"):
+    with pytest.raises(TaskDataError, match=r"piqa/valid\.jsonl:2 is not a JSON row"):
         converted("piqa", tmp_path)
     (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c"}\n' * 2)
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n")
@@ -169,7 +166,7 @@ def test_local_documents_have_the_hub_fields():
 def test_include_dir_gives_lm_eval_cli_its_own_tasks_on_local_data():
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from suite.tasks import include_dir
+    from suite.accuracy.tasks import include_dir
 
     config = load_yaml(include_dir(data_dir()) / "arc_challenge.yaml", resolve_func=False)
     assert config["task"] == "arc_challenge" and config["dataset_path"] == "json"

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from suite.launch import RankError, launch
+from suite.errors import RankError
+from suite.parallel.launch import launch
 from tests.helpers import hf_greedy, source
 
 NEW_TOKENS = 32
@@ -26,7 +27,7 @@ def prompts_for(model: str) -> list[list[int]]:
 
 def _exactness_job(comm, device, jobs):
     """Baseline generation for each model; for the first one also a full recompute of the result."""
-    from suite.generate import load_runner
+    from suite.parallel.runner import load_runner
 
     out = {}
     for model, prompts in jobs:
@@ -72,7 +73,7 @@ def test_kv_cache_decode_equals_full_recompute(tp_run):
 
 
 def _failing_job(comm, device, fail_rank):
-    from suite.generate import load_runner
+    from suite.parallel.runner import load_runner
 
     runner = load_runner(comm, device, "random:tiny", "baseline")
     layers = runner.model.layers
@@ -126,11 +127,11 @@ def test_generate_json_on_two_ranks():
     (["--model", "nonsense"], "unknown model"),
     (["--model", "random:llama9-1b"], "unknown preset"),
     (["--strategy", "nope"], "unknown strategy"),
-    (["--tp", "0"], "--tp 0"),
-    (["--tp", "16", "--model", "random:tiny"], "--tp 16"),
+    (["--tp", "0"], "tp 0 is invalid"),
+    (["--tp", "16", "--model", "random:tiny"], "tp 16 is invalid"),
     (["--strategy-opt", "novalue"], "KEY=VALUE"),
     (["--strategy-opt", "x=1"], "no option 'x'"),
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "0"], "max_new_tokens 0 is invalid"),
     (["--dtype", "float8"], "--dtype"),
     (["--device", "cuda"], "cuda"),
 ])

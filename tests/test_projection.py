@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from suite.bench import expand, run
-from suite.projection import (RING_FACTOR, Profile, ProfileError, ProjectingCommunicator, available_profiles,
-                              heaviest_rank, load_profile, projected_runner)
-from suite.sharding import BlockShard, default_layout
-from suite.strategy import available
+from suite.latency.bench import expand, run
+from suite.latency.interconnect import RING_FACTOR, Profile, ProfileError, available_profiles, load_profile
+from suite.latency.projection import ProjectingCommunicator, heaviest_rank, projected_runner
+from suite.model.sharding import BlockShard, default_layout
+from suite.parallel.strategy import available
 from tests.helpers import source
 
 MS = 1e-3
@@ -95,7 +95,7 @@ def test_profile_errors_name_the_problem(tmp_path):
 def test_projected_results_keep_shapes_and_carry_the_flag():
     comm = ProjectingCommunicator(rank=1, world=4, profile=flat_profile(1))
     x = torch.arange(24.0).view(8, 3)
-    assert comm.projected and comm.all_reduce(x) is x
+    assert not comm.carries_data and comm.all_reduce(x) is x
     assert torch.equal(comm.reduce_scatter(x), x[2:4])
     assert comm.all_gather(x[:2]).shape == (8, 3)
     assert comm.all_reduce(x, async_op=True).wait() is x
@@ -278,7 +278,7 @@ def test_validate_projection_rejects_bad_input(capsys):
 
 
 def test_accuracy_code_refuses_a_projecting_communicator():
-    from suite.evaluate import _RankScorer
+    from suite.accuracy.lm_eval_model import _RankScorer
 
     comm = ProjectingCommunicator(rank=0, world=2, profile=flat_profile(1))
     with pytest.raises(ValueError, match="projecting communicator"):

@@ -174,7 +174,7 @@ def test_missing_kinds_of_rows_do_not_break_the_page(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["missing.jsonl"], "RESULTS: no such file: missing.jsonl"),
+    (["missing.jsonl"], "results missing.jsonl: no such file or folder"),
     ([str(ROWS), "-o", "report.txt"], "--output report.txt should name an .html file"),
 ])
 def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path, monkeypatch):

@@ -21,10 +21,10 @@ from spd.plan import Plan, PlanError, load_plan, make_plan, restrict
 from spd.ppl import ppl_job, sensitivity_job
 from spd.sensitivity import analyse
 from spd.shards import block_inputs
-from suite.launch import launch
-from suite.generate import Runner
-from suite.sharding import build_rank_model, default_layout
-from suite.strategy import make_strategy
+from suite.parallel.launch import launch
+from suite.parallel.runner import Runner
+from suite.model.sharding import build_rank_model, default_layout
+from suite.parallel.strategy import bound_strategy, make_strategy
 
 MODEL = "random:tiny-uneven"  # 9 heads, 3 KV heads, FFN 200: uneven splits at N = 2, 3, 4
 PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 11, 64, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
@@ -131,7 +131,7 @@ def _logits_job(comm, device, model, prompts, configs, layouts, extra):
     src = source(model)
     out = {}
     for key, (name, options) in configs.items():
-        strategy = make_strategy(name, options)
+        strategy = bound_strategy(name, options, src, comm.world)
         out[key] = Runner(strategy.load_model(src, comm.world, comm.rank, torch.float32, device), strategy,
                           comm).logits(prompts)
     baseline = make_strategy("baseline")
@@ -279,13 +279,13 @@ def test_plan_budget_and_classes():
     assert restrict(full, "50%").spd_blocks() == {4, 1, 3}
     default = make_plan(state, "100%")
     assert default.thresholds["t1"] <= default.thresholds["t2"] and "quantile" in default.thresholds["rule"]
-    with pytest.raises(PlanError, match="--budget"):
+    with pytest.raises(PlanError, match="budget '150%'"):
         make_plan(state, "150%")
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(model="random:tiny"), "was made for model"),
-    (lambda d: d.update(tp=2), "was made for --tp 2"),
+    (lambda d: d.update(tp=2), "was made for tp 2"),
     (lambda d: d["blocks"].append({"block": 7, "mode": "zs"}), "out of range"),
     (lambda d: d["blocks"].append({"block": 2, "mode": "fast"}), "unknown mode"),
     (lambda d: d.update(version=9), "version"),
@@ -297,7 +297,7 @@ def test_invalid_plans_are_rejected(tmp_path, change, message):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(data))
     with pytest.raises(PlanError, match=message):
-        make_strategy("spd", {"plan": str(path)}).validate(source(MODEL), 4)
+        make_strategy("spd", {"plan": str(path)}).bind(source(MODEL), 4)
 
 
 def test_corrupt_plan_and_missing_options_fail_before_launch(tmp_path, capsys):

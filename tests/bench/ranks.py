@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from suite.comm import Communicator
-from suite.generate import load_runner
-from suite.measure import Timings, barrier, repetition
+from suite.parallel.comm import Communicator
+from suite.parallel.runner import load_runner
+from suite.latency.measure import Timings, barrier, repetition
 
 
 def _free_port() -> int:

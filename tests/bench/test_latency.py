@@ -8,16 +8,17 @@ slowest rank's prefill / decode / end-to-end times per round.
 import pytest
 
 from ranks import RankGroup
-from suite.measure import prompts_for
-from suite.presets import PRESETS
-from suite.strategy import available
+from suite.latency.measure import prompts_for
+from suite.model.presets import PRESETS
+from suite.parallel.strategy import available
+from suite.results import LatencyScenario
 
 MODEL = "random:tiny"
 WORLD_SIZES = [1, 2, 4]
 STRATEGIES = [("baseline", {}), ("spd", {"blocks": "all"}), ("ladder", {}), ("tokenweave", {}), ("seqpar", {}),
               ("nocomm", {})]
 SCENARIO = {"model": MODEL, "batch": 2, "prompt_len": 32, "new_tokens": 8, "dtype": "float32", "device": "cpu",
-            "decode_mode": "eager", "backend": "gloo", "mode": "measured", "interconnect": None}
+            "decode_mode": "eager", "backend": "gloo", "mode": "measured"}
 ROUNDS, WARMUP = 5, 1
 
 
@@ -26,9 +27,10 @@ ROUNDS, WARMUP = 5, 1
 def test_generate(benchmark, strategy, options, tp):
     if strategy not in available():
         pytest.skip(f"strategy {strategy} is not installed")
-    scenario = SCENARIO | {"kind": "latency", "strategy": strategy, "strategy_options": options, "tp": tp,
-                           "repetitions": ROUNDS, "warmup": WARMUP, "seed": 0}
-    prompts = prompts_for(scenario, PRESETS["tiny"]["vocab_size"])
+    cell = LatencyScenario(**SCENARIO, strategy=strategy, strategy_options=options, tp=tp, repetitions=ROUNDS,
+                           warmup=WARMUP, seed=0)
+    scenario = cell.to_json()
+    prompts = prompts_for(cell, PRESETS["tiny"]["vocab_size"])
     rounds, warmup = (1, 0) if benchmark.disabled else (ROUNDS, WARMUP)
     with RankGroup(scenario | {"prompts": prompts}, rounds + warmup) as group:
         benchmark.pedantic(group.round, setup=group.barrier, rounds=rounds, warmup_rounds=warmup, iterations=1)

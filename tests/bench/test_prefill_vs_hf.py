@@ -7,8 +7,8 @@ Both compute full logits for the same batch (4 prompts x 128 tokens) in float32 
 import pytest
 import torch
 
-from suite.comm import Communicator
-from suite.generate import load_runner
+from suite.parallel.comm import Communicator
+from suite.parallel.runner import load_runner
 from tests.helpers import hf_model
 
 BATCH, LENGTH = 4, 128

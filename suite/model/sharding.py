@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig
 
-from suite.llama import Block, Transformer
-from suite.sources import ModelSource, Ranges
+from suite.errors import SpdbenchError
+from suite.model.llama import Block, Transformer
+from suite.model.sources import ModelSource, Ranges
 
 
 def split_evenly(n: int, parts: int) -> list[range]:
@@ -52,14 +53,14 @@ class BlockShard:
 Layout = list[list[BlockShard]]  # [layer][rank]
 
 
-class ShardingError(ValueError):
+class ShardingError(SpdbenchError):
     """The model cannot be split as asked."""
 
 
 def check_tp(config: LlamaConfig, tp: int) -> None:
     heads = config.num_attention_heads
     if not 1 <= tp <= heads:
-        raise ShardingError(f"--tp {tp} is invalid: it must be between 1 and the model's {heads} attention heads")
+        raise ShardingError(f"tp {tp} is invalid: it must be between 1 and the model's {heads} attention heads")
 
 
 def default_layout(config: LlamaConfig, tp: int) -> Layout:

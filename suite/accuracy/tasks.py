@@ -16,13 +16,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from suite.errors import SpdbenchError
 from suite.results import parse_jsonl
-from suite.sources import cache_dir
+from suite.model.sources import cache_dir
 
 _REPO_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-class TaskDataError(ValueError):
+class TaskDataError(SpdbenchError):
     """Unknown task, missing data folder or malformed data file (the message names it)."""
 
 
@@ -155,12 +156,12 @@ LOCAL_TASKS = {
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
-    """The local data folder: ``explicit`` (--data-dir), else $SPDBENCH_DATA, else ../shared/data if present."""
+    """The local data folder: ``explicit`` (data_dir), else $SPDBENCH_DATA, else ../shared/data if present."""
     chosen = explicit or os.environ.get("SPDBENCH_DATA")
     if chosen:
         folder = Path(chosen).expanduser()
         if not folder.is_dir():
-            source = "--data-dir" if explicit else "SPDBENCH_DATA"
+            source = "data_dir" if explicit else "SPDBENCH_DATA"
             raise TaskDataError(f"{source} {folder}: no such data folder; point it at the offline data "
                                 "or leave it unset to use the Hugging Face Hub")
         return folder
@@ -233,11 +234,11 @@ def task_configs(names: list[str], folder: Path | None):
         manager = TaskManager()
         unknown = [n for n in names if not manager.match_tasks([n])]
         if unknown:
-            raise TaskDataError(f"unknown task {unknown[0]!r} in --tasks; see `lm-eval ls tasks`")
+            raise TaskDataError(f"unknown task {unknown[0]!r} in tasks; see `lm-eval ls tasks`")
         return list(names), manager
     unknown = [n for n in names if n not in LOCAL_TASKS]
     if unknown:
-        raise TaskDataError(f"unknown task {unknown[0]!r} in --tasks; with local data choose from: "
+        raise TaskDataError(f"unknown task {unknown[0]!r} in tasks; with local data choose from: "
                             f"{', '.join(LOCAL_TASKS)}")
     configs = [{**load_yaml(_lm_eval_tasks() / LOCAL_TASKS[name][0], resolve_func=True), **_local_config(name, folder)}
                for name in names]

@@ -11,44 +11,13 @@ the share of that rank's time spent blocked in collectives (``comm.stats``).
 
 from __future__ import annotations
 
-import statistics
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from suite.comm import Communicator
-
-
-@dataclass
-class Timings:
-    """Per-repetition figures of the slowest rank, in milliseconds."""
-
-    prefill_ms: list[float] = field(default_factory=list)
-    decode_ms_per_token: list[float] = field(default_factory=list)  # empty when one token is generated
-    e2e_ms: list[float] = field(default_factory=list)
-    comm_fraction: list[float] = field(default_factory=list)  # empty when nothing was communicated
-
-    def add(self, prefill_ms: float, decode_ms_per_token: float | None, e2e_ms: float,
-            comm_fraction: float | None) -> None:
-        self.prefill_ms.append(prefill_ms)
-        self.e2e_ms.append(e2e_ms)
-        if decode_ms_per_token is not None:
-            self.decode_ms_per_token.append(decode_ms_per_token)
-        if comm_fraction is not None:
-            self.comm_fraction.append(comm_fraction)
-
-
-def quantile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated quantile (q in 0..1), None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+from suite.latency.stats import Timings, summarise
+from suite.parallel.comm import Communicator
 
 
 def _exchanges(comm) -> bool:
@@ -73,10 +42,10 @@ def barrier(comm) -> None:
         gather_rows(comm, [0.0])
 
 
-def prompts_for(cell: dict, vocab_size: int) -> list[list[int]]:
+def prompts_for(cell, vocab_size: int) -> list[list[int]]:
     """``batch`` prompts of ``prompt_len`` random token ids, the same on every rank (seeded by ``seed``)."""
-    gen = torch.Generator().manual_seed(cell["seed"])
-    return torch.randint(1, vocab_size, (cell["batch"], cell["prompt_len"]), generator=gen).tolist()
+    gen = torch.Generator().manual_seed(cell.seed)
+    return torch.randint(1, vocab_size, (cell.batch, cell.prompt_len), generator=gen).tolist()
 
 
 def repetition(runner, comm, prompts: list[list[int]], new_tokens: int, cuda_graph: bool = False):
@@ -111,20 +80,6 @@ def measure(runner, comm, prompts: list[list[int]], new_tokens: int, repetitions
     return timings
 
 
-def summarise(t: Timings, batch: int, new_tokens: int) -> dict:
-    """Row fields: medians, p10/p90, throughput, communication share and the raw samples."""
-    e2e = statistics.median(t.e2e_ms)
-    return {"prefill_ms_median": statistics.median(t.prefill_ms), "prefill_ms_p10": quantile(t.prefill_ms, 0.1),
-            "prefill_ms_p90": quantile(t.prefill_ms, 0.9),
-            "decode_ms_per_token_median": quantile(t.decode_ms_per_token, 0.5),
-            "decode_ms_per_token_p10": quantile(t.decode_ms_per_token, 0.1),
-            "decode_ms_per_token_p90": quantile(t.decode_ms_per_token, 0.9),
-            "e2e_ms_median": e2e, "tokens_per_s": batch * new_tokens / (e2e / 1e3),
-            "comm_fraction": statistics.median(t.comm_fraction) if t.comm_fraction else None,
-            "samples": {"prefill_ms": t.prefill_ms, "decode_ms_per_token": t.decode_ms_per_token,
-                        "e2e_ms": t.e2e_ms}}
-
-
 def gather_objects(comm, obj) -> list:
     """Every rank's ``obj`` (picklable), in rank order."""
     if not _exchanges(comm):
@@ -134,17 +89,14 @@ def gather_objects(comm, obj) -> list:
     return out
 
 
-def measure_cell(cell: dict, runner, comm, device: torch.device) -> dict:
-    """Row fields of one latency cell (timings + telemetry); every rank calls it in step.
-
-    ``cell`` needs batch, prompt_len, new_tokens, repetitions, warmup, decode_mode and seed.
-    """
-    from suite.telemetry import Sampler, combine
+def measure_cell(cell, runner, comm, device: torch.device) -> dict:
+    """Row fields of one latency cell (a ``LatencyScenario``: timings + telemetry); every rank calls it in step."""
+    from suite.latency.telemetry import Sampler, combine
 
     prompts = prompts_for(cell, runner.model.config.vocab_size)
     sampler = Sampler(device)
-    timings = measure(runner, comm, prompts, cell["new_tokens"], cell["repetitions"], cell["warmup"],
-                      cuda_graph=cell["decode_mode"] == "cuda_graph", sampler=sampler)
-    tokens = cell["repetitions"] * cell["batch"] * cell["new_tokens"]
-    return summarise(timings, cell["batch"], cell["new_tokens"]) | combine(gather_objects(comm, sampler.summary()),
+    timings = measure(runner, comm, prompts, cell.new_tokens, cell.repetitions, cell.warmup,
+                      cuda_graph=cell.decode_mode == "cuda_graph", sampler=sampler)
+    tokens = cell.repetitions * cell.batch * cell.new_tokens
+    return summarise(timings, cell.batch, cell.new_tokens) | combine(gather_objects(comm, sampler.summary()),
                                                                             tokens)

@@ -14,7 +14,8 @@ import threading
 
 import torch.multiprocessing as mp
 
-from suite.launch import DEFAULT_TIMEOUT_S, launch
+from suite.defaults import DEFAULT_TIMEOUT_S
+from suite.parallel.launch import launch
 
 _STOP = None
 

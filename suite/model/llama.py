@@ -3,7 +3,7 @@
 Every module that tensor parallelism splits returns a full-width *partial* output
 (``Attention``: o_proj over this rank's heads; ``MLP``: down_proj over this rank's FFN
 columns). Summing the partials over ranks gives the single-device result; *when* and *how*
-that sum happens is the strategy's business (``suite.strategy``), never the model's.
+that sum happens is the strategy's business (``suite.parallel.strategy``), never the model's.
 
 Activations travel as a flat ``[tokens, hidden]`` stream; a ``ForwardContext`` says which
 rows of the batch and which cache positions those tokens are, so strategies may cut the
@@ -68,10 +68,6 @@ class ForwardContext:
     """The tokens of one forward call, as segments of the flat stream (in order)."""
 
     segments: list[Segment]
-
-    @property
-    def n_tokens(self) -> int:
-        return self.segments[-1].tokens.stop
 
     def split(self, at: int) -> tuple[ForwardContext, ForwardContext]:
         """Cut the stream after ``at`` tokens; a row that straddles the cut is split in two."""
@@ -216,10 +212,18 @@ class Transformer(nn.Module):
                       causal)
         return ForwardContext([seg])
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the first block: flat [T] ids -> [T, hidden]."""
+        return self.embed_tokens(tokens)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the residual stream after the last block: lm_head(RMSNorm(h))."""
+        return self.lm_head(self.norm(h))
+
     def forward(self, tokens: torch.Tensor, ctx: ForwardContext, run_layers, last_only: bool = False):
         """tokens: flat [T] ids; ``run_layers(layers, h, ctx)`` is the strategy bound to a communicator."""
-        h = run_layers(self.layers, self.embed_tokens(tokens), ctx)
+        h = run_layers(self.layers, self.embed(tokens), ctx)
         if last_only:  # the last token of every row of a whole-batch context
             (seg,) = ctx.segments
             h = h.view(seg.n_rows, seg.length, -1)[:, -1]
-        return self.lm_head(self.norm(h))
+        return self.head(h)

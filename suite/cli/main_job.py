@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from suite.cli.common import at_least
+
 STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "seqpar", "nocomm"]
 ACCURACY_STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "nocomm"]  # seqpar computes what tokenweave does
 # Small prompts on CPU: let token splitting split them (it would not below 1024 tokens).
@@ -41,21 +43,10 @@ def latency_matrix(args, plans: dict[int, Path]) -> dict:
                                                     for s in STRATEGIES]} for tp in args.tp]}
 
 
-def _accuracy_done(store: Path, strategy: str, tp: int, tasks: list[str]) -> bool:
-    from suite.results import ResultStore
-
-    seen = {r["task"] for r in ResultStore(store).rows()
-            if r.get("kind") == "accuracy" and r["strategy"] == strategy and r["tp"] == tp and r["status"] == "ok"}
-    return set(tasks) <= seen
-
-
 def cmd_run(args, parser) -> int:
     from suite.cli import main
 
-    if any(n < 1 for n in args.tp):
-        parser.error(f"--tp {' '.join(map(str, args.tp))} is invalid: every N must be at least 1")
-    if args.limit < 1:
-        parser.error(f"--limit {args.limit} is invalid: it must be at least 1")
+    at_least(1, tp=min(args.tp), limit=args.limit, samples=args.samples, seq_len=args.seq_len)
     out = Path(args.out)
     spd_dir, results = out / "spd", out / "accuracy.jsonl"
     steps: list[list[str]] = []
@@ -78,8 +69,6 @@ def cmd_run(args, parser) -> int:
     if not args.config:
         for tp in args.tp:
             for name in ACCURACY_STRATEGIES:
-                if _accuracy_done(results, name, tp, tasks):
-                    continue
                 opts = [w for k, v in _strategy_options(name, tp, plans).items() for w in ("--strategy-opt", f"{k}={v}")]
                 steps.append(["eval", "--model", args.model, "--tp", str(tp), "--strategy", name, *opts,
                               "--tasks", ",".join(tasks), "--limit", str(args.limit), "--out", str(results)])

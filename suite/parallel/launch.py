@@ -22,20 +22,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from suite.comm import Communicator
+from suite.defaults import DEFAULT_TIMEOUT_S
+from suite.errors import RankError, SpdbenchError
+from suite.parallel.comm import Communicator
 
-DEFAULT_TIMEOUT_S = 300
 _GRACE_S = 1.0
 
 
-class LaunchError(ValueError):
+class LaunchError(SpdbenchError):
     """The requested ranks cannot be placed (e.g. more NCCL ranks than GPUs)."""
-
-
-class RankError(RuntimeError):
-    def __init__(self, rank: int, message: str):
-        super().__init__(f"rank {rank} failed: {message}")
-        self.rank = rank
 
 
 def under_torchrun() -> bool:
@@ -46,17 +41,17 @@ def under_torchrun() -> bool:
 def placement(tp: int, device: str, backend: str = "auto") -> str:
     """The process-group backend for ``tp`` ranks on ``device``; raises LaunchError if impossible."""
     if tp < 1:
-        raise LaunchError(f"--tp {tp} is invalid: it must be at least 1")
+        raise LaunchError(f"tp {tp} is invalid: it must be at least 1")
     if device == "cpu":
         if backend == "nccl":
-            raise LaunchError("--backend nccl needs --device cuda")
+            raise LaunchError("backend nccl needs device cuda")
         return "gloo"
     if not torch.cuda.is_available():
-        raise LaunchError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+        raise LaunchError("device cuda: no CUDA GPU is available; use device cpu")
     gpus = torch.cuda.device_count()
     if backend == "nccl" and tp > gpus:
-        raise LaunchError(f"--tp {tp} with NCCL needs {tp} GPUs but {gpus} are available; "
-                          "lower --tp or use --backend gloo to share GPUs")
+        raise LaunchError(f"tp {tp} with NCCL needs {tp} GPUs but {gpus} are available; "
+                          "lower tp or use backend gloo to share GPUs")
     if backend == "auto":
         return "nccl" if tp <= gpus else "gloo"
     return backend
@@ -116,14 +111,14 @@ def launch(fn, tp: int, *args, device: str = "cpu", backend: str = "auto",
     if under_torchrun():
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
         if world != tp:
-            raise LaunchError(f"--tp {tp} does not match torchrun's world size {world}")
+            raise LaunchError(f"tp {tp} does not match torchrun's world size {world}")
         dev = _rank_device(device, int(os.environ.get("LOCAL_RANK", 0)))
         return fn(_init(rank, world, backend, timeout_s, dev), dev, *args)
     if tp == 1:
         return fn(Communicator(), _rank_device(device, 0), *args)
     # A fork server imports torch and the model code once; each rank is a cheap fork of it.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["suite.generate"])
+    ctx.set_forkserver_preload(["suite.parallel.runner"])
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, tp, port, backend, device, timeout_s, fn, args, results),

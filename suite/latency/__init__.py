@@ -1,0 +1,1 @@
+"""Latency: the matrix of measured, projected and simulated cells, profiles, telemetry."""

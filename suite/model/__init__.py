@@ -1,0 +1,1 @@
+"""Model sources, real presets, exact Megatron sharding and the rank-local LLaMA math."""

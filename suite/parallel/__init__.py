@@ -1,0 +1,1 @@
+"""Running the rank model over N ranks: communicators, strategies, launching, the runner."""

@@ -1,0 +1,135 @@
+"""Strategies: how the decoder stack is scheduled and synchronised.
+
+A strategy owns the schedule and nothing else: given the rank-local blocks (whose ``attn`` and
+``ffn`` return partial outputs), the residual stream ``h`` (flat ``[tokens, hidden]``), a
+communicator and the forward context, it returns the residual stream after the last block.
+
+Lifecycle: ``make_strategy(name, options)`` checks the options; ``bind(source, tp)`` checks the
+strategy against a model and N and keeps what it needs from them (an SPD plan's blocks); then
+``load_model`` builds a rank's shard from the strategy's ``layout`` and ``weights`` (the plain
+Megatron shard unless a strategy changes them) and ``run_layers`` runs it. ``model_key`` names
+the rank model a strategy runs, so strategies that run the same one share it.
+
+Strategies are found through the ``spdbench.strategies`` entry-point group (the built-ins
+register there too) or registered in-process with ``@register``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+import torch
+
+from suite.errors import SpdbenchError
+from suite.model.llama import Block, ForwardContext, Transformer
+from suite.model.sharding import Layout, build_rank_model, default_layout
+from suite.model.sources import ModelSource, WeightSource
+from suite.parallel.comm import Communicator
+
+ENTRY_POINTS = "spdbench.strategies"
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+class StrategyError(SpdbenchError):
+    """Unknown strategy or bad strategy option."""
+
+
+class Strategy:
+    name: ClassVar[str]
+    exact: ClassVar[bool] = True  # logits equal the single-device model up to summation order
+    usable: ClassVar[bool] = True  # False: a latency bound whose outputs are not a model
+    changes_model: ClassVar[bool] = False  # True: a different model than the pretrained one (no retraining here)
+
+    def run_layers(self, layers: list[Block], h: torch.Tensor, comm: Communicator,
+                   ctx: ForwardContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bind(self, source: ModelSource, tp: int) -> None:
+        """Check the strategy against the model and N, keeping what it needs of them; raises StrategyError."""
+
+    def layout(self, config, tp: int) -> Layout:
+        """Which heads and FFN columns each rank holds, per block."""
+        return default_layout(config, tp)
+
+    def weights(self, source: ModelSource) -> WeightSource:
+        """Where the rank model's tensors come from."""
+        return source.weights
+
+    def model_key(self) -> str | None:
+        """None when the strategy runs the plain shard (shared by all such strategies), else its own key."""
+        return None
+
+    def describe(self) -> dict:
+        """Row fields that say what the strategy changed (after ``bind``), e.g. SPD's share of blocks."""
+        return {}
+
+    def load_model(self, source: ModelSource, tp: int, rank: int, dtype: torch.dtype,
+                   device: torch.device) -> Transformer:
+        """This rank's model, from the strategy's layout and weights (call ``bind`` first)."""
+        return build_rank_model(dataclasses.replace(source, weights=self.weights(source)), tp, rank, dtype, device,
+                                self.layout(source.config, tp))
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def names() -> list[str]:
+    """Every strategy name: the entry points' (without importing them) and those registered in-process."""
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINTS)} | set(_REGISTRY))
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    if name not in _REGISTRY:
+        for ep in entry_points(group=ENTRY_POINTS, name=name):
+            register(name)(ep.load())
+    if name not in _REGISTRY:
+        raise StrategyError(f"unknown strategy {name!r}; choose one of: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    """Every strategy, loaded."""
+    for name in names():
+        strategy_class(name)
+    return sorted(_REGISTRY)
+
+
+def _convert(field: dataclasses.Field, value: str):
+    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "bool": bool}.get(
+        str(field.type), str)
+    if kind is bool:
+        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise StrategyError(f"option {field.name}={value!r}: expected true or false")
+        return value.lower() in ("1", "true", "yes")
+    try:
+        return kind(value)
+    except ValueError:
+        raise StrategyError(f"option {field.name}={value!r}: expected {kind.__name__}") from None
+
+
+def make_strategy(name: str, options: dict[str, str] | None = None) -> Strategy:
+    """Build a strategy from string options (as given on the command line)."""
+    cls, options = strategy_class(name), dict(options or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        known = ", ".join(fields) or "none"
+        raise StrategyError(f"strategy {name!r} has no option {unknown[0]!r} (its options: {known})")
+    return cls(**{k: _convert(fields[k], v) if isinstance(v, str) else v for k, v in options.items()})
+
+
+def bound_strategy(name: str, options: dict | None, source: ModelSource, tp: int) -> Strategy:
+    """A strategy checked against the model and N."""
+    strategy = make_strategy(name, options)
+    strategy.bind(source, tp)
+    return strategy
