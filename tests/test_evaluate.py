@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import lm_eval
 import pytest
 import torch
+
+lm_eval = pytest.importorskip("lm_eval")  # absent where only the GPU tests run
 
 from suite.accuracy.lm_eval_model import SpdbenchLM, _RankScorer
 from suite.model.sources import embedded_gguf, gguf_to_safetensors
