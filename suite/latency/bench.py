@@ -233,8 +233,10 @@ def _units(cells: list[LatencyScenario]) -> list[list[LatencyScenario]]:
     def unit_key(c):
         return c.tp, c.device, c.backend, c.timeout, c.mode, c.interconnect, c.device_profile
 
+    from suite.parallel.strategy import make_strategy
+
     def model_order(c):
-        return c.model, c.dtype, json.dumps(c.strategy_options, sort_keys=True) if c.strategy == "spd" else ""
+        return c.model, c.dtype, make_strategy(c.strategy, c.strategy_options).model_key() or ""
 
     units: dict = {}
     for c in cells:
