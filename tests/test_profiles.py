@@ -89,7 +89,8 @@ def test_reduce_scatter_and_all_gather_take_their_own_latency():
     for name in available_profiles():
         profile = load_profile(name)
         for n in profile.ns("cuda_graph"):
-            ar, rs, ag = (profile.seconds(c, n, 1, "cuda_graph") for c in ("all_reduce", "reduce_scatter", "all_gather"))
+            ar, rs, ag = (profile.seconds(c, n, 1, "cuda_graph")
+                          for c in ("all_reduce", "reduce_scatter", "all_gather"))
             assert rs == ag < ar and rs + ag == pytest.approx(ar + 1.25e-6, abs=1e-9), (name, n)
 
 
@@ -98,8 +99,8 @@ def test_reduce_scatter_and_all_gather_take_their_own_latency():
 
 @pytest.mark.parametrize("name, collective, launch, n, points, tolerance", [
     # 8x H100, nccl-tests, NCCL 2.24.3: the bandwidth-bound samples (the profile's eager is PyTorch's launch)
-    ("h100-nvswitch", "all_reduce", "eager", 8, [(16 * MB, 125.9), (64 * MB, 328.6), (256 * MB, 1112), (1024 * MB, 4011)],
-     0.06),
+    ("h100-nvswitch", "all_reduce", "eager", 8,
+     [(16 * MB, 125.9), (64 * MB, 328.6), (256 * MB, 1112), (1024 * MB, 4011)], 0.06),
     # 4x H100 eager reduce-scatter and all-gather
     ("h100-nvswitch", "reduce_scatter", "eager", 4, [(8 * KB, 21.7), (MB, 25.8), (16 * MB, 62.6), (256 * MB, 663)],
      0.10),

@@ -79,11 +79,12 @@ def comm_share_status(comm, device: torch.device, cuda_graph: bool) -> str:
         return "n/a: one rank communicates nothing"
     if device.type == "cuda" and cuda_graph:
         return "n/a: decode is replayed from a CUDA graph, whose collectives are not timed one by one"
-    what = "measured: " if comm.carries_data else "modelled: the projection's modelled "
+    kind, what = ("measured", "collectives") if comm.carries_data else (
+        "modelled", "the projection's modelled collectives")
     if device.type == "cuda":
-        return (f"{what}time the waiting stream stood still for collectives (CUDA events), in one extra "
-                "repetition after the timed ones")
-    return f"{what}host time blocked in collectives"
+        return (f"{kind}: time the waiting stream stood still for {what} (CUDA events), in one extra repetition "
+                "after the timed ones")
+    return f"{kind}: host time blocked on {what}"
 
 
 def measure(runner, comm, prompts: list[list[int]], new_tokens: int, repetitions: int, warmup: int,
