@@ -361,6 +361,8 @@ def test_a_projected_cell_runs_for_every_strategy(projected_rows):
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row["error"])
         assert row["provenance"] == "projected" and row["interconnect"].endswith("flat.yaml")
+        assert row["comm_fraction_status"] == ("n/a: the strategy issued no collective" if name == "nocomm" else
+                                               "modelled: host time blocked on the projection's modelled collectives")
         assert row["telemetry_status"].startswith("n/a") and row["energy_j"] is None
 
 
@@ -425,6 +427,19 @@ def test_validate_projection_rejects_bad_input(capsys):
     assert exc.value.code == 2 and "no-such-profile" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["validate-projection", "--tp", "1", "--interconnect", "h100-nvswitch", "--model", "random:tiny"])
+
+
+def test_the_communication_share_says_how_it_is_obtained():
+    from suite.latency.measure import comm_share_status
+
+    real, modelled = Communicator(rank=0, world=2), ProjectingCommunicator(rank=0, world=2, profile=flat_profile(1))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert comm_share_status(real, cpu, False) == "measured: host time blocked on collectives"
+    assert comm_share_status(real, gpu, False).startswith("measured: time the waiting stream stood still")
+    assert "CUDA events" in comm_share_status(modelled, gpu, False)
+    for comm in (real, modelled):  # never the host's enqueue time, never a partial figure
+        assert comm_share_status(comm, gpu, True).startswith("n/a: decode is replayed from a CUDA graph")
+    assert comm_share_status(Communicator(), cpu, False) == "n/a: one rank communicates nothing"
 
 
 def test_accuracy_code_refuses_a_projecting_communicator():
