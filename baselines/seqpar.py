@@ -9,15 +9,22 @@ Between syncs the residual stream stays token-sharded: rank i holds its 1/N of t
 and the next module runs on the normed full-width U (after the last module: U = AG(r_i)).
 Same math as the baseline's H = X + AR(Y); RMSNorm(H), up to summation order. ``seqpar``
 isolates the cost of this reordering from the overlap that ``tokenweave`` adds on top.
+
+With ``fused=true`` each sync is one ``comm.fused_sync`` (TokenWeave's single multimem kernel for
+reduce-scatter + add + RMSNorm + all-gather): a modelled communicator (projection, simulation)
+costs it as one fused collective; the torch.distributed communicator has no multimem backend and
+runs the same reduce-scatter, add, norm and all-gather as without it.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from suite.parallel.comm import split_sync
 from suite.parallel.strategy import Strategy, register
 
 
@@ -35,8 +42,9 @@ class ScatteredStream:
     """A run of tokens in sequence-parallel form: this rank's rows of the residual, and the
     normed full-width input U of the next module. ``ready`` marks U on a second CUDA stream."""
 
-    def __init__(self, h: torch.Tensor, ctx, norm, comm):
+    def __init__(self, h: torch.Tensor, ctx, norm, comm, fused: bool = False):
         self.ctx, self.tokens, self.comm = ctx, h.shape[0], comm
+        self._sync = comm.fused_sync if fused else functools.partial(split_sync, comm)
         rows = -(-self.tokens // comm.world)
         self.residual = self._pad(h)[comm.rank * rows: (comm.rank + 1) * rows]
         self.normed = norm(h)
@@ -47,9 +55,8 @@ class ScatteredStream:
 
     def sync(self, partial: torch.Tensor, norm) -> None:
         """r_i += RS(partial)_i;  U = AG(norm(r_i)), or AG(r_i) when ``norm`` is None."""
-        self.residual = self.residual + self.comm.reduce_scatter(self._pad(partial))
-        out = self.residual if norm is None else norm(self.residual)
-        self.normed = self.comm.all_gather(out)[: self.tokens]
+        self.residual, gathered = self._sync(self._pad(partial), self.residual, norm)
+        self.normed = gathered[: self.tokens]
 
     def mark_ready(self) -> None:
         if self.normed.is_cuda:
@@ -62,11 +69,12 @@ class ScatteredStream:
             self.ready = None
 
 
-def fused_layers(layers, h, comm, ctx):
-    """The decoder stack with fused syncs on one stream; returns the full residual stream."""
+def fused_layers(layers, h, comm, ctx, fused: bool = False):
+    """The decoder stack with reduce-scatter/RMSNorm/all-gather syncs on one stream; returns the full
+    residual stream."""
     if not layers:
         return h
-    stream = ScatteredStream(h, ctx, layers[0].input_layernorm, comm)
+    stream = ScatteredStream(h, ctx, layers[0].input_layernorm, comm, fused)
     for module, norm in modules(layers):
         stream.sync(module(stream.normed, ctx), norm)
     return stream.normed
@@ -75,5 +83,7 @@ def fused_layers(layers, h, comm, ctx):
 @register("seqpar")
 @dataclass
 class SeqPar(Strategy):
+    fused: bool = False  # each sync one comm.fused_sync (TokenWeave's fused kernel where one is modelled)
+
     def run_layers(self, layers, h, comm, ctx):
-        return fused_layers(layers, h, comm, ctx)
+        return fused_layers(layers, h, comm, ctx, self.fused)

@@ -1,9 +1,13 @@
 """Token-splitting overlap (TokenWeave, arXiv 2505.11329): one half's sync runs while the other computes.
 
-The batch's tokens are cut in two (at half the count rounded to ``split_multiple``, plus
-``split_offset``); a row straddling the cut is split and its second part attends to the first
-part's KV cache. Each half keeps its residual token-sharded and syncs with the fused
-reduce-scatter -> residual add + RMSNorm -> all-gather of ``seqpar``. Per layer:
+The batch's T tokens are cut in two where TokenWeave's repository (microsoft/tokenweave) cuts
+them: after ``((T + 255) & ~255) // 2 + offset`` tokens, i.e. half of T rounded up to a multiple
+of 256 (for any ``split_multiple`` m: ``ceil(T / m) * m // 2 + split_offset``). A row straddling
+the cut is split and its second part attends to the first part's KV cache (lower-right causal
+attention, the same SDPA fast path as the first part). Each half keeps its residual
+token-sharded and syncs with the reduce-scatter -> residual add + RMSNorm -> all-gather of
+``seqpar`` (one ``comm.fused_sync`` with ``fused=true``, as TokenWeave's multimem kernel; only a
+modelled communicator runs it as one collective, see ``baselines.seqpar``). Per layer:
 
     comm stream                              compute stream
     sync+RMSNorm of half 2 (prev MLP)        attention half 1
@@ -29,9 +33,10 @@ from suite.parallel.strategy import Strategy, StrategyError, register
 @register("tokenweave")
 @dataclass
 class TokenWeave(Strategy):
-    split_multiple: int = 256  # the first half's size is rounded to a multiple of this
-    split_offset: int = 0  # tokens added to the rounded first half (tuned per token count)
+    split_multiple: int = 256  # the token count is rounded up to a multiple of this before halving
+    split_offset: int = 0  # tokens added to the first half (TokenWeave tunes it per token count)
     split_min_tokens: int = 1024  # fewer tokens: no split
+    fused: bool = False  # each sync one comm.fused_sync (TokenWeave's fused kernel where one is modelled)
 
     def __post_init__(self):
         if self.split_multiple < 1:
@@ -43,15 +48,16 @@ class TokenWeave(Strategy):
         """Size of the first half, or None when ``tokens`` are not split."""
         if tokens < self.split_min_tokens:
             return None
-        at = self.split_multiple * round(tokens / 2 / self.split_multiple) + self.split_offset
+        at = -(-tokens // self.split_multiple) * self.split_multiple // 2 + self.split_offset
         return at if 0 < at < tokens else None
 
     def run_layers(self, layers, h, comm, ctx):
         at = self.split_point(h.shape[0])
         if at is None or not layers:
-            return fused_layers(layers, h, comm, ctx)
+            return fused_layers(layers, h, comm, ctx, self.fused)
         norm = layers[0].input_layernorm
-        halves = [ScatteredStream(x, c, norm, comm) for x, c in zip(h.split([at, h.shape[0] - at]), ctx.split(at))]
+        halves = [ScatteredStream(x, c, norm, comm, self.fused)
+                  for x, c in zip(h.split([at, h.shape[0] - at]), ctx.split(at))]
         for module, next_norm in modules(layers):
             for half in halves:
                 half.wait_ready()  # compute waits for this half's previous sync only now

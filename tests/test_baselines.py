@@ -1,5 +1,6 @@
 """Comparison strategies on real gloo ranks: tokenweave and seqpar equal the baseline, ladder equals
-an independent single-process reference of its equations, nocomm is the identity sync."""
+an independent single-process reference of its equations, nocomm is the identity sync; tokenweave
+splits where TokenWeave does and keeps both halves on SDPA's causal path."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, CausalVariant
+from torch.overrides import TorchFunctionMode
 
 from suite.cli import main
 from suite.parallel.launch import launch
+from suite.parallel.strategy import make_strategy
 from tests.helpers import hf_model, source
 
 MODEL = "smollm2-135m"
@@ -19,12 +24,19 @@ TEXTS = ["The capital of France is", "Tensor parallelism splits every layer of a
          "Once upon a time, in a small village"]
 # split_multiple=2 cuts the prefill inside a row and every decode step (3 tokens -> 2 + 1) between rows
 TOKENWEAVE = {"split_min_tokens": "0", "split_multiple": "2"}
-GENERATED = {"baseline": ("baseline", {}), "seqpar": ("seqpar", {}), "tokenweave": ("tokenweave", TOKENWEAVE)}
+GENERATED = {"baseline": ("baseline", {}), "seqpar": ("seqpar", {}), "tokenweave": ("tokenweave", TOKENWEAVE),
+             "tokenweave fused": ("tokenweave", TOKENWEAVE | {"fused": "true"})}
 LADDERS = ["all", "last:16", "3,4,7"]
 
 
 def prompts() -> list[list[int]]:
     return [source(MODEL).tokenizer().encode(t) for t in TEXTS]
+
+
+def unpadded(texts=TEXTS) -> list[list[int]]:
+    """The prompts cut to the shortest one's length: plain causal attention, no padding mask."""
+    ids = [source(MODEL).tokenizer().encode(t) for t in texts]
+    return [p[: min(map(len, ids))] for p in ids]
 
 
 def _job(comm, device, prompts):
@@ -42,6 +54,8 @@ def _job(comm, device, prompts):
         run = runner(name, options)
         gen = run.generate(prompts, NEW_TOKENS)
         out[key] = gen.tokens, gen.prefill_logits, run.logits(prompts).float()
+    for key in ("baseline", "tokenweave"):  # the split cuts a row of a causal (unpadded) prefill
+        out[f"{key} causal"] = runner(*GENERATED[key]).logits(unpadded()).float()
     out["nocomm"] = runner("nocomm").logits(prompts).float()
     for layers in ["last:0", *LADDERS]:
         out[f"ladder {layers}"] = runner("ladder", {"layers": layers}).logits(prompts).float()
@@ -63,8 +77,6 @@ def _valid(logits: torch.Tensor, b: int, prompt: list[int]) -> torch.Tensor:
 
 
 def test_prompts_straddle_the_token_split():
-    from suite.parallel.strategy import make_strategy
-
     lengths = [len(p) for p in prompts()]
     width, total = max(lengths), len(lengths) * max(lengths)
     at = make_strategy("tokenweave", TOKENWEAVE).split_point(total)
@@ -72,7 +84,7 @@ def test_prompts_straddle_the_token_split():
     assert make_strategy("tokenweave", TOKENWEAVE).split_point(len(lengths)) == 2  # decode steps split too
 
 
-@pytest.mark.parametrize("name", ["seqpar", "tokenweave"])
+@pytest.mark.parametrize("name", ["seqpar", "tokenweave", "tokenweave fused"])
 def test_fused_and_split_sync_equal_baseline(tp_run, name):
     tp, out = tp_run
     base_tokens, base_prefill, base_logits = out["baseline"]
@@ -81,6 +93,66 @@ def test_fused_and_split_sync_equal_baseline(tp_run, name):
     assert _close(prefill, base_prefill), f"{name} tp={tp}: prefill logits differ"
     for b, prompt in enumerate(prompts()):
         assert _close(_valid(logits, b, prompt), _valid(base_logits, b, prompt)), f"{name} tp={tp} row {b}"
+
+
+def test_split_causal_prefill_equals_baseline(tp_run):
+    tp, out = tp_run
+    width = len(unpadded()[0])
+    assert make_strategy("tokenweave", TOKENWEAVE).split_point(3 * width) % width, "the split must cut a row"
+    assert _close(out["tokenweave causal"], out["baseline causal"]), f"tp={tp}"
+
+
+def test_split_point_is_tokenweaves():
+    """TokenWeave's repository: the first half holds ((T + 255) & ~255) // 2 + offset tokens."""
+    for offset in (0, 32, -64):
+        tokenweave = make_strategy("tokenweave", {"split_offset": str(offset)})
+        for tokens in range(1024, 20000, 7):
+            assert tokenweave.split_point(tokens) == ((tokens + 255) & ~255) // 2 + offset
+    assert make_strategy("tokenweave").split_point(1100) == 640  # half of 1100 rounded to 256 would be 512
+    assert make_strategy("tokenweave").split_point(1023) is None  # below split_min_tokens: no split
+    assert make_strategy("tokenweave", {"split_multiple": "3", "split_min_tokens": "0"}).split_point(10) == 6
+
+
+class _SDPACalls(TorchFunctionMode):
+    """Records how each scaled_dot_product_attention call masks: (attn_mask, is_causal, queries, keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal"), args[0].shape[-2], args[1].shape[-2]))
+        return func(*args, **kwargs)
+
+
+def test_both_halves_of_a_split_take_the_causal_path():
+    """A causal prefill cut inside a row: every segment stays causal without a mask; the part of the cut
+    row after the split attends with SDPA's lower-right causal bias, the rest with is_causal."""
+    from suite.parallel.comm import Communicator
+    from suite.parallel.runner import Runner, load_runner
+
+    model = load_runner(Communicator(), torch.device("cpu"), "random:tiny-uneven", "baseline").model
+    tokens = [[5, 6, 7, 8, 9, 10, 11, 12]] * 3  # 24 tokens, cut after 12: row 1 is split 4 + 4
+    ctx = model.context(torch.zeros(3, dtype=torch.long), torch.arange(8), 8)
+    halves = ctx.split(make_strategy("tokenweave", TOKENWEAVE).split_point(24))
+    assert [[(s.n_rows, s.length, s.kv_len) for s in half.segments] for half in halves] == [
+        [(1, 8, 8), (1, 4, 4)], [(1, 4, 8), (1, 8, 8)]]
+    assert all(s.causal and s.mask is None for half in halves for s in half.segments)
+    baseline = Runner(model, make_strategy("baseline"), Communicator())
+    split = Runner(model, make_strategy("tokenweave", TOKENWEAVE), Communicator())
+    with _SDPACalls() as calls:
+        logits = split.logits(tokens)
+    layers = model.config.num_hidden_layers
+    assert len(calls.calls) == 4 * layers
+    causal = [c for c in calls.calls if c[0] is None and c[1] and c[2] == c[3]]
+    lower_right = [c for c in calls.calls if isinstance(c[0], CausalBias) and not c[1]]
+    assert len(causal) == 3 * layers and len(lower_right) == layers
+    assert all(c[0].variant == CausalVariant.LOWER_RIGHT and (c[2], c[3]) == (4, 8) for c in lower_right)
+    assert _close(logits, baseline.logits(tokens))
+    padded = model.context(torch.tensor([0, 2, 0]), torch.arange(8), 8)  # padding needs the mask
+    assert not padded.segments[0].causal and padded.segments[0].mask.shape == (3, 1, 8, 8)
 
 
 def test_ladder_without_ladder_layers_equals_baseline(tp_run):
@@ -110,8 +182,6 @@ def ladder_reference(prompt: tuple[int, ...], ladder: frozenset[int]) -> torch.T
 
 
 def _ladder_set(layers: str) -> frozenset[int]:
-    from suite.parallel.strategy import make_strategy
-
     ladder = make_strategy("ladder", {"layers": layers})
     return frozenset(ladder.ladder_layers(source(MODEL).config.num_hidden_layers))
 

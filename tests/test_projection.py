@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 import yaml
 
 from suite.latency.bench import expand, run
-from suite.latency.interconnect import RING_FACTOR, Profile, ProfileError, available_profiles, load_profile
+from suite.latency.interconnect import FUSED_SYNC, RING_FACTOR, Profile, ProfileError, available_profiles, load_profile
 from suite.latency.projection import ProjectingCommunicator, heaviest_rank, projected_runner
 from suite.model.sharding import BlockShard, default_layout
+from suite.parallel.comm import Communicator, Pending
+from suite.parallel.runner import load_runner
 from suite.parallel.strategy import available
 from tests.helpers import source
 
@@ -22,10 +26,13 @@ MS = 1e-3
 TOLERANCE_S = 5 * MS  # a sleep on a busy 2-core machine overshoots by less than this
 
 
+SMS = {"sms": 4, "sms_source": "test"}
+
+
 def flat_profile(latency_us: float, busbw_gbps: float = math.inf, ns=(2, 4)) -> Profile:
     """Every collective costs ``latency_us`` (plus the bandwidth term when busbw is finite)."""
     rows = [[1, latency_us, busbw_gbps]]
-    return Profile.from_dict({"name": "flat", "sources": ["test"], "method": "constant",
+    return Profile.from_dict({"name": "flat", "sources": ["test"], "method": "constant", **SMS,
                               "tables": {"all_reduce": {"eager": {n: rows for n in ns}}}})
 
 
@@ -34,8 +41,9 @@ def flat_profile(latency_us: float, busbw_gbps: float = math.inf, ns=(2, 4)) -> 
 @pytest.mark.parametrize("name", available_profiles())
 def test_shipped_profiles_state_their_source_and_cover_both_launch_modes(name):
     p = load_profile(name)
-    assert p.sources and len(p.method) > 100
-    for n in (2, 4, 8):
+    assert p.sources and all(len(p.method[launch]) > 100 for launch in ("eager", "cuda_graph"))
+    assert set(p.ns("eager")) == set(p.ns("cuda_graph")) >= ({8} if "multimem" in name else {2, 4, 8})
+    for n in p.ns("eager"):
         eager, graph = (p.seconds("all_reduce", n, 8192, launch) for launch in ("eager", "cuda_graph"))
         assert 1e-6 < graph < eager < 100e-6  # a CUDA graph moves the small-message floor down
         small, large = p.seconds("all_reduce", n, 2**20), p.seconds("all_reduce", n, 2**28)
@@ -47,7 +55,7 @@ def test_required_profiles_are_shipped():
 
 
 def test_cost_is_latency_plus_ring_traffic_over_bus_bandwidth():
-    p = Profile.from_dict({"name": "t", "sources": ["s"], "method": "m", "tables": {"all_reduce": {"eager": {
+    p = Profile.from_dict({"name": "t", "sources": ["s"], "method": "m", **SMS, "tables": {"all_reduce": {"eager": {
         2: [[1024, 10, 100], [1048576, 20, 200]], 4: [[1024, 30, 100], [1048576, 40, 200]]}}}})
     for n, lat, bw in ((2, 10e-6, 100e9), (4, 30e-6, 100e9)):
         for coll in RING_FACTOR:
@@ -64,7 +72,7 @@ def test_cost_is_latency_plus_ring_traffic_over_bus_bandwidth():
 
 def test_samples_are_reproduced_exactly():
     samples = [[1024, 50], [4096, 48], [65536, 80], [1048576, 900]]  # 4096 faster than 1024: noise
-    p = Profile.from_dict({"name": "m", "sources": ["s"], "method": "m", "tables": {
+    p = Profile.from_dict({"name": "m", "sources": ["s"], "method": "m", **SMS, "tables": {
         "reduce_scatter": {"eager": {2: {"samples_us": samples}}},
         "all_reduce": {"eager": {2: [[1, 5, 1]]}}}})
     got = [p.seconds("reduce_scatter", 2, b) * 1e6 for b, _ in samples]
@@ -84,9 +92,17 @@ def test_profile_errors_name_the_problem(tmp_path):
     bad.write_text(yaml.safe_dump({"name": "bad", "tables": {"all_reduce": {"eager": {2: [[1, 2, 3]]}}}}))
     with pytest.raises(ProfileError, match="missing sources, method"):
         load_profile(bad)
-    bad.write_text(yaml.safe_dump({"name": "bad", "sources": "x", "method": "y",
+    bad.write_text(yaml.safe_dump({"name": "bad", "sources": "x", "method": "y", **SMS,
                                    "tables": {"all_reduce": {"eager": {2: [[1, 2]]}}}}))
     with pytest.raises(ProfileError, match=r"all_reduce.eager.2: expected rows"):
+        load_profile(bad)
+    bad.write_text(yaml.safe_dump({"name": "bad", "sources": "x", "method": "y",
+                                   "tables": {"all_reduce": {"eager": {2: [[1, 2, 3]]}}}}))
+    with pytest.raises(ProfileError, match="missing sms, sms_source"):
+        load_profile(bad)
+    bad.write_text(yaml.safe_dump({"name": "bad", "sources": "x", "method": {"eager": "y"}, **SMS,
+                                   "tables": {"all_reduce": {"cuda_graph": {2: [[1, 2, 3]]}}}}))
+    with pytest.raises(ProfileError, match="method must describe every launch mode"):
         load_profile(bad)
 
 
@@ -156,6 +172,23 @@ def test_async_waits_overlap_compute_and_queue_on_one_link():
     assert min(times) >= 0.06 and min(times) < 0.06 + TOLERANCE_S  # one link: the second starts when the first ends
 
 
+def test_fused_sync_is_one_modelled_collective_with_the_split_sync_shapes():
+    profile = Profile.from_dict({"name": "fused", "sources": ["test"], "method": "test", **SMS, "tables": {
+        "all_reduce": {"eager": {4: [[1, 1000, math.inf]]}}, FUSED_SYNC: {"eager": {4: [[1, 3000, math.inf]]}}}})
+    comm = ProjectingCommunicator(rank=1, world=4, profile=profile)
+    partial, residual = torch.zeros(8, 3), torch.zeros(2, 3)
+    start = time.perf_counter()
+    out_residual, gathered = comm.fused_sync(partial, residual, torch.nn.RMSNorm(3))
+    assert time.perf_counter() - start >= 3e-3 and comm.modelled_s == pytest.approx(3e-3)
+    assert comm.counts == {FUSED_SYNC: 1} and out_residual.shape == (2, 3) and gathered.shape == (8, 3)
+    comm.counts.clear()
+    comm.reduce_scatter(partial), comm.all_gather(residual)  # what the split sync issues instead
+    assert comm.counts == {"reduce_scatter": 1, "all_gather": 1} and comm.sms == 4  # sms: the profile's
+    without = ProjectingCommunicator(rank=1, world=4, profile=flat_profile(1000))  # no fused table: RS + AG
+    without.fused_sync(partial, residual)
+    assert without.counts == {FUSED_SYNC: 1} and without.modelled_s == pytest.approx(2e-3)
+
+
 def test_heaviest_rank_has_most_heads_then_kv_heads_then_ffn():
     config = source("random:tiny-uneven").config  # 9 heads, 3 KV heads
     assert heaviest_rank(config, 2) == 0 and heaviest_rank(config, 4) == 0
@@ -166,6 +199,123 @@ def test_heaviest_rank_has_most_heads_then_kv_heads_then_ffn():
     assert heaviest_rank(config, 3, layout) == 1
     layout = [[BlockShard((0,), (0, 10), 3), BlockShard((3,), (10, 21), 3)]]
     assert heaviest_rank(config, 2, layout) == 1
+
+
+def test_the_projected_rank_is_the_heaviest_under_an_spd_plans_head_grouping(tmp_path):
+    """Head grouping moves the fifth query head of every block to rank 1: the projection runs rank 1."""
+    from safetensors.torch import save_file
+
+    from spd.plan import Plan
+
+    config = source("random:tiny-uneven").config  # 9 heads: 5 + 4 on 2 ranks by default
+    grouped = [{"q_heads": [5, 6, 7, 8], "ffn": [0, 100]}, {"q_heads": [0, 1, 2, 3, 4], "ffn": [100, 200]}]
+    save_file({}, tmp_path / "weights.safetensors")  # no distilled tensor: the original weights serve
+    plan = Plan("random:tiny-uneven", 2, {b: {"mode": "hg+b2b", "sensitivity": 0.0, "layout": grouped}
+                                          for b in range(config.num_hidden_layers)}, weights="weights.safetensors")
+    path = plan.save(tmp_path / "plan.json")
+    profile = flat_profile(0)
+    baseline = projected_runner("random:tiny-uneven", "baseline", None, 2, profile)
+    spd = projected_runner("random:tiny-uneven", "spd", {"plan": str(path)}, 2, profile)
+    assert baseline.comm.rank == 0 and spd.comm.rank == 1
+    assert all(layer.self_attn.n_q == 5 for layer in spd.model.layers)
+
+
+# ---------------------------------------------------------------- collectives per step, counted by kind
+
+@dataclass
+class _Recorder(Communicator):
+    """Counts the collectives a strategy issues, by kind; results keep the shapes (values are meaningless)."""
+
+    calls: Counter = field(default_factory=Counter)
+
+    def _issue(self, kind, out, async_op):
+        self.calls[kind] += 1
+        return Pending(out) if async_op else out
+
+    def all_reduce(self, x, async_op=False):
+        return self._issue("all_reduce", x, async_op)
+
+    def reduce_scatter(self, x, async_op=False):
+        return self._issue("reduce_scatter", x[: x.shape[0] // self.world], async_op)
+
+    def all_gather(self, x, async_op=False):
+        return self._issue("all_gather", x.repeat(self.world, 1), async_op)
+
+    def fused_sync(self, partial, residual, norm=None):
+        return residual, self._issue(FUSED_SYNC, residual.repeat(self.world, 1), False)
+
+
+L = source("random:tiny-uneven").config.num_hidden_layers  # 3 blocks: 2L = 6 modules
+SPLIT = {"split_min_tokens": "0", "split_multiple": "4"}  # 16 prefill tokens split 8 + 8; a 2-token step does not
+COUNTS = [  # (strategy, options, prefill, decode step): every module synced once per token half
+    ("baseline", {}, {"all_reduce": 2 * L}, {"all_reduce": 2 * L}),
+    ("spd", {"blocks": "last:1"}, {"all_reduce": 2 * L - 1}, {"all_reduce": 2 * L - 1}),
+    ("spd", {"blocks": "all"}, {"all_reduce": L}, {"all_reduce": L}),
+    ("ladder", {"layers": "all"}, {"all_reduce": 2 * L}, {"all_reduce": 2 * L}),
+    ("seqpar", {}, {"reduce_scatter": 2 * L, "all_gather": 2 * L}, {"reduce_scatter": 2 * L, "all_gather": 2 * L}),
+    ("seqpar", {"fused": "true"}, {FUSED_SYNC: 2 * L}, {FUSED_SYNC: 2 * L}),
+    ("tokenweave", {}, {"reduce_scatter": 2 * L, "all_gather": 2 * L},
+     {"reduce_scatter": 2 * L, "all_gather": 2 * L}),  # 16 tokens < 1024: no split
+    ("tokenweave", SPLIT, {"reduce_scatter": 4 * L, "all_gather": 4 * L},
+     {"reduce_scatter": 2 * L, "all_gather": 2 * L}),
+    ("tokenweave", SPLIT | {"fused": "true"}, {FUSED_SYNC: 4 * L}, {FUSED_SYNC: 2 * L}),
+    ("nocomm", {}, {}, {}),
+]
+
+
+def _per_step(run) -> tuple[dict, dict]:
+    """(prefill, one decode step) collectives by kind: ``run(new_tokens)`` returns the counter after a generation."""
+    prefill = run(1)
+    three = run(3)  # prefill + 2 decode steps
+    return dict(prefill), {k: (three[k] - prefill[k]) // 2 for k in three if three[k] > prefill[k]}
+
+
+@pytest.mark.parametrize("name, options, prefill, decode", COUNTS, ids=[f"{c[0]}-{c[1]}" for c in COUNTS])
+def test_collectives_per_step_by_kind(name, options, prefill, decode):
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12]] * 2
+
+    def recorded(new_tokens):
+        comm = _Recorder(rank=0, world=2)
+        load_runner(comm, torch.device("cpu"), "random:tiny-uneven", name, options).generate(prompts, new_tokens)
+        return comm.calls
+
+    def projected(new_tokens):
+        runner = projected_runner("random:tiny-uneven", name, options, 2, flat_profile(0))
+        runner.generate(prompts, new_tokens)
+        return runner.comm.counts
+
+    assert _per_step(recorded) == (prefill, decode)
+    assert _per_step(projected) == (prefill, decode)  # the projecting communicator models each of them
+
+
+# ---------------------------------------------------------------- TokenWeave's fused sync against the all-reduce
+
+def test_fused_tokenweave_decode_costs_no_more_per_sync_point_than_baseline_on_h100_multimem():
+    """Llama-3-70B (hidden 8192, bfloat16) at N = 8 under CUDA graphs: a decode step's fused sync of the
+    token-sharded stream (tokens padded to a multiple of N) against baseline's all-reduce."""
+    profile, n, row_bytes = load_profile("h100-nvswitch-multimem"), 8, 8192 * 2
+    for batch in (1, 4, 16, 64):
+        all_reduce = profile.seconds("all_reduce", n, batch * row_bytes, "cuda_graph")
+        fused = profile.seconds(FUSED_SYNC, n, -(-batch // n) * n * row_bytes, "cuda_graph")
+        assert fused <= all_reduce, batch
+
+
+def test_projected_fused_tokenweave_pays_one_fused_sync_per_sync_point():
+    """A projected decode at N = 8 on the multimem profile (eager here: CPU): modelled time per sync point."""
+    profile, prompts = load_profile("h100-nvswitch-multimem"), [[5, 6, 7, 8, 9, 10, 11, 12]] * 3
+    hidden = source("random:tiny-uneven").config.hidden_size
+    per_sync = {}
+    for name, options in (("baseline", {}), ("tokenweave", {"fused": "true"})):
+        runner = projected_runner("random:tiny-uneven", name, options, 8, profile)
+        runner.generate(prompts, 1)
+        before, syncs = runner.comm.modelled_s, sum(runner.comm.counts.values())
+        runner.generate(prompts, 2)  # prefill + one decode step
+        step_s = runner.comm.modelled_s - 2 * before
+        per_sync[name] = step_s / (sum(runner.comm.counts.values()) - 2 * syncs)
+    rows = len(prompts)
+    assert per_sync["baseline"] == pytest.approx(profile.seconds("all_reduce", 8, rows * hidden * 4))
+    assert per_sync["tokenweave"] == pytest.approx(profile.seconds(FUSED_SYNC, 8, 8 * hidden * 4))  # 3 rows -> 8
+    assert per_sync["tokenweave"] <= per_sync["baseline"]
 
 
 # ---------------------------------------------------------------- projected cells of every strategy
@@ -190,7 +340,7 @@ def projected_rows(tmp_path_factory):
     folder = tmp_path_factory.mktemp("projected")
     profile_path = folder / "flat.yaml"
     profile_path.write_text(yaml.safe_dump({"name": "flat-3ms", "sources": ["test"], "method": "3 ms per collective",
-                                            "tables": {"all_reduce": {"eager": {2: [[1, COST_US, "inf"]]}}}}))
+                                            **SMS, "tables": {"all_reduce": {"eager": {2: [[1, COST_US, "inf"]]}}}}))
     strategies = [{"name": n, "options": STRATEGY_OPTIONS.get(n, {})} for n in available()]
     spd = [{"name": "spd", "options": STRATEGY_OPTIONS["spd"]}] if "spd" in available() else []
     cells = expand({"model": "random:tiny-uneven", "tp": 2, "prompt_len": 8, "new_tokens": 3, "repetitions": 2,
@@ -211,6 +361,8 @@ def test_a_projected_cell_runs_for_every_strategy(projected_rows):
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row["error"])
         assert row["provenance"] == "projected" and row["interconnect"].endswith("flat.yaml")
+        assert row["comm_fraction_status"] == ("n/a: the strategy issued no collective" if name == "nocomm" else
+                                               "modelled: host time blocked on the projection's modelled collectives")
         assert row["telemetry_status"].startswith("n/a") and row["energy_j"] is None
 
 
@@ -277,6 +429,19 @@ def test_validate_projection_rejects_bad_input(capsys):
         main(["validate-projection", "--tp", "1", "--interconnect", "h100-nvswitch", "--model", "random:tiny"])
 
 
+def test_the_communication_share_says_how_it_is_obtained():
+    from suite.latency.measure import comm_share_status
+
+    real, modelled = Communicator(rank=0, world=2), ProjectingCommunicator(rank=0, world=2, profile=flat_profile(1))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert comm_share_status(real, cpu, False) == "measured: host time blocked on collectives"
+    assert comm_share_status(real, gpu, False).startswith("measured: time the waiting stream stood still")
+    assert "CUDA events" in comm_share_status(modelled, gpu, False)
+    for comm in (real, modelled):  # never the host's enqueue time, never a partial figure
+        assert comm_share_status(comm, gpu, True).startswith("n/a: decode is replayed from a CUDA graph")
+    assert comm_share_status(Communicator(), cpu, False) == "n/a: one rank communicates nothing"
+
+
 def test_accuracy_code_refuses_a_projecting_communicator():
     from suite.accuracy.lm_eval_model import _RankScorer
 
@@ -285,7 +450,17 @@ def test_accuracy_code_refuses_a_projecting_communicator():
         _RankScorer(comm, torch.device("cpu"), "random:tiny", "baseline", {}, "float32")
 
 
-# ---------------------------------------------------------------- GPU: the spin-kernel link
+# ---------------------------------------------------------------- GPU: the SM-holding link
+
+def _cuda_timed(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * MS
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -295,16 +470,7 @@ def test_cuda_waits_match_the_model_overlap_and_follow_the_launch_mode():
     profile.tables["all_reduce"]["cuda_graph"] = {2: [(1, 100e-6, 0.0)]}  # 0.1 ms under a CUDA graph
     comm = ProjectingCommunicator(rank=0, world=2, profile=profile, device=dev, sms=4)
     x, a = torch.zeros(1024, device=dev), torch.randn(2048, 2048, device=dev)
-
-    def timed(fn) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * MS
-
+    timed = _cuda_timed
     timed(lambda: comm.all_reduce(x))
     assert timed(lambda: [comm.all_reduce(x) for _ in range(10)]) == pytest.approx(5e-3, rel=0.1)
     timed(lambda: a @ a)  # cuBLAS warm-up
@@ -329,3 +495,71 @@ def test_cuda_waits_match_the_model_overlap_and_follow_the_launch_mode():
     gen = runner.generate([[1, 2, 3, 4]], 4, cuda_graph=True)
     assert gen.prefill_s >= 4 * 0.5e-3 and all(4 * 0.1e-3 <= s < 4 * 0.5e-3 for s in gen.decode_s)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_modelled_collective_takes_its_sms_from_compute():
+    dev = torch.device("cuda", 0)
+    available = torch.cuda.get_device_properties(dev).multi_processor_count
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.float16)
+    _cuda_timed(lambda: a @ a)  # cuBLAS warm-up
+    matmuls = max(1, round(2e-3 / _cuda_timed(lambda: a @ a)))
+    alone = _cuda_timed(lambda: [a @ a for _ in range(matmuls)])  # about 2 ms on the whole GPU
+
+    def beside(sms: int) -> float:
+        """The matmuls' time while a 10 ms modelled collective holds ``sms`` SMs."""
+        comm = ProjectingCommunicator(rank=0, world=2, profile=flat_profile(10_000), device=dev, sms=sms)
+        pending = comm.all_reduce(torch.zeros(1, device=dev), async_op=True)
+        took = _cuda_timed(lambda: [a @ a for _ in range(matmuls)])
+        pending.wait()
+        torch.cuda.synchronize()
+        return took
+    assert beside(available - 8) > 4 * alone  # 8 SMs left: the matmuls crawl until the collective ends
+    assert beside(1) < 1.3 * alone  # one SM held: hardly slower
+    with pytest.raises(ProfileError, match=f"has {available} SMs"):
+        ProjectingCommunicator(rank=0, world=2, profile=flat_profile(1), device=dev, sms=available)
+
+
+def _overlapping_kernels(prof, collective: str) -> list[tuple[str, str]]:
+    """(collective kernel, other kernel) pairs where the other kernel ran entirely inside the collective."""
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    comm = [k for k in kernels if collective in k[0]]
+    return [(c[0], k[0]) for c in comm for k in kernels if collective not in k[0] and c[1] < k[1] and k[2] < c[2]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tokenweave_overlaps_one_halfs_modelled_sync_with_the_other_halfs_compute():
+    """On the device timeline (CUPTI, through torch.profiler): while the link holds its SMs for one half's
+    sync, a kernel of the other half's compute runs."""
+    runner = projected_runner("random:smollm2-135m", "tokenweave", {"split_min_tokens": "0"}, 2,
+                              flat_profile(200, ns=(2,)), device="cuda")
+    prompt = [list(range(1, 2049))]
+    runner.logits(prompt)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        runner.logits(prompt)
+        torch.cuda.synchronize()
+    assert _overlapping_kernels(prof, "hold_sms")
+
+
+def _tokenweave_timeline_job(comm, device):
+    from suite.parallel.runner import load_runner
+
+    runner = load_runner(comm, device, "random:smollm2-135m", "tokenweave", {"split_min_tokens": "0"})
+    prompt = [list(range(1, 4097))]
+    runner.logits(prompt)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        runner.logits(prompt)
+        torch.cuda.synchronize()
+    return _overlapping_kernels(prof, "nccl")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tokenweave_overlaps_one_halfs_nccl_sync_with_the_other_halfs_compute():
+    """Two ranks on NCCL: a compute kernel runs inside an NCCL kernel of the other half's sync."""
+    from suite.parallel.launch import launch
+
+    assert launch(_tokenweave_timeline_job, 2, device="cuda", backend="nccl")

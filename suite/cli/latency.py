@@ -1,4 +1,4 @@
-"""``spdbench bench``, ``commbench`` and ``validate-projection``: the latency commands."""
+"""``spdbench bench``, ``commbench``, ``profile`` and ``validate-projection``: the latency commands."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def cmd_commbench(args, parser) -> int:
             raise SpdbenchError(f"tp {tp}: a collective needs at least 2 ranks")
     if args.cuda_graph and args.device != "cuda":
         parser.error("--cuda-graph needs --device cuda (NCCL collectives captured in a CUDA graph)")
-    at_least(1, iters=args.iters, repeats=args.repeats)
+    at_least(1, iters=args.iters, repeats=args.repeats, sms=args.sms)
     at_least(0, warmup=args.warmup)
     from suite.latency.commbench import bandwidth_table, commbench, write_profile
     from suite.parallel import launch as launching
@@ -60,9 +60,45 @@ def cmd_commbench(args, parser) -> int:
     measured = commbench(args.tp, args.device, args.backend, sizes, launches=launches, iters=args.iters,
                          warmup=args.warmup, repeats=args.repeats, timeout_s=args.timeout)
     print(bandwidth_table(measured))
-    out = write_profile(measured, args.out, args.name, args.device, backend, args.iters, args.repeats)
+    out = write_profile(measured, args.out, args.name, args.device, backend, args.iters, args.repeats, args.sms)
     print(f"profile written to {out}; use it with --interconnect {out}")
     return 0
+
+
+def cmd_profile(args, parser) -> int:
+    import json
+    import textwrap
+
+    from suite.latency.interconnect import load_profile, modelled_times, parse_bytes
+
+    profile = load_profile(args.name)
+    points = modelled_times(profile, [parse_bytes(s) for s in args.sizes] if args.sizes else None)
+    if args.json:
+        print(json.dumps(points))
+        return 0
+    import pandas as pd
+
+    print(f"{profile.name}: {profile.description}")
+    print(textwrap.fill(f"SMs a collective holds: {profile.sms} ({' '.join(profile.sms_source.split())})", 100,
+                        subsequent_indent="  "))
+    for launch, text in profile.method.items():
+        print(textwrap.fill(f"{launch}: {' '.join(text.split())}", 100, subsequent_indent="  "))
+    print("sources:\n" + "\n".join(textwrap.fill(s, 100, initial_indent="  - ", subsequent_indent="    ")
+                                   for s in profile.sources))
+    table = pd.DataFrame(points).pivot_table(index=["collective", "launch", "n"], columns="bytes", values="us",
+                                             sort=False)
+    table.columns = [_size(b) for b in table.columns]
+    print("modelled time of one collective (us); fused_sync without a table of its own is a reduce-scatter "
+          "plus an all-gather")
+    print(table.to_string(float_format=lambda v: f"{v:.1f}"))
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale}{unit}"
+    return str(nbytes)
 
 
 def cmd_validate(args, parser) -> int:
@@ -123,9 +159,20 @@ def add_commbench(sub) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="timed loops per size (the median is kept)")
     p.add_argument("--cuda-graph", action="store_true", help="also measure collectives replayed from a CUDA graph")
+    p.add_argument("--sms", type=int, default=16,
+                   help="SMs a collective holds, written into the profile (not measured; NCCL uses one per channel)")
     p.add_argument("--name", help="profile name (default measured-HOST-BACKEND)")
     p.add_argument("--out", help="profile file to write (default NAME.yaml)")
     p.set_defaults(handler=cmd_commbench)
+
+
+def add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="what an interconnect profile models: the time of every collective, "
+                                       "launch mode, N and size, with its method and sources")
+    p.add_argument("name", help="a shipped profile (h100-nvswitch, ...) or a profile file")
+    p.add_argument("--sizes", nargs="+", metavar="SIZE", help="message sizes (e.g. 16K 1M); default 1K..1G x4")
+    p.add_argument("--json", action="store_true", help="print a list of {collective, launch, n, bytes, us}")
+    p.set_defaults(handler=cmd_profile)
 
 
 def add_validate_projection(sub) -> None:
@@ -143,6 +190,6 @@ def add_validate_projection(sub) -> None:
     v.add_argument("--repetitions", type=int, default=3)
     v.add_argument("--warmup", type=int, default=1)
     v.add_argument("--cuda-graph", action="store_true", help="decode in a CUDA graph (--device cuda)")
-    v.add_argument("--sms", type=int, default=1, help="SMs the modelled collective holds on a GPU")
+    v.add_argument("--sms", type=int, help="SMs the modelled collective holds on a GPU (default: the profile's)")
     v.add_argument("--json", action="store_true", help="print the per-cell results as JSON")
     v.set_defaults(handler=cmd_validate)

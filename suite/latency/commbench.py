@@ -18,6 +18,7 @@ import yaml
 
 from suite.latency.interconnect import RING_FACTOR, Profile, ProfileError
 
+
 def _timed_loop(op, iters: int, device: torch.device, graph: bool) -> float:
     """Seconds per collective over ``iters`` back-to-back calls (replayed from a CUDA graph if asked)."""
     import torch.distributed as dist
@@ -90,8 +91,9 @@ def commbench(tps: list[int], device: str = "cpu", backend: str = "auto", sizes:
     return measured
 
 
-def profile_document(measured: dict, name: str, description: str, source: str, iters: int, repeats: int) -> dict:
-    """A profile (YAML-ready) whose tables are the measured samples."""
+def profile_document(measured: dict, name: str, description: str, source: str, iters: int, repeats: int,
+                     sms: int) -> dict:
+    """A profile (YAML-ready) whose tables are the measured samples; ``sms`` is stated, not measured."""
     tables = {coll: {launch: {n: {"samples_us": [[b, round(s * 1e6, 2)] for b, s in points]}
                               for n, points in by_n.items()} for launch, by_n in by_launch.items()}
               for coll, by_launch in measured.items()}
@@ -99,7 +101,10 @@ def profile_document(measured: dict, name: str, description: str, source: str, i
               "(float32 buffers, sizes are whole buffers as in nccl-tests), the slowest rank's time. "
               "Latency = the smallest message's time; bus bandwidth at each size carries the rest "
               "(suite.latency.projection.rows_from_samples), interpolated in log(size) between samples.")
-    return {"name": name, "description": description, "sources": [source], "method": method, "tables": tables}
+    sms_source = (f"not measured: given to commbench (--sms {sms}); NCCL's kernels take one SM per channel, and "
+                  "TokenWeave's repository reserves 16 CTAs for its communication kernel")
+    return {"name": name, "description": description, "sources": [source], "method": method, "sms": sms,
+            "sms_source": sms_source, "tables": tables}
 
 
 def bandwidth_table(measured: dict) -> str:
@@ -114,7 +119,7 @@ def bandwidth_table(measured: dict) -> str:
 
 
 def write_profile(measured: dict, out: str | None, name: str | None, device: str, backend: str, iters: int,
-                  repeats: int) -> Path:
+                  repeats: int, sms: int = 16) -> Path:
     """The measured profile as a YAML file (default ``NAME.yaml``); it loads back before it is kept."""
     from suite.results import environment
 
@@ -124,7 +129,7 @@ def write_profile(measured: dict, out: str | None, name: str | None, device: str
     description = f"{backend} on {host} ({device}: {what}; torch {env['torch']}, NCCL {env['nccl']})"
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     source = f"spdbench commbench on {host} at {when} (commit {env['commit']})"
-    document = profile_document(measured, name, description, source, iters, repeats)
+    document = profile_document(measured, name, description, source, iters, repeats, sms)
     path = Path(out or f"{name}.yaml")
     Profile.from_dict(document, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,20 @@ A profile gives, for each collective, launch mode (``eager`` or ``cuda_graph``) 
 of latency and bus bandwidth by message size; the modelled time of one collective is
 
     t(N, B) = latency(N, B) + traffic(N, B) / busbw(N, B),
-    traffic = 2(N-1)/N * B (all-reduce),  (N-1)/N * B (reduce-scatter, all-gather),
+    traffic = 2(N-1)/N * B (all-reduce, fused_sync),  (N-1)/N * B (reduce-scatter, all-gather),
 
 with latency and 1/busbw interpolated in log(size) between rows and held beyond the ends
-(nccl-tests' definitions: ``B`` is the whole buffer). Profiles live in ``suite/latency/profiles``
-as YAML with their sources and method; ``spdbench commbench`` measures one on the hardware at
-hand.
+(nccl-tests' definitions: ``B`` is the whole buffer). ``Profile.seconds`` is that cost, the one
+function projection and simulation use.
+
+Profiles live in ``suite/latency/profiles`` as YAML: ``name``, ``description``, ``sources``, the
+``method`` (one text per launch mode, or one for all), ``sms`` (the SMs a collective's kernel
+holds while it runs, taken from compute) with ``sms_source``, optionally ``floors_us`` (the
+smallest all-reduce times the sources measured, by launch mode and N: the model never goes
+below them), and ``tables``. A table for one N is rows ``[bytes, latency_us, busbw_GBps]``,
+``{latency_us: L, busbw_GBps: [[bytes, GBps], ...]}`` or measured ``{samples_us: [[bytes, us],
+...]}``. ``spdbench profile NAME`` prints what a profile models; ``spdbench commbench``
+measures one on the hardware at hand.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -64,14 +72,17 @@ def rows_from_samples(samples: list[tuple[int, float]], factor: float) -> list[t
 
 
 def _table(entry, factor: float, where: str) -> list[tuple[int, float, float]]:
-    """One N's table: rows ``[bytes, latency_us, busbw_GBps]`` or ``{samples_us: [[bytes, us], ...]}``."""
+    """One N's table: rows ``[bytes, latency_us, busbw_GBps]``, ``{latency_us, busbw_GBps: [[bytes, GBps], ...]}``
+    or ``{samples_us: [[bytes, us], ...]}``."""
     try:
-        if isinstance(entry, dict):
+        if isinstance(entry, dict) and "samples_us" in entry:
             return rows_from_samples([(parse_bytes(b), float(us) * 1e-6) for b, us in entry["samples_us"]], factor)
+        if isinstance(entry, dict):
+            entry = [(b, entry["latency_us"], bw) for b, bw in entry["busbw_GBps"]]
         rows = [(parse_bytes(b), float(lat) * 1e-6, 1 / (float(bw) * 1e9)) for b, lat, bw in entry]
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-        raise ProfileError(f"{where}: expected rows [bytes, latency_us, busbw_GBps] or samples_us "
-                           f"[[bytes, us], ...] ({exc})") from None
+        raise ProfileError(f"{where}: expected rows [bytes, latency_us, busbw_GBps], {{latency_us, busbw_GBps: "
+                           f"[[bytes, GBps], ...]}} or {{samples_us: [[bytes, us], ...]}} ({exc})") from None
     if not rows or [r[0] for r in rows] != sorted({r[0] for r in rows}):
         raise ProfileError(f"{where}: rows must be non-empty with increasing sizes")
     return rows
@@ -97,17 +108,20 @@ class Profile:
     name: str
     description: str
     sources: list[str]
-    method: str
+    method: dict[str, str]  # launch mode -> how its tables were obtained
     tables: dict[str, dict[str, dict[int, list[tuple[int, float, float]]]]]  # [collective][launch][N] -> rows
+    sms: int  # SMs a collective's kernel holds while it runs (taken from compute)
+    sms_source: str
+    floors: dict[str, dict[int, float]] = field(default_factory=dict)  # [launch][N] -> measured floor (s)
     path: str | None = None
-    sms: int = 1  # SMs a collective's kernel occupies while it runs (taken from compute)
 
     @classmethod
     def from_dict(cls, data: dict, path: str | None = None) -> Profile:
         where = path or data.get("name", "profile")
-        missing = [k for k in ("name", "sources", "method", "tables") if not data.get(k)]
+        missing = [k for k in ("name", "sources", "method", "tables", "sms", "sms_source") if not data.get(k)]
         if missing:
-            raise ProfileError(f"{where}: missing {', '.join(missing)} (every profile states its source and method)")
+            raise ProfileError(f"{where}: missing {', '.join(missing)} (every profile states its source and method, "
+                               "and the SMs a collective holds with their source)")
         if not isinstance(data["tables"], dict):
             raise ProfileError(f"{where}: tables must map collectives to launch modes to tables by N")
         tables = {}
@@ -119,15 +133,39 @@ class Profile:
                                      for n, e in by_n.items()} for launch, by_n in by_launch.items()}
         if "all_reduce" not in tables:
             raise ProfileError(f"{where}: needs an all_reduce table (other collectives fall back to it)")
+        method = data["method"]
+        launches = sorted({launch for by_launch in tables.values() for launch in by_launch})
+        method = method if isinstance(method, dict) else dict.fromkeys(launches, str(method))
+        if set(launches) - set(method):
+            raise ProfileError(f"{where}: method must describe every launch mode of its tables ({', '.join(launches)})")
+        sms = data["sms"]
+        if not isinstance(sms, int) or sms < 1:
+            raise ProfileError(f"{where}: sms {sms!r} must be a whole number of SMs, at least 1")
+        try:
+            floors = {launch: {int(n): float(us) * 1e-6 for n, us in by_n.items()}
+                      for launch, by_n in (data.get("floors_us") or {}).items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ProfileError(f"{where}: floors_us must map launch modes to {{N: us}} ({exc})") from None
+        if set(floors) - set(LAUNCHES):
+            raise ProfileError(f"{where}: floors_us keys must be launch modes ({', '.join(LAUNCHES)})")
         sources = data["sources"] if isinstance(data["sources"], list) else [data["sources"]]
-        return cls(data["name"], data.get("description", ""), sources, data["method"], tables, path,
-                   int(data.get("sms", 1)))
+        return cls(data["name"], data.get("description", ""), sources, method, tables, sms, str(data["sms_source"]),
+                   floors, path)
+
+    def ns(self, launch: str) -> list[int]:
+        """The N the all-reduce table of ``launch`` covers (tabulated; N between them are interpolated)."""
+        return sorted(self.tables["all_reduce"].get(launch, {}))
+
+    def launches(self) -> list[str]:
+        return [launch for launch in LAUNCHES if self.ns(launch)]
 
     def seconds(self, collective: str, n: int, nbytes: int, launch: str = "eager") -> float:
         """Modelled time of one collective of ``nbytes`` over ``n`` ranks.
 
         A collective without its own table for ``n`` uses the all-reduce table (same links and
-        protocols; only the ring factor differs). N between two tabulated N is interpolated.
+        protocols; only the ring factor differs; its latency is the all-reduce's). ``fused_sync``
+        without a table of its own costs a reduce-scatter plus an all-gather (no fused kernel).
+        N between two tabulated N is interpolated.
         """
         if n <= 1:
             return 0.0
@@ -172,7 +210,17 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
     except yaml.YAMLError as exc:
         raise ProfileError(f"{path}: not YAML ({exc})") from None
     if not isinstance(data, dict):
-        raise ProfileError(f"{path}: expected a mapping with name, sources, method, tables")
+        raise ProfileError(f"{path}: expected a mapping with name, sources, method, sms, sms_source, tables")
     return Profile.from_dict(data, str(path))
 
 
+SIZES = [4**k for k in range(5, 16)]  # 1 KiB .. 1 GiB, the sizes ``spdbench profile`` shows
+
+
+def modelled_times(profile: Profile, sizes: list[int] | None = None) -> list[dict]:
+    """Every collective (``fused_sync`` included), launch mode, tabulated N and size of ``profile``:
+    ``{collective, launch, n, bytes, us}``."""
+    return [{"collective": coll, "launch": launch, "n": n, "bytes": size,
+             "us": 1e6 * profile.seconds(coll, n, size, launch)}
+            for coll in TRAFFIC for launch in profile.launches() for n in profile.ns(launch)
+            for size in sizes or SIZES]

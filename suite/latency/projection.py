@@ -2,11 +2,12 @@
 
 One rank's shard (the heaviest under the strategy's own layout: uneven head splits and SPD's
 head grouping make ranks unequal) runs for real; every collective is replaced by its modelled
-cost (``suite.latency.interconnect``), spent on the device as a timed wait off the compute path
-(spin kernels on communication streams on a GPU, a deadline on the CPU), so compute issued while
-a collective is in flight overlaps with it, exactly as with the real communicator.
+cost (``Profile.seconds``), spent on the device as a timed wait off the compute path (a kernel
+holding the profile's ``sms`` SMs on a communication stream on a GPU, a deadline on the CPU), so
+compute issued while a collective is in flight overlaps with it, exactly as with the real
+communicator, and pays for the SMs the collective takes.
 
-The numbers a projecting communicator returns are meaningless: it carries ``projected = True``
+The numbers a projecting communicator returns are meaningless: it carries ``carries_data = False``
 and accuracy code must refuse it.
 """
 
@@ -14,15 +15,15 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from suite.latency.interconnect import Profile, ProfileError, load_profile
+from suite.latency.interconnect import FUSED_SYNC, Profile, ProfileError, load_profile
 from suite.parallel.comm import Communicator, Pending
 
 
@@ -54,62 +55,77 @@ class _HostLink:
 
 
 class _Joined:
-    """Device side: ``wait()`` makes the current stream wait for the spin kernels (as NCCL's work.wait())."""
+    """Device side: ``wait()`` makes the current stream wait for the link (as NCCL's work.wait())."""
 
-    def __init__(self, events: list, device: torch.device):
-        self.events, self.device = events, device
+    def __init__(self, event, device: torch.device):
+        self.event, self.device = event, device
 
     def wait(self) -> None:
-        stream = torch.cuda.current_stream(self.device)
-        for event in self.events:
-            stream.wait_event(event)
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+
+# One block per SM, each with 1024 threads and (set at launch) the most shared memory a block may
+# have: no block that needs shared memory (GEMM, attention) fits beside it on its SM. Every thread
+# sleeps until the time is spent, on the GPU's nanosecond clock.
+_HOLD_SMS = r"""
+extern "C" __global__ void __launch_bounds__(1024) hold_sms(double seconds) {
+    extern __shared__ unsigned char held[];
+    (void)held;
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    const unsigned long long span = (unsigned long long)(seconds * 1e9);
+    do {
+        __nanosleep(200);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < span);
+}
+"""
 
 
 @functools.cache
-def _spin_cycles_per_second(device_index: int) -> float:
-    """Clock rate seen by ``torch.cuda._sleep``'s spin kernel, timed with CUDA events."""
-    cycles = 20_000_000
+def _hold_kernel(device_index: int):
+    """The compiled SM-holding kernel (NVRTC, through torch) and the shared memory each block takes."""
     with torch.cuda.device(device_index):
-        torch.cuda._sleep(cycles // 10)  # warm up the clocks
-        rates = []
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.cuda._sleep(cycles)
-            end.record()
-            end.synchronize()
-            rates.append(cycles / (start.elapsed_time(end) / 1e3))
-    return statistics.median(rates)
+        try:
+            kernel = torch.cuda._compile_kernel(_HOLD_SMS, "hold_sms")
+        except OSError as exc:  # torch looks for the CUDA toolkit's headers even when a kernel needs none
+            raise ProfileError(f"the kernel that holds a modelled collective's SMs did not compile ({exc}); "
+                               "set CUDA_HOME to a CUDA installation") from None
+        shared = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+        kernel.set_shared_memory_config(shared)
+    return kernel, shared
 
 
 class _DeviceLink:
-    """GPU side: ``sms`` spin kernels (``torch.cuda._sleep``) on their own streams, one per SM that an
-    NCCL kernel would occupy.
+    """GPU side: each collective is one ``hold_sms`` kernel of ``sms`` blocks on the link's own stream.
 
-    Each stream runs in order, so collectives queue on the link as they do on NCCL's stream;
-    a collective starts once the current stream has produced its input, and waiting joins the
-    current stream to it (no host sync). Works under CUDA-graph capture: the streams fork from
-    and join the capturing stream. Limits: a spin kernel is a single one-thread block, so it
-    takes a block slot on an SM but not the registers and shared memory an NCCL block holds;
-    it counts SM clock cycles, calibrated once, so a clock that drops under load lengthens it.
+    The stream runs in order, so collectives queue on the link as they do on NCCL's stream; a
+    collective starts once the current stream has produced its input, and waiting joins the
+    current stream to it (no host sync). While it runs it holds ``sms`` SMs, as an NCCL kernel
+    does with its channels: compute that overlaps it runs on the others. Works under CUDA-graph
+    capture (the link stream forks from and joins the capturing stream). Limits: its blocks
+    sleep, so they take SMs but neither memory bandwidth nor issue slots as NCCL's copies do;
+    elementwise blocks without shared memory can still use the rest of a held SM's threads; the
+    clock's resolution (``%globaltimer``) is about a microsecond on some GPUs.
     """
 
     def __init__(self, device: torch.device, sms: int):
-        self.device = device
-        self.streams = [torch.cuda.Stream(device) for _ in range(sms)]
-        self.cycles_per_s = _spin_cycles_per_second(device.index if device.index is not None else 0)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        available = torch.cuda.get_device_properties(index).multi_processor_count
+        if sms >= available:
+            raise ProfileError(f"sms {sms}: the device has {available} SMs, and a modelled collective must leave "
+                               "some to compute")
+        self.device, self.sms = device, sms
+        self.stream = torch.cuda.Stream(device)
+        self.kernel, self.shared = _hold_kernel(index)
 
     def spend(self, seconds: float) -> _Joined:
-        compute = torch.cuda.current_stream(self.device)
-        events = []
-        for stream in self.streams:
-            stream.wait_stream(compute)
-            with torch.cuda.stream(stream):
-                torch.cuda._sleep(max(1, round(seconds * self.cycles_per_s)))
-            event = torch.cuda.Event()
-            event.record(stream)
-            events.append(event)
-        return _Joined(events, self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.kernel(grid=(self.sms, 1, 1), block=(1024, 1, 1), args=[float(seconds)], shared_mem=self.shared,
+                    stream=self.stream)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return _Joined(event, self.device)
 
 
 @dataclass
@@ -118,18 +134,23 @@ class ProjectingCommunicator(Communicator):
 
     Results keep the real shapes (all-reduce: the local partial; reduce-scatter: this rank's
     chunk of it; all-gather: the local piece repeated), so strategies run unchanged, but their
-    values are not the model's. ``modelled_s`` accumulates the modelled link time.
+    values are not the model's. ``fused_sync`` is one modelled collective (TokenWeave's fused
+    kernel; a profile without a table for it costs a reduce-scatter plus an all-gather).
+    ``modelled_s`` accumulates the modelled link time and ``counts`` the collectives by kind, as
+    issued (a CUDA graph's replays issue nothing from Python).
     """
 
     profile: Profile | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    sms: int = 1
+    sms: int | None = None  # SMs a modelled collective holds on a GPU (default: the profile's)
     modelled_s: float = 0.0
+    counts: Counter = field(default_factory=Counter)
     carries_data: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.profile is None:
             raise ProfileError("a projecting communicator needs an interconnect profile")
+        self.sms = self.profile.sms if self.sms is None else self.sms
         if self.sms < 1:
             raise ProfileError(f"sms {self.sms} is invalid: at least one SM spends the modelled time")
         self.device = torch.device(self.device)
@@ -144,6 +165,7 @@ class ProjectingCommunicator(Communicator):
             return Pending(out) if async_op else out
         seconds = self.profile.seconds(collective, self.world, nbytes, self.launch_mode())
         self.modelled_s += seconds
+        self.counts[collective] += 1
         if self.stats.enabled:
             self.stats.calls += 1
         pending = Pending(out, self._link.spend(seconds), self.stats)
@@ -160,6 +182,13 @@ class ProjectingCommunicator(Communicator):
     def all_gather(self, x: torch.Tensor, async_op: bool = False):
         out = x.repeat(self.world, *[1] * (x.dim() - 1)) if self.world > 1 else x
         return self._spend("all_gather", out, out.numel() * out.element_size(), async_op)
+
+    def fused_sync(self, partial: torch.Tensor, residual: torch.Tensor, norm=None):
+        """One modelled collective; the add and norm run inside the fused kernel (its modelled time)."""
+        if self.world == 1:
+            return super().fused_sync(partial, residual, norm)
+        gathered = residual.repeat(self.world, *[1] * (residual.dim() - 1))
+        return residual, self._spend(FUSED_SYNC, gathered, partial.numel() * partial.element_size(), False)
 
 
 def heaviest_rank(config, tp: int, layout=None) -> int:
@@ -196,13 +225,15 @@ def _device(name: str) -> torch.device:
 
 
 def projected_runner(model: str, strategy: str, options: dict | None, tp: int, profile: Profile,
-                     dtype: str = "float32", device: str = "cpu", sms: int = 1):
-    """A Runner of the heaviest rank's shard whose collectives are modelled on ``profile``."""
+                     dtype: str = "float32", device: str = "cpu", sms: int | None = None, models=None):
+    """A Runner of the heaviest rank's shard under the strategy's own layout (an SPD plan's head
+    grouping included), whose collectives are modelled on ``profile``; ``models`` (a ``ModelCache``)
+    keeps a loaded shard for the next cell."""
     from suite.model.sharding import check_tp
     from suite.parallel.runner import ModelCache
     from suite.parallel.strategy import bound_strategy
 
-    models = ModelCache(_device(device))
+    models = models or ModelCache(_device(device))
     source = models.source(model)
     check_tp(source.config, tp)
     chosen = bound_strategy(strategy, options, source, tp)
@@ -213,18 +244,20 @@ def projected_runner(model: str, strategy: str, options: dict | None, tp: int, p
 
 def project_cell(cell, runner) -> dict:
     """Latency row fields of one cell, timed on the projected rank (no telemetry: one rank is not N GPUs)."""
-    from suite.latency.measure import measure, prompts_for
+    from suite.latency.measure import measure, prompts_for, share_fields
     from suite.latency.stats import summarise
 
     prompts = prompts_for(cell, runner.model.config.vocab_size)
+    cuda_graph = cell.decode_mode == "cuda_graph"
     with _rank_threads(runner.device, runner.comm.world):
         timings = measure(runner, runner.comm, prompts, cell.new_tokens, cell.repetitions, cell.warmup,
-                          cuda_graph=cell.decode_mode == "cuda_graph")
-    return summarise(timings, cell.batch, cell.new_tokens) | {
+                          cuda_graph=cuda_graph)
+    return summarise(timings, cell.batch, cell.new_tokens) | share_fields(timings, runner.comm, runner.device,
+                                                                          cuda_graph) | {
         "telemetry_status": "n/a: projected (one rank's shard; the interconnect is modelled)", "telemetry": {}}
 
 
-def project_cells(cells, sms: int = 1):
+def project_cells(cells, sms: int | None = None):
     """Cells of one (tp, device, interconnect) with ``mode: projected``, one after the other: yields
     ``(cell, row fields, None)`` or, for a cell that fails, ``(cell, None, error)``.
 
@@ -232,16 +265,13 @@ def project_cells(cells, sms: int = 1):
     loaded shard when they run the same rank model.
     """
     from suite.parallel.runner import ModelCache
-    from suite.parallel.strategy import bound_strategy
 
     profile = load_profile(cells[0].interconnect)
     models = ModelCache(_device(cells[0].device))
     for cell in cells:
         try:
-            source = models.source(cell.model)
-            strategy = bound_strategy(cell.strategy, cell.strategy_options, source, cell.tp)
-            rank = heaviest_rank(source.config, cell.tp, strategy.layout(source.config, cell.tp))
-            comm = ProjectingCommunicator(rank=rank, world=cell.tp, profile=profile, device=models.device, sms=sms)
-            yield cell, project_cell(cell, models.runner(cell.model, cell.dtype, strategy, comm)), None
+            runner = projected_runner(cell.model, cell.strategy, cell.strategy_options, cell.tp, profile, cell.dtype,
+                                      cell.device, sms, models)
+            yield cell, project_cell(cell, runner), None
         except Exception as exc:  # this cell fails with its reason; the rest still run
             yield cell, None, f"{exc.__class__.__name__}: {exc}"

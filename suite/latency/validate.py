@@ -36,7 +36,7 @@ def _measured_job(comm, device, cells):
     return out
 
 
-def validate(cells: list[LatencyScenario], profile: Profile, sms: int = 1) -> list[dict]:
+def validate(cells: list[LatencyScenario], profile: Profile, sms: int | None = None) -> list[dict]:
     """Per cell: measured and projected prefill / decode medians and the relative error."""
     from suite.latency.projection import project_cell, projected_runner
     from suite.parallel import launch as launching

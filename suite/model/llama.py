@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -35,16 +36,22 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class Segment:
-    """A rectangle of the batch: ``rows`` x ``len(slots)`` tokens, contiguous in the flat stream."""
+    """A rectangle of the batch: ``rows`` x ``len(slots)`` tokens, contiguous in the flat stream.
+
+    A ``causal`` segment holds rows without padding whose tokens are the last ``length`` of cache
+    positions ``0 .. kv_len-1``, each attending to every key up to its own: causal attention aligned
+    to the lower right (SDPA's ``is_causal`` when ``length == kv_len``), with no mask built.
+    Otherwise ``mask`` says where attention is allowed.
+    """
 
     tokens: slice  # position of the rectangle in the flat token stream
     rows: slice  # batch rows (= KV-cache rows)
     slots: torch.Tensor  # [length] cache positions these tokens occupy
     kv_len: int  # cache positions attended to (keys 0 .. kv_len-1)
-    mask: torch.Tensor  # [rows, 1, length, kv_len] True where attention is allowed
+    mask: torch.Tensor | None  # [rows, 1, length, kv_len] True where attention is allowed (None: causal)
     cos: torch.Tensor  # [rows, length, head_dim]
     sin: torch.Tensor
-    causal: bool = False  # plain causal attention from slot 0 without padding (``mask`` not needed)
+    causal: bool = False
 
     @property
     def n_rows(self) -> int:
@@ -54,13 +61,25 @@ class Segment:
     def length(self) -> int:
         return self.slots.shape[0]
 
+    def attention_mask(self):
+        """``(attn_mask, is_causal)`` for SDPA: the causal kernels for causal segments, else the mask."""
+        if not self.causal:
+            return self.mask, False
+        if self.length == self.kv_len:
+            return None, True
+        return causal_lower_right(self.length, self.kv_len), False
+
     def sub(self, rows: slice, cols: slice, offset: int) -> Segment:
-        """The sub-rectangle ``rows x cols`` (relative), placed at ``offset`` in a new stream."""
+        """The sub-rectangle ``rows x cols`` (relative), placed at ``offset`` in a new stream.
+
+        Slots ascend by one, so the keys after ``cols`` are not needed; a causal segment's part
+        after a cut is the lower-right-aligned causal part of the same rows."""
         slots = self.slots[cols]
         n = (rows.stop - rows.start) * slots.shape[0]
-        kv_len = self.kv_len - (self.length - cols.stop)  # slots ascend by one: later keys are not needed
+        kv_len = self.kv_len - (self.length - cols.stop)
+        mask = None if self.mask is None else self.mask[rows, :, cols, :kv_len]
         return Segment(slice(offset, offset + n), slice(self.rows.start + rows.start, self.rows.start + rows.stop),
-                       slots, kv_len, self.mask[rows, :, cols, :kv_len], self.cos[rows, cols], self.sin[rows, cols])
+                       slots, kv_len, mask, self.cos[rows, cols], self.sin[rows, cols], self.causal)
 
 
 @dataclass
@@ -134,13 +153,13 @@ class Attention(nn.Module):
         k_cache.index_copy_(2, seg.slots, k)
         v_cache.index_copy_(2, seg.slots, v)
         k, v = k_cache[:, :, : seg.kv_len], v_cache[:, :, : seg.kv_len]
-        mask = None if seg.causal else seg.mask
+        mask, is_causal = seg.attention_mask()
         if self.uniform_gqa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=seg.causal,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                  enable_gqa=self.n_kv != self.n_q)
         else:
             k, v = k.index_select(1, self.kv_of_q), v.index_select(1, self.kv_of_q)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=seg.causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(rows * length, self.n_q * hd))
 
 
@@ -198,18 +217,19 @@ class Transformer(nn.Module):
 
         ``pad[b]`` is row b's number of left-pad slots: its tokens attend causally to cache
         positions >= pad[b], and a pad position attends only to itself (never a row of NaNs).
+        A prefill from slot 0 without padding is plain causal attention: no mask is built.
         """
-        keys = torch.arange(kv_len, device=slots.device)
-        query = slots.view(1, -1, 1)
-        mask = (keys <= query) & ((keys >= pad.view(-1, 1, 1)) | (keys == query))
         positions = (slots.view(1, -1) - pad.view(-1, 1)).clamp(min=0)
         cos, sin = self.rotary(self.embed_tokens.weight, positions)
         rows = pad.shape[0]
-        # A prefill from slot 0 without padding is plain causal attention (SDPA's fast path);
-        # decode (one slot, kv_len > 1) never reads ``pad`` back from the device.
+        # decode (one slot, kv_len > 1) never reads ``pad`` back from the device
         causal = slots.shape[0] == kv_len and not bool(pad.any())
-        seg = Segment(slice(0, rows * slots.shape[0]), slice(0, rows), slots, kv_len, mask.unsqueeze(1), cos, sin,
-                      causal)
+        mask = None
+        if not causal:
+            keys = torch.arange(kv_len, device=slots.device)
+            query = slots.view(1, -1, 1)
+            mask = ((keys <= query) & ((keys >= pad.view(-1, 1, 1)) | (keys == query))).unsqueeze(1)
+        seg = Segment(slice(0, rows * slots.shape[0]), slice(0, rows), slots, kv_len, mask, cos, sin, causal)
         return ForwardContext([seg])
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:

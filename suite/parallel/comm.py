@@ -3,7 +3,7 @@
 ``Communicator`` wraps torch.distributed (NCCL when every rank has its own GPU, gloo on CPU or
 when ranks share a device). Every collective has a synchronous form and an async form that
 returns a ``Pending`` whose ``wait()`` yields the result, so strategies can overlap a
-collective with compute. Time spent inside collectives is accumulated in ``stats``.
+collective with compute. The time spent waiting for collectives is accumulated in ``stats``.
 """
 
 from __future__ import annotations
@@ -23,14 +23,58 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 @dataclass
 class CommStats:
-    """Wall time spent blocked in collectives (sync calls and ``wait()``), and their count."""
+    """Time spent waiting for collectives (sync calls and ``wait()``), and their count.
+
+    On a CPU the host is blocked while a collective runs: its wall time is the waiting time. On a
+    GPU collectives are asynchronous to the host (its time would only be the enqueue): the waiting
+    time is the span between two CUDA events recorded on the stream that waits, before the
+    collective (or its ``wait()``) and after it, i.e. how long that stream stood still for it.
+    ``total()`` reads the spans (one synchronisation). Collectives captured in a CUDA graph are
+    not timed (events inside a graph do not time its replays).
+    """
 
     seconds: float = 0.0
     calls: int = 0
     enabled: bool = False
+    spans: list = field(default_factory=list)  # (start, end) CUDA events not yet read
 
     def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
+        self.seconds, self.calls, self.spans = 0.0, 0, []
+
+    def start(self, x: torch.Tensor):
+        """A mark before waiting for a collective on ``x``'s device (None: not timed)."""
+        if not self.enabled:
+            return None
+        if not x.is_cuda:
+            return time.perf_counter()
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, mark) -> None:
+        if isinstance(mark, float):
+            self.seconds += time.perf_counter() - mark
+        elif mark is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans.append((mark, end))
+
+    def total(self) -> float:
+        """Seconds spent waiting so far."""
+        if self.spans:
+            self.spans[-1][1].synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.spans) / 1e3
+            self.spans = []
+        return self.seconds
+
+
+def split_sync(comm, partial: torch.Tensor, residual: torch.Tensor, norm=None):
+    """``residual_i += RS(partial)_i``, then ``AG(norm(residual_i))`` (``AG(residual_i)`` without a
+    norm): two collectives with the add and norm between them; returns both."""
+    residual = residual + comm.reduce_scatter(partial)
+    return residual, comm.all_gather(residual if norm is None else norm(residual))
 
 
 class Pending:
@@ -41,11 +85,10 @@ class Pending:
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            timed = self._stats is not None and self._stats.enabled
-            start = time.perf_counter() if timed else 0.0
+            mark = self._stats.start(self._result) if self._stats is not None else None
             self._work.wait()
-            if timed:
-                self._stats.seconds += time.perf_counter() - start
+            if mark is not None:
+                self._stats.stop(mark)
             self._work = None
         return self._result
 
@@ -73,10 +116,9 @@ class Communicator:
             self.stats.calls += 1
         if async_op:
             return Pending(out, op(True), self.stats)
-        start = time.perf_counter() if self.stats.enabled else 0.0
+        mark = self.stats.start(out)
         op(False)
-        if self.stats.enabled:
-            self.stats.seconds += time.perf_counter() - start
+        self.stats.stop(mark)
         return out
 
     def all_reduce(self, x: torch.Tensor, async_op: bool = False):
@@ -97,12 +139,11 @@ class Communicator:
                          out, async_op)
 
     def fused_sync(self, partial: torch.Tensor, residual: torch.Tensor, norm=None):
-        """TokenWeave's sync of a token-sharded residual: ``residual_i += RS(partial)_i``, then
-        ``AG(norm(residual_i))`` (``AG(residual_i)`` without a norm); returns both. Here the two
-        collectives with the add and norm between them; a modelled communicator may cost it as one
-        fused kernel (``fused_sync`` in an interconnect profile)."""
-        residual = residual + self.reduce_scatter(partial)
-        return residual, self.all_gather(residual if norm is None else norm(residual))
+        """TokenWeave's sync of a token-sharded residual in one kernel (multimem reduce-scatter +
+        residual add + RMSNorm + all-gather); returns ``(residual_i, gathered)`` as ``split_sync``.
+        torch.distributed has no such kernel (NVLS multimem is not exposed): this runs
+        ``split_sync``; a modelled communicator costs it as one ``fused_sync`` collective."""
+        return split_sync(self, partial, residual, norm)
 
     def side_stream(self, device: torch.device):
         """A context running work on a second stream (CUDA), or inline where streams do not exist."""
