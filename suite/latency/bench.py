@@ -248,6 +248,10 @@ def _modelled_cells(mode: str):
         from suite.latency.projection import project_cells
 
         return project_cells
+    if mode == "simulated":
+        from suite.latency.simulation import simulate_cells
+
+        return simulate_cells
     raise ConfigError(f"mode={mode}: not a modelled mode")
 
 
@@ -269,6 +273,11 @@ def run(cells: list[LatencyScenario], out: str | os.PathLike, command: str = "")
             tqdm.write(f"bench: cell {cell.label()} failed: {error}", file=sys.stderr)
             store.append(latency_row(cell, error=error, env=env, command=command))
 
+    simulated = [c for c in pending if c.mode == "simulated" and check_settings(c) is None]
+    if simulated:  # unknown profiles and strategies the simulation cannot express: usage errors
+        from suite.latency.simulation import check_cells
+
+        check_cells(simulated)
     runnable = []
     for c in pending:
         reason = check(c)

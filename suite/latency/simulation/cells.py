@@ -1,0 +1,183 @@
+"""Simulated cells: the strategy's own code on the heaviest rank's weightless shard, on the virtual clock.
+
+A cell is simulated the way the runner (``suite.parallel.runner``) runs it: a prefill of the whole batch
+from the host (eager launches; time to first token), then decode steps of one token per row (eager
+launches, or one CUDA-graph replay per step under ``decode_mode: cuda_graph``), each followed by the
+argmax; every step starts with host and device idle, as the runner's steps do (it synchronises with
+the device when it makes the step's position tensor). The runner's decode attends over the whole KV
+cache at every step (a mask hides the slots not yet written), so every decode step runs the same
+kernels on the same shapes: one simulated step stands for all of them, exactly.
+
+The forward context (masks, RoPE tables) is built by the model's own code on the host, priced as the
+device would run it, then moved to the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+
+from suite.errors import SpdbenchError
+from suite.latency.device import DeviceProfile, load_device
+from suite.latency.interconnect import Profile, load_profile
+from suite.latency.projection import heaviest_rank
+from suite.latency.simulation.clock import Timeline
+from suite.latency.simulation.communicator import SimulatedCommunicator
+from suite.latency.simulation.costing import CostMode, tensor_bytes
+from suite.latency.stats import Timings, summarise
+from suite.model.llama import ForwardContext, Transformer
+from suite.model.sharding import build_weightless_rank_model
+from suite.model.sources import DTYPES, resolve
+from suite.parallel.strategy import Strategy, bound_strategy, make_strategy
+
+GB = 1e9
+
+
+class DoesNotFit(Exception):
+    """The rank's weights, KV cache and activations exceed the device's memory."""
+
+
+@dataclasses.dataclass
+class Step:
+    """One simulated step: its time, the part of it with a collective in flight and no compute running,
+    the link time, the kernels issued and the peak of live activation bytes."""
+
+    seconds: float
+    exposed_s: float
+    link_s: float
+    kernels: int
+    peak_bytes: int
+
+
+@dataclasses.dataclass
+class Generation:
+    """A simulated prefill and decode step (every decode step of the runner costs the same)."""
+
+    batch: int
+    new_tokens: int
+    prefill: Step
+    decode: Step | None  # None when only one token is generated
+    memory_bytes: dict[str, float]
+
+    @property
+    def e2e_s(self) -> float:
+        return self.prefill.seconds + (self.new_tokens - 1) * (self.decode.seconds if self.decode else 0.0)
+
+    @property
+    def exposed_s(self) -> float:
+        return self.prefill.exposed_s + (self.new_tokens - 1) * (self.decode.exposed_s if self.decode else 0.0)
+
+
+def check_expressible(strategy: Strategy) -> None:
+    """The simulation builds a rank's weightless shard from ``layout()``: a strategy that builds its
+    own rank model cannot be simulated."""
+    if type(strategy).load_model is not Strategy.load_model:
+        raise SpdbenchError(f"strategy {strategy.name!r} builds its own rank model (load_model); the simulation "
+                            f"can only build shards from a strategy's layout()")
+
+
+class Simulator:
+    """Simulates cells on one device profile and interconnect (the op shapes it learns are kept)."""
+
+    def __init__(self, device: DeviceProfile, link: Profile, fusion: str = "eager"):
+        self.device, self.link = device, link
+        self.clock = Timeline(device, link.sms)
+        self.cost = CostMode(self.clock, fusion)
+
+    def generation(self, model: Transformer, strategy: Strategy, tp: int, rank: int, batch: int, prompt_len: int,
+                   new_tokens: int, decode_graph: bool) -> Generation:
+        """Prefill ``batch`` prompts of ``prompt_len`` tokens and decode ``new_tokens``; raises DoesNotFit."""
+        comm = SimulatedCommunicator(rank=rank, world=tp, profile=self.link, cost=self.cost)
+        max_len = prompt_len + new_tokens
+        model.setup_cache(batch, max_len)
+        caches = [c for layer in model.layers for c in (layer.self_attn.k_cache, layer.self_attn.v_cache)]
+        for cache in caches:
+            self.cost.track(cache)
+        memory = {"weights": float(sum(tensor_bytes(p) for p in model.parameters())),
+                  "kv_cache": float(sum(map(tensor_bytes, caches)))}
+        self._check_fits(memory, tp, batch)
+        host = SimpleNamespace(embed_tokens=SimpleNamespace(weight=torch.empty(0, dtype=model.embed_tokens.weight.dtype)),
+                               rotary=type(model.rotary)(model.config))
+
+        def step(slots: torch.Tensor, kv_len: int, graph: bool) -> Step:
+            tokens = torch.zeros(batch * slots.shape[0], dtype=torch.long, device="meta")
+            self.cost.start_step()
+            with torch.no_grad(), self.cost.active():
+                with self.clock.graph_replay() if graph else nullcontext():
+                    ctx = self._context(host, torch.zeros(batch, dtype=torch.long), slots, kv_len)
+                    logits = model(tokens, ctx, lambda layers, h, c: strategy.run_layers(layers, h, comm, c),
+                                   last_only=True)
+                logits.argmax(-1)
+                seconds = self.clock.end()
+            return Step(seconds, self.clock.exposed_communication(), self.clock.communication(), self.clock.kernels,
+                        self.clock.peak)
+
+        prefill = step(torch.arange(prompt_len), prompt_len, graph=False)
+        decode = step(torch.tensor([prompt_len]), max_len, decode_graph) if new_tokens > 1 else None
+        memory["activations"] = float(max(s.peak_bytes for s in (prefill, decode) if s))
+        self._check_fits(memory, tp, batch)
+        return Generation(batch, new_tokens, prefill, decode, memory)
+
+    def _context(self, host, pad: torch.Tensor, slots: torch.Tensor, kv_len: int) -> ForwardContext:
+        """The model's own context code, run on the host (priced as device work), moved to meta."""
+        ctx = Transformer.context(host, pad, slots, kv_len)
+        with self.cost.pause():
+            return ForwardContext([dataclasses.replace(s, slots=s.slots.to("meta"), mask=s.mask.to("meta"),
+                                                       cos=s.cos.to("meta"), sin=s.sin.to("meta"))
+                                   for s in ctx.segments])
+
+    def _check_fits(self, memory: dict[str, float], tp: int, batch: int) -> None:
+        need = sum(memory.values())
+        if need > self.device.memory_bytes:
+            parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.1f} GB" for k, v in memory.items())
+            raise DoesNotFit(f"does not fit: the heaviest rank at tp={tp}, batch={batch} needs {need / GB:.1f} GB "
+                             f"({parts}) and {self.device.name} has {self.device.memory_bytes / GB:.0f} GB")
+
+
+def load_profiles(device_profile: str, interconnect: str) -> tuple[DeviceProfile, Profile]:
+    return load_device(device_profile), load_profile(interconnect)
+
+
+def row_values(generation: Generation) -> dict:
+    """Latency row fields of a simulated generation (the fields measured rows have)."""
+    timings, decode = Timings(), generation.decode
+    timings.add(1e3 * generation.prefill.seconds, 1e3 * decode.seconds if decode else None,
+                1e3 * generation.e2e_s, generation.exposed_s / generation.e2e_s)
+    return summarise(timings, generation.batch, generation.new_tokens) | {
+        "comm_fraction_status": "simulated: share of the time with a collective in flight and no compute running",
+        "telemetry_status": "n/a: simulated (no device ran)", "telemetry": {}}
+
+
+def simulate_cells(cells):
+    """Cells of one (tp, interconnect, device profile) with ``mode: simulated``, one after the other: yields
+    ``(cell, row fields, None)`` or, for a cell that fails (e.g. does not fit), ``(cell, None, error)``."""
+    device, link = load_profiles(cells[0].device_profile, cells[0].interconnect)
+    simulator, models = Simulator(device, link), {}
+    for cell in cells:
+        try:
+            source = resolve(cell.model)
+            strategy = bound_strategy(cell.strategy, cell.strategy_options, source, cell.tp)
+            check_expressible(strategy)
+            layout = strategy.layout(source.config, cell.tp)
+            rank = heaviest_rank(source.config, cell.tp, layout)
+            key = (cell.model, cell.dtype, cell.tp, strategy.model_key())
+            if key not in models:
+                models.clear()
+                models[key] = build_weightless_rank_model(source.config, cell.tp, rank, DTYPES[cell.dtype], layout)
+            generation = simulator.generation(models[key], strategy, cell.tp, rank, cell.batch, cell.prompt_len,
+                                              cell.new_tokens, cell.decode_mode == "cuda_graph")
+            yield cell, row_values(generation), None
+        except (DoesNotFit, SpdbenchError) as exc:
+            yield cell, None, str(exc) if isinstance(exc, DoesNotFit) else f"{exc.__class__.__name__}: {exc}"
+
+
+def check_cells(cells) -> None:
+    """Raise a one-line error for a simulated cell whose profiles are unknown or whose strategy the
+    simulation cannot express (before any cell runs)."""
+    for names in sorted({(c.device_profile, c.interconnect) for c in cells}):
+        load_profiles(*names)
+    for name, options in {(c.strategy, tuple(sorted(c.strategy_options.items()))) for c in cells}:
+        check_expressible(make_strategy(name, dict(options)))
