@@ -86,6 +86,8 @@ class Simulator:
         self.device, self.link = device, link
         self.clock = Timeline(device, link.sms)
         self.cost = CostMode(self.clock, fusion)
+        self._hosts: dict = {}  # (config, dtype) -> what the context code reads of a model
+        self._contexts: dict = {}  # (host, rows, slots, first slot, kv_len) -> (context, what it issued)
 
     def generation(self, model: Transformer, strategy: Strategy, tp: int, rank: int, batch: int, prompt_len: int,
                    new_tokens: int, decode_graph: bool) -> Generation:
@@ -99,15 +101,14 @@ class Simulator:
         memory = {"weights": float(sum(tensor_bytes(p) for p in model.parameters())),
                   "kv_cache": float(sum(map(tensor_bytes, caches)))}
         self._check_fits(memory, tp, batch)
-        host = SimpleNamespace(embed_tokens=SimpleNamespace(weight=torch.empty(0, dtype=model.embed_tokens.weight.dtype)),
-                               rotary=type(model.rotary)(model.config))
+        host = self._host(model)
 
-        def step(slots: torch.Tensor, kv_len: int, graph: bool) -> Step:
-            tokens = torch.zeros(batch * slots.shape[0], dtype=torch.long, device="meta")
+        def step(first: int, length: int, kv_len: int, graph: bool) -> Step:
+            tokens = torch.zeros(batch * length, dtype=torch.long, device="meta")
             self.cost.start_step()
             with torch.no_grad(), self.cost.active():
                 with self.clock.graph_replay() if graph else nullcontext():
-                    ctx = self._context(host, torch.zeros(batch, dtype=torch.long), slots, kv_len)
+                    ctx = self._context(host, batch, first, length, kv_len)
                     logits = model(tokens, ctx, lambda layers, h, c: strategy.run_layers(layers, h, comm, c),
                                    last_only=True)
                 logits.argmax(-1)
@@ -115,19 +116,41 @@ class Simulator:
             return Step(seconds, self.clock.exposed_communication(), self.clock.communication(), self.clock.kernels,
                         self.clock.peak)
 
-        prefill = step(torch.arange(prompt_len), prompt_len, graph=False)
-        decode = step(torch.tensor([prompt_len]), max_len, decode_graph) if new_tokens > 1 else None
+        prefill = step(0, prompt_len, prompt_len, graph=False)
+        decode = step(prompt_len, 1, max_len, decode_graph) if new_tokens > 1 else None
         memory["activations"] = float(max(s.peak_bytes for s in (prefill, decode) if s))
         self._check_fits(memory, tp, batch)
         return Generation(batch, new_tokens, prefill, decode, memory)
 
-    def _context(self, host, pad: torch.Tensor, slots: torch.Tensor, kv_len: int) -> ForwardContext:
-        """The model's own context code, run on the host (priced as device work), moved to meta."""
-        ctx = Transformer.context(host, pad, slots, kv_len)
+    def _host(self, model: Transformer) -> SimpleNamespace:
+        """What ``Transformer.context`` reads of a model (the dtype, the RoPE tables), on the host."""
+        dtype = model.embed_tokens.weight.dtype
+        key = (model.config.to_json_string(), dtype)
+        if key not in self._hosts:
+            self._hosts[key] = SimpleNamespace(key=key, embed_tokens=SimpleNamespace(weight=torch.empty(0, dtype=dtype)),
+                                               rotary=type(model.rotary)(model.config))
+        return self._hosts[key]
+
+    def _context(self, host, rows: int, first: int, length: int, kv_len: int) -> ForwardContext:
+        """The model's own context code for unpadded rows at slots ``first .. first + length - 1``, run on
+        the host (priced as device work) and moved to meta.
+
+        Contexts of the same shape are built once; later steps issue the same kernels again."""
+        key = (host.key, rows, first, length, kv_len)
+        if key in self._contexts:
+            ctx, issued = self._contexts[key]
+            self.clock.replay(issued)
+            return ctx
+        with self.cost.pause():  # the runner makes these before it starts timing
+            pad, slots = torch.zeros(rows, dtype=torch.long), torch.arange(first, first + length)
+        with self.clock.recording() as issued:
+            ctx = Transformer.context(host, pad, slots, kv_len)
         with self.cost.pause():
-            return ForwardContext([dataclasses.replace(s, slots=s.slots.to("meta"), mask=s.mask.to("meta"),
-                                                       cos=s.cos.to("meta"), sin=s.sin.to("meta"))
-                                   for s in ctx.segments])
+            ctx = ForwardContext([dataclasses.replace(s, slots=s.slots.to("meta"), mask=s.mask.to("meta"),
+                                                      cos=s.cos.to("meta"), sin=s.sin.to("meta"))
+                                  for s in ctx.segments])
+        self._contexts[key] = ctx, issued
+        return ctx
 
     def _check_fits(self, memory: dict[str, float], tp: int, batch: int) -> None:
         need = sum(memory.values())

@@ -59,6 +59,7 @@ class Timeline:
         self.share = 1 - collective_sms / device.sms  # compute's share of the SMs while a collective runs
         self.barriers = []  # callbacks run before anything that orders work across streams
         self.live = self.peak = 0
+        self.log: list | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -90,6 +91,8 @@ class Timeline:
     def kernel(self, seconds: float, ready: float = 0.0) -> float:
         """A compute kernel of ``seconds`` (at the whole device) on the current stream whose inputs are
         ready at ``ready``; returns its end."""
+        if self.log is not None:
+            self.log.append(seconds)
         start = max(self._issued(), self.free[self.stream], ready)
         end = self._progress(start, seconds + (self.device.launch_s["graph_node"] if self.graph else 0.0))
         self.free[self.stream] = end
@@ -99,8 +102,9 @@ class Timeline:
 
     def _progress(self, start: float, work: float) -> float:
         """When ``work`` seconds of compute started at ``start`` end, at ``share`` while a collective runs."""
-        t, left = start, work
-        for begin, end in self.links[bisect.bisect_right(self._link_ends, t):]:
+        t, left, links = start, work, self.links
+        for i in range(bisect.bisect_right(self._link_ends, t), len(links)):
+            begin, end = links[i]
             if begin > t:
                 if left <= begin - t:
                     return t + left
@@ -127,7 +131,28 @@ class Timeline:
 
     def sync_host(self) -> None:
         """The host waits for the device (a value read back, e.g. ``.item()``)."""
+        if self.log is not None:
+            self.log.append(None)
         self.host = self.end()
+
+    @contextmanager
+    def recording(self):
+        """Yields the list of what is issued inside (kernel seconds, None for a host sync), for ``replay``."""
+        self._barrier()
+        self.log = []
+        try:
+            yield self.log
+        finally:
+            self._barrier()
+            self.log = None
+
+    def replay(self, issued: list) -> None:
+        """Issue again what a ``recording`` saw (on the current stream, in order)."""
+        for seconds in issued:
+            if seconds is None:
+                self.sync_host()
+            else:
+                self.kernel(seconds)
 
     def end(self) -> float:
         """When everything issued so far has finished."""

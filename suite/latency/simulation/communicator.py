@@ -43,6 +43,7 @@ class SimulatedCommunicator(Communicator):
     def _collective(self, collective: str, nbytes: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
                     async_op: bool = False):
         clock = self.cost.clock
+        self.cost.flush()  # the kernels that make the inputs are issued first
         end = clock.collective(self.profile.seconds(collective, self.world, nbytes, clock.launch),
                                self.cost.ready(*inputs))
         self.cost.finished(end, *outputs)

@@ -50,24 +50,19 @@ SCATTERS = {aten.index_copy_, aten.index_copy, aten.index_put_, aten.index_put, 
 OVERWRITES = {aten.copy_, aten.fill_, aten.zero_}
 ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided}
 HOST_READS = {aten._local_scalar_dense}
+METADATA = {aten._unsafe_view}  # a view whose schema does not say so
 
 
-def _tensors(*trees) -> list[torch.Tensor]:
-    """The tensors in nested lists, tuples and dicts (the arguments and results of aten ops)."""
-    out: list[torch.Tensor] = []
-    _collect(trees, out)
+def _tensors(*groups) -> list[torch.Tensor]:
+    """The tensors among the values of ``groups`` (aten arguments: tensors, or lists of them)."""
+    out = []
+    for group in groups:
+        for x in group.values() if isinstance(group, dict) else group:
+            if isinstance(x, torch.Tensor):
+                out.append(x)
+            elif isinstance(x, (list, tuple)):
+                out += [y for y in x if isinstance(y, torch.Tensor)]
     return out
-
-
-def _collect(x, out: list) -> None:
-    if isinstance(x, torch.Tensor):
-        out.append(x)
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            _collect(y, out)
-    elif isinstance(x, dict):
-        for y in x.values():
-            _collect(y, out)
 
 
 def _meta_like(spec):
@@ -96,19 +91,30 @@ def _shapes(result):
 
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a kernel touches to read or write ``t``: a dimension broadcast with stride 0 counts once."""
+    if t.is_contiguous():
+        return t.numel() * t.element_size()
     if t.numel() == 0:
         return 0
     return math.prod(size for size, stride in zip(t.shape, t.stride()) if stride) * t.element_size()
 
 
-def _signature(value):
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape), value.stride(), value.dtype, value.device.type
-    if isinstance(value, (list, tuple)):
-        return tuple(_signature(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _signature(v)) for k, v in value.items()))
-    return value
+def _signature(values) -> tuple:
+    return tuple((v.shape, v.stride(), v.dtype, v.device.type) if isinstance(v, torch.Tensor)
+                 else _signature(v) if isinstance(v, (list, tuple)) else v for v in values)
+
+
+def _plan(func) -> tuple[str, tuple[tuple[int, str], ...]]:
+    """How an op is priced, and which of its arguments it writes in place (position, name)."""
+    schema, packet = func._schema, func._overloadpacket
+    written = tuple((i, a.name) for i, a in enumerate(schema.arguments)
+                    if a.alias_info is not None and a.alias_info.is_write)
+    if packet in HOST_READS:
+        return "host_read", written
+    if packet in METADATA or any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+        return "view", written
+    if packet in ALLOCATIONS:
+        return "allocation", written
+    return ("gemm" if packet in GEMMS else "elementwise"), written
 
 
 def causal_share(q_len: int, k_len: int, is_causal: bool, mask) -> float:
@@ -168,8 +174,9 @@ class CostMode(TorchDispatchMode):
         self.clock, self.device, self.fusion = clock, clock.device, fusion
         self.buffers = WeakTensorKeyDictionary()  # tensor -> Buffer (views share their base's)
         self.paused = False
-        self._shapes: dict = {}
-        self._views: dict = {}
+        self._plans: dict = {}  # op -> (kind, written arguments)
+        self._shapes: dict = {}  # (op, input signature) -> output shapes
+        self._flops: dict = {}  # (op, input signature) -> GEMM FLOPs
         self._run: _Run | None = None
         self._gemm: _Gemm | None = None
         clock.barriers.append(self.flush)
@@ -222,73 +229,61 @@ class CostMode(TorchDispatchMode):
 
     # ---------------------------------------------------------------- dispatch
 
-    def _is_view(self, func) -> bool:
-        if func not in self._views:
-            self._views[func] = any(r.alias_info is not None and not r.alias_info.is_write
-                                    for r in func._schema.returns)
-        return self._views[func]
-
-    @staticmethod
-    def _written(func, args, kwargs) -> list[torch.Tensor]:
-        """The tensors an op writes in place (its schema's mutable arguments)."""
-        out = []
-        for i, arg in enumerate(func._schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                value = args[i] if i < len(args) else kwargs.get(arg.name)
-                out += _tensors(value)
-        return out
-
-    def _execute(self, func, args, kwargs, inputs):
-        if not inputs or any(t.device.type != "meta" for t in inputs) or self._is_view(func):
-            return func(*args, **kwargs)
-        if func._schema.is_mutable:  # nothing to compute on meta tensors: the written argument is the result
-            written = self._written(func, args, kwargs)
-            return written[0] if len(written) == 1 else tuple(written)
-        try:
-            key = (func, _signature(args), _signature(kwargs))
-            shapes = self._shapes.get(key)
-        except TypeError:  # an unhashable argument: run the op
-            return func(*args, **kwargs)
-        if shapes is None:
-            out = func(*args, **kwargs)
-            self._shapes[key] = _shapes(out)
-            return out
-        return _meta_like(shapes)
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        plan = self._plans.get(func)
+        if plan is None:
+            plan = self._plans[func] = _plan(func)
+        kind, writes = plan
         inputs = _tensors(args, kwargs)
-        out = self._execute(func, args, kwargs, inputs)
+        written = [t for i, name in writes for t in _tensors([args[i] if i < len(args) else kwargs.get(name)])]
+        key = None
+        if not inputs or kind == "view" or any(t.device.type != "meta" for t in inputs):
+            out = func(*args, **kwargs)
+        elif written:  # nothing to compute on meta tensors: the written argument is the result
+            out = written[0] if len(written) == 1 else tuple(written)
+        else:
+            try:
+                key = (func, _signature(args), _signature(kwargs.values()), tuple(kwargs))
+                shapes = self._shapes.get(key)
+            except TypeError:  # an unhashable argument: run the op
+                shapes = None
+            out = func(*args, **kwargs) if shapes is None else _meta_like(shapes)
+            if shapes is None and key is not None:
+                self._shapes[key] = _shapes(out)
         if not self.paused:
-            self._price(func, args, kwargs, inputs, out)
+            self._price(func, kind, key, args, kwargs, inputs, written, out)
         return out
 
-    def _price(self, func, args, kwargs, inputs, out) -> None:
-        packet = func._overloadpacket
-        if packet in HOST_READS:
+    def _price(self, func, kind, key, args, kwargs, inputs, written, out) -> None:
+        if kind == "host_read":
             self.clock.sync_host()
             return
-        outs = _tensors(out)
-        if self._is_view(func):
+        outs = _tensors(out if isinstance(out, (list, tuple)) else [out])
+        if kind == "view":
             base = self.buffers.get(inputs[0]) if inputs else None
             if base is not None:
                 for t in outs:
                     self.buffers[t] = base
             return
-        if packet in ALLOCATIONS:
+        if kind == "allocation":
             for t in outs:
                 self._output(t, 0.0)
             return
-        written = self._written(func, args, kwargs)
-        if packet in GEMMS:
-            self._price_gemm(packet, args, kwargs, out, inputs)
+        packet = func._overloadpacket
+        if kind == "gemm":
+            flops = self._flops.get(key) if key is not None else None
+            if flops is None:
+                flops = flop_registry[packet](*args, **kwargs, out_val=out)
+                if key is not None:
+                    self._flops[key] = flops
+            self._price_gemm(packet, flops, args, out, inputs)
         else:
             self._price_elementwise(packet, inputs, outs, written)
 
     # ---------------------------------------------------------------- GEMMs
 
-    def _price_gemm(self, packet, args, kwargs, out, inputs) -> None:
-        flops = flop_registry[packet](*args, **kwargs, out_val=out)
+    def _price_gemm(self, packet, flops: float, args, out, inputs) -> None:
         nbytes = sum(map(tensor_bytes, inputs)) + tensor_bytes(out)
         rows, float32 = out.numel() // out.shape[-1], out.dtype == torch.float32
         if self.fusion == "eager":
