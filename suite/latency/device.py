@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from suite.errors import SpdbenchError
+from suite.latency.profile_files import read_mapping
 
 DEVICE_DIR = Path(__file__).parent / "devices"
 KERNEL_CLASSES = ("gemm", "attention", "elementwise")
@@ -131,16 +131,6 @@ def available_devices() -> list[str]:
 
 def load_device(name_or_path: str | os.PathLike) -> DeviceProfile:
     """A shipped device profile by name (``h100-sxm``) or a profile file (e.g. from ``spdbench devbench``)."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = DEVICE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise DeviceProfileError(f"device_profile {str(name_or_path)!r}: no such profile file or name; shipped "
-                                 f"profiles: {', '.join(available_devices())} (or measure one with spdbench devbench)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DeviceProfileError(f"{path}: not YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise DeviceProfileError(f"{path}: expected a mapping with name, sources, method and the tables")
-    return DeviceProfile.from_dict(data, str(path))
+    data, path = read_mapping(name_or_path, DEVICE_DIR, "device_profile", DeviceProfileError,
+                              " (or measure one with spdbench devbench)")
+    return DeviceProfile.from_dict(data, path)

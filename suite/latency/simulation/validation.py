@@ -13,10 +13,10 @@ import statistics
 from pathlib import Path
 
 import jinja2
-import yaml
 
 from suite.errors import SpdbenchError
 from suite.latency.device import load_device
+from suite.latency.profile_files import read_mapping
 
 PUBLISHED_DIR = Path(__file__).parents[1] / "published"
 BAR = {"median_abs_error_pct": 15.0, "worst_abs_error_pct": 35.0}  # the bar of the required cells
@@ -25,14 +25,8 @@ TEMPLATE = Path(__file__).with_name("validation.md.j2")
 
 def load_published(name_or_path: str) -> dict:
     """A shipped table by name (``gpt-fast-tp``) or a file of the same form."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = PUBLISHED_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in PUBLISHED_DIR.glob("*.yaml")))
-        raise SpdbenchError(f"published {str(name_or_path)!r}: no such file or name; shipped: {shipped}")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or not data.get("sources") or not data.get("cells"):
+    data, path = read_mapping(name_or_path, PUBLISHED_DIR, "published", SpdbenchError)
+    if not data.get("sources") or not data.get("cells"):
         raise SpdbenchError(f"{path}: expected a mapping with sources and cells")
     return data
 
