@@ -2,8 +2,8 @@
 
 A cell is simulated the way the runner (``suite.parallel.runner``) runs it: a prefill of the whole batch
 from the host (eager launches; time to first token), then decode steps of one token per row (eager
-launches, or one CUDA-graph replay per step under ``decode_mode: cuda_graph``), each followed by the
-argmax; every step starts with host and device idle, as the runner's steps do (it synchronises with
+launches, or, under ``decode_mode: cuda_graph``, two copies into the graph's inputs and one replay),
+each followed by the argmax; every step starts with host and device idle, as the runner's steps do (it synchronises with
 the device when it makes the step's position tensor). The runner's decode attends over the whole KV
 cache at every step (a mask hides the slots not yet written), so every decode step runs the same
 kernels on the same shapes: one simulated step stands for all of them, exactly.
@@ -15,6 +15,10 @@ device would run it, then moved to the meta device.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -86,8 +90,19 @@ class Simulator:
         self.device, self.link = device, link
         self.clock = Timeline(device, link.sms)
         self.cost = CostMode(self.clock, fusion)
+        self._models: dict = {}  # the last rank model: (model, dtype, tp, model key) -> (rank, shard)
         self._hosts: dict = {}  # (config, dtype) -> what the context code reads of a model
         self._contexts: dict = {}  # (host, rows, slots, first slot, kv_len) -> (context, what it issued)
+
+    def rank_model(self, model: str, dtype: str, tp: int, strategy: Strategy) -> tuple[int, Transformer]:
+        """The heaviest rank under ``strategy``'s layout and its weightless shard (kept for the next cell)."""
+        key = (model, dtype, tp, strategy.model_key())
+        if key not in self._models:
+            config = resolve(model).config
+            layout = strategy.layout(config, tp)
+            rank = heaviest_rank(config, tp, layout)
+            self._models = {key: (rank, build_weightless_rank_model(config, tp, rank, DTYPES[dtype], layout))}
+        return self._models[key]
 
     def generation(self, model: Transformer, strategy: Strategy, tp: int, rank: int, batch: int, prompt_len: int,
                    new_tokens: int, decode_graph: bool) -> Generation:
@@ -107,6 +122,9 @@ class Simulator:
             tokens = torch.zeros(batch * length, dtype=torch.long, device="meta")
             self.cost.start_step()
             with torch.no_grad(), self.cost.active():
+                if graph:  # the runner first copies the step's tokens and position into the graph's inputs
+                    for t in (tokens, tokens[:1]):
+                        torch.empty_like(t).copy_(t)
                 with self.clock.graph_replay() if graph else nullcontext():
                     ctx = self._context(host, batch, first, length, kv_len)
                     logits = model(tokens, ctx, lambda layers, h, c: strategy.run_layers(layers, h, comm, c),
@@ -174,27 +192,43 @@ def row_values(generation: Generation) -> dict:
         "telemetry_status": "n/a: simulated (no device ran)", "telemetry": {}}
 
 
-def simulate_cells(cells):
-    """Cells of one (tp, interconnect, device profile) with ``mode: simulated``, one after the other: yields
-    ``(cell, row fields, None)`` or, for a cell that fails (e.g. does not fit), ``(cell, None, error)``."""
-    device, link = load_profiles(cells[0].device_profile, cells[0].interconnect)
-    simulator, models = Simulator(device, link), {}
-    for cell in cells:
-        try:
-            source = resolve(cell.model)
-            strategy = bound_strategy(cell.strategy, cell.strategy_options, source, cell.tp)
-            check_expressible(strategy)
-            layout = strategy.layout(source.config, cell.tp)
-            rank = heaviest_rank(source.config, cell.tp, layout)
-            key = (cell.model, cell.dtype, cell.tp, strategy.model_key())
-            if key not in models:
-                models.clear()
-                models[key] = build_weightless_rank_model(source.config, cell.tp, rank, DTYPES[cell.dtype], layout)
-            generation = simulator.generation(models[key], strategy, cell.tp, rank, cell.batch, cell.prompt_len,
-                                              cell.new_tokens, cell.decode_mode == "cuda_graph")
-            yield cell, row_values(generation), None
-        except (DoesNotFit, SpdbenchError) as exc:
-            yield cell, None, str(exc) if isinstance(exc, DoesNotFit) else f"{exc.__class__.__name__}: {exc}"
+@functools.lru_cache(maxsize=2)
+def _simulator(device_profile: str, interconnect: str) -> Simulator:
+    """One simulator per profiles in a process, so the op shapes it learns serve every cell."""
+    return Simulator(*load_profiles(device_profile, interconnect))
+
+
+def simulate_cell(cell) -> tuple[dict | None, str | None]:
+    """(row fields, None) of one ``mode: simulated`` cell, or (None, why it failed, e.g. does not fit)."""
+    try:
+        strategy = bound_strategy(cell.strategy, cell.strategy_options, resolve(cell.model), cell.tp)
+        check_expressible(strategy)
+        simulator = _simulator(cell.device_profile, cell.interconnect)
+        rank, model = simulator.rank_model(cell.model, cell.dtype, cell.tp, strategy)
+        generation = simulator.generation(model, strategy, cell.tp, rank, cell.batch, cell.prompt_len,
+                                          cell.new_tokens, cell.decode_mode == "cuda_graph")
+        return row_values(generation), None
+    except DoesNotFit as exc:
+        return None, str(exc)
+    except SpdbenchError as exc:
+        return None, f"{exc.__class__.__name__}: {exc}"
+
+
+def simulate_cells(cells, workers: int | None = None):
+    """Cells with ``mode: simulated``: yields ``(cell, row fields, None)`` or ``(cell, None, error)`` in order.
+
+    Cells are simulated by ``workers`` processes (default: one per CPU this process may use), each
+    keeping what it learns of the op shapes across its cells; consecutive cells that share a rank
+    model reuse it.
+    """
+    workers = min(len(cells), workers or len(os.sched_getaffinity(0)))
+    if workers <= 1:
+        for cell in cells:
+            yield cell, *simulate_cell(cell)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        for cell, (values, error) in zip(cells, pool.map(simulate_cell, cells)):
+            yield cell, values, error
 
 
 def check_cells(cells) -> None:

@@ -204,13 +204,19 @@ class CostMode(TorchDispatchMode):
 
     # ---------------------------------------------------------------- buffers
 
-    def track(self, t: torch.Tensor, counted: bool = False) -> None:
-        """Follow ``t`` (made outside the mode, e.g. a KV cache): its writes set when it is ready;
-        ``counted``: its bytes count as live memory (they are otherwise counted with the weights)."""
-        self.buffers[t] = Buffer(tensor_bytes(t), 0.0, self.clock if counted else None)
+    def track(self, t: torch.Tensor) -> None:
+        """Follow ``t``, made outside the mode (a KV cache): its writes set when it is ready. Its bytes
+        are not live activation memory (they are counted with the cache)."""
+        self.buffers[t] = Buffer(tensor_bytes(t), 0.0, None)
 
     def ready(self, *tensors) -> float:
-        return max((b.ready for b in map(self.buffers.get, _tensors(tensors)) if b is not None), default=0.0)
+        """When the last writer of any of ``tensors`` (or lists of them) ends."""
+        latest, get = 0.0, self.buffers.get
+        for t in _tensors(tensors):
+            buffer = get(t)
+            if buffer is not None and buffer.ready > latest:
+                latest = buffer.ready
+        return latest
 
     def _output(self, t: torch.Tensor, ready: float) -> Buffer:
         buffer = self.buffers[t] = Buffer(tensor_bytes(t), ready, self.clock)
