@@ -19,6 +19,7 @@ from suite.latency.device import load_device
 from suite.latency.profile_files import read_mapping
 
 PUBLISHED_DIR = Path(__file__).parents[1] / "published"
+PEERS_DIR = Path(__file__).parents[1] / "peers"  # other tools' outputs on the published tables
 BAR = {"median_abs_error_pct": 15.0, "worst_abs_error_pct": 35.0}  # the bar of the required cells
 TEMPLATE = Path(__file__).with_name("validation.md.j2")
 
@@ -85,15 +86,37 @@ def validate_decode(published: dict, device_profile: str | None = None, intercon
                            "error_pct": 100 * (simulated / measured - 1) if measured else None,
                            "decode_ms": 1e3 * run.decode.seconds, "link_ms": 1e3 * run.decode.link_s,
                            "kernels": run.decode.kernels})
+    peer = _peer(published["name"], rows)
     required = [r for r in rows if r["required"]]
     summary = _summary(required)
     meets = (summary["cells"] > 0 and summary["oom_matched"] == summary["oom_cells"]
              and all(summary[k] <= v for k, v in BAR.items()))
     return {"name": published["name"], "title": published["title"], "sources": published["sources"],
             "setting": published["setting"], "simulation": setting, "cells": rows, "required": summary,
-            "all": _summary(rows), "bar": BAR, "meets_bar": meets,
+            "all": _summary(rows), "bar": BAR, "meets_bar": meets, "peer": peer,
             "profiles": {"device": {"name": device.name, "sources": device.sources, "method": device.method},
                          "interconnect": {"name": link.name, "sources": link.sources, "method": link.method}}}
+
+
+def _peer(table: str, rows: list[dict]) -> dict | None:
+    """GenZ-LLM's tokens/s on the same cells (``peers/genz-TABLE.yaml``), with its errors; adds
+    ``peer_tokens_per_s`` and ``peer_error_pct`` to ``rows``."""
+    path = PEERS_DIR / f"genz-{table}.yaml"
+    if not path.is_file():
+        return None
+    data, _ = read_mapping(path, PEERS_DIR, "peer", SpdbenchError)
+    by_cell = {(c["model"], c["tp"]): c["tokens_per_s"] for c in data["cells"]}
+    for row in rows:
+        tokens = by_cell.get((row["model"], row["tp"]))
+        measured = row["published"] if isinstance(row["published"], (int, float)) else None
+        row["peer_tokens_per_s"] = tokens
+        row["peer_error_pct"] = 100 * (tokens / measured - 1) if tokens and measured else None
+    summaries = {}
+    for key, chosen in (("required", [r for r in rows if r["required"]]), ("all", rows)):
+        errors = [abs(r["peer_error_pct"]) for r in chosen if r["peer_error_pct"] is not None]
+        summaries[key] = {"cells": len(errors), "median_abs_error_pct": statistics.median(errors),
+                          "worst_abs_error_pct": max(errors)}
+    return {"tool": data["tool"], "command": data["command"], "call": data["call"], **summaries}
 
 
 def validate_gemm(published: dict) -> list[dict]:
