@@ -25,7 +25,9 @@ Measured cells that share (model, tp, dtype, device) run in one launch of N rank
 model (rebuilt only for strategies that run their own, e.g. an SPD plan). Rank 0 appends each
 cell's row to ``OUT/bench.jsonl`` as soon as it finishes, so an interrupted run loses no
 finished cell; the same command resumes it (finished cells are skipped, failed ones retried).
-Impossible cells get a failed row naming the reason, and the other cells still run.
+Impossible cells get a failed row naming the reason, and the other cells still run. Projected cells
+run in this process, simulated ones in one worker process per CPU; a simulated cell naming an unknown
+profile, or a strategy the simulation cannot express, stops the run before it starts.
 """
 
 from __future__ import annotations

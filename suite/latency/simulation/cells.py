@@ -221,7 +221,8 @@ def simulate_cells(cells, workers: int | None = None):
     keeping what it learns of the op shapes across its cells; consecutive cells that share a rank
     model reuse it.
     """
-    workers = min(len(cells), workers or len(os.sched_getaffinity(0)))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(cells), workers or usable)
     if workers <= 1:
         for cell in cells:
             yield cell, *simulate_cell(cell)
