@@ -217,6 +217,18 @@ def test_collectives_queue_on_one_link_and_wait_for_their_stream():
     assert clock.communication() == pytest.approx(10 * US)
 
 
+def test_kernels_of_two_streams_share_the_device():
+    clock = Timeline(toy_device(), 0)
+    with clock.side_stream():
+        assert clock.kernel(10 * US) == pytest.approx(10 * US)  # 0 .. 10 on the side stream
+    # compute is free at 0, but the device is busy with the side stream's kernel until 10
+    assert clock.kernel(5 * US) == pytest.approx(15 * US)
+    clock.collective(10 * US)  # 15 .. 25, issued after compute's kernel
+    with clock.side_stream():  # waits for compute (15): runs during the collective at full share (sms = 0)
+        assert clock.kernel(4 * US) == pytest.approx(19 * US)
+    assert clock.kernel(2 * US) == pytest.approx(21 * US)
+
+
 def test_a_tensor_made_on_the_side_stream_is_ready_when_its_collective_ends():
     link = flat_link(50)
     clock, (start, end) = run_ops(lambda cost: _side_sync(cost, link), link=link)

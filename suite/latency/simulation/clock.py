@@ -14,12 +14,15 @@ Collectives run one after another on the link (one communication stream: they qu
 starts once the stream that issues it has finished what it issued before (NCCL's stream waits for the
 current one); a synchronous collective, or ``wait()`` on an async one, makes the issuing stream wait
 for its end. While a collective is in flight its kernel holds ``sms`` of the device's SMs, and a
-compute kernel progresses at the remaining share, so overlap is not free.
+compute kernel progresses at the remaining share, so overlap is not free. Compute kernels of two
+streams do not run faster together than one after the other: a kernel waits while kernels of another
+stream, placed before it, hold the device.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from contextlib import contextmanager
 
 from suite.errors import SpdbenchError
@@ -69,7 +72,8 @@ class Timeline:
         self.graph = False
         self.links: list[tuple[float, float]] = []  # collectives in issue order (one link: they never overlap)
         self._link_ends: list[float] = []
-        self.busy: list[tuple[float, float]] = []  # compute kernels
+        self.busy: list[tuple[float, float]] = []  # compute kernels of every stream
+        self._stream_kernels: dict[str, list[tuple[float, float]]] = {}  # each stream's, in order
         self.kernels = 0
         self.peak = self.live
 
@@ -94,9 +98,13 @@ class Timeline:
         if self.log is not None:
             self.log.append(seconds)
         start = max(self._issued(), self.free[self.stream], ready)
-        end = self._progress(start, seconds + (self.device.launch_s["graph_node"] if self.graph else 0.0))
+        work = seconds + (self.device.launch_s["graph_node"] if self.graph else 0.0)
+        others = [k for stream, kernels in self._stream_kernels.items() if stream != self.stream
+                  for k in kernels if k[1] > start]
+        end = self._shared(start, work, others) if others else self._progress(start, work)
         self.free[self.stream] = end
         self.busy.append((start, end))
+        self._stream_kernels.setdefault(self.stream, []).append((start, end))
         self.kernels += 1
         return end
 
@@ -114,6 +122,23 @@ class Timeline:
                 return t + left / self.share
             left, t = left - span, end
         return t + left
+
+    def _shared(self, start: float, work: float, others: list[tuple[float, float]]) -> float:
+        """As ``_progress``, with kernels of other streams placed before: the device runs them first
+        (two compute kernels share the SMs and the memory: the total work is what it is)."""
+        links = self.links[bisect.bisect_right(self._link_ends, start):]
+        t, left = start, work
+        while True:
+            busy_until = max((end for begin, end in others if begin <= t < end), default=None)
+            if busy_until is not None:
+                t = busy_until
+                continue
+            rate = self.share if any(begin <= t < end for begin, end in links) else 1.0
+            edges = [x for begin, end in links for x in (begin, end) if x > t] + [b for b, _ in others if b > t]
+            edge = min(edges, default=math.inf)
+            if left <= (edge - t) * rate:
+                return t + left / rate
+            left, t = left - (edge - t) * rate, edge
 
     def collective(self, seconds: float, ready: float = 0.0) -> float:
         """A collective of ``seconds`` on the link, issued from the current stream; returns its end."""
