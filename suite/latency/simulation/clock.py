@@ -73,7 +73,7 @@ class Timeline:
         self.links: list[tuple[float, float]] = []  # collectives in issue order (one link: they never overlap)
         self._link_ends: list[float] = []
         self.busy: list[tuple[float, float]] = []  # compute kernels of every stream
-        self._stream_kernels: dict[str, list[tuple[float, float]]] = {}  # each stream's, in order
+        self._stream_kernels: dict[str, tuple[list, list]] = {}  # each stream's kernels and their ends, in order
         self.kernels = 0
         self.peak = self.live
 
@@ -99,12 +99,14 @@ class Timeline:
             self.log.append(seconds)
         start = max(self._issued(), self.free[self.stream], ready)
         work = seconds + (self.device.launch_s["graph_node"] if self.graph else 0.0)
-        others = [k for stream, kernels in self._stream_kernels.items() if stream != self.stream
-                  for k in kernels if k[1] > start]
+        others = [k for stream, (kernels, ends) in self._stream_kernels.items() if stream != self.stream
+                  for k in kernels[bisect.bisect_right(ends, start):]]
         end = self._shared(start, work, others) if others else self._progress(start, work)
         self.free[self.stream] = end
         self.busy.append((start, end))
-        self._stream_kernels.setdefault(self.stream, []).append((start, end))
+        kernels, ends = self._stream_kernels.setdefault(self.stream, ([], []))
+        kernels.append((start, end))
+        ends.append(end)
         self.kernels += 1
         return end
 
