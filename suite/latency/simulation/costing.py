@@ -211,8 +211,11 @@ class CostMode(TorchDispatchMode):
 
     def ready(self, *tensors) -> float:
         """When the last writer of any of ``tensors`` (or lists of them) ends."""
+        return self._latest(_tensors(tensors))
+
+    def _latest(self, tensors: list[torch.Tensor]) -> float:
         latest, get = 0.0, self.buffers.get
-        for t in _tensors(tensors):
+        for t in tensors:
             buffer = get(t)
             if buffer is not None and buffer.ready > latest:
                 latest = buffer.ready
@@ -294,7 +297,7 @@ class CostMode(TorchDispatchMode):
         rows, float32 = out.numel() // out.shape[-1], out.dtype == torch.float32
         if self.fusion == "eager":
             seconds = self.device.kernel_seconds("gemm", flops, nbytes, rows=rows, float32=float32)
-            self._output(out, self.clock.kernel(seconds, self.ready(inputs)))
+            self._output(out, self.clock.kernel(seconds, self._latest(inputs)))
             return
         self._flush_run()
         activation = args[1] if packet in (aten.addmm, aten.baddbmm) else args[0]
@@ -304,11 +307,11 @@ class CostMode(TorchDispatchMode):
         if pending is not None and pending.source == source and pending.rows == rows:  # one GEMM, wider
             pending.flops += flops
             pending.nbytes += nbytes - tensor_bytes(activation)
-            pending.ready = max(pending.ready, self.ready(inputs))
+            pending.ready = max(pending.ready, self._latest(inputs))
             pending.outputs.append(self._output(out, math.inf))
             return
         self._flush_gemm()
-        self._gemm = _Gemm(source, flops, nbytes, rows, float32, self.ready(inputs), [self._output(out, math.inf)])
+        self._gemm = _Gemm(source, flops, nbytes, rows, float32, self._latest(inputs), [self._output(out, math.inf)])
 
     def _flush_gemm(self) -> None:
         pending, self._gemm = self._gemm, None
@@ -333,7 +336,7 @@ class CostMode(TorchDispatchMode):
             else:
                 sources = inputs[1:] if packet in OVERWRITES else inputs
                 nbytes = sum(map(tensor_bytes, sources)) + sum(map(tensor_bytes, outs))
-            end = self.clock.kernel(self.device.kernel_seconds("elementwise", 0, nbytes), self.ready(inputs))
+            end = self.clock.kernel(self.device.kernel_seconds("elementwise", 0, nbytes), self._latest(inputs))
             for t in fresh:
                 self._output(t, end)
             for t in written:
@@ -342,7 +345,7 @@ class CostMode(TorchDispatchMode):
         self._flush_gemm()
         run = self._run = self._run or _Run()
         outside = [t for t in inputs if id(self.buffers.get(t)) not in run.made]
-        run.ready = max(run.ready, self.ready(outside))
+        run.ready = max(run.ready, self._latest(outside))
         if packet in GATHERS:
             run.read += sum(map(tensor_bytes, outs)) if outside and outside[0] is inputs[0] else 0
         elif packet in SCATTERS or packet in OVERWRITES:
