@@ -8,19 +8,19 @@ the device when it makes the step's position tensor). The runner's decode attend
 cache at every step (a mask hides the slots not yet written), so every decode step runs the same
 kernels on the same shapes: one simulated step stands for all of them, exactly.
 
-The forward context (masks, RoPE tables) is built by the model's own code on the host, priced as the
-device would run it, then moved to the meta device.
+The forward context (masks, RoPE tables) is built by the model's own code on the host (the model without
+blocks and with a one-token vocabulary), priced as the device would run it, then moved to the meta device.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import torch
 
@@ -91,7 +91,7 @@ class Simulator:
         self.clock = Timeline(device, link.sms)
         self.cost = CostMode(self.clock, fusion)
         self._models: dict = {}  # the last rank model: (model, dtype, tp, model key) -> (rank, shard)
-        self._hosts: dict = {}  # (config, dtype) -> what the context code reads of a model
+        self._hosts: dict = {}  # (config, dtype) -> the model without blocks, on the host
         self._contexts: dict = {}  # (host, rows, slots, first slot, kv_len) -> (context, what it issued)
 
     def rank_model(self, model: str, dtype: str, tp: int, strategy: Strategy) -> tuple[int, Transformer]:
@@ -140,13 +140,16 @@ class Simulator:
         self._check_fits(memory, tp, batch)
         return Generation(batch, new_tokens, prefill, decode, memory)
 
-    def _host(self, model: Transformer) -> SimpleNamespace:
-        """What ``Transformer.context`` reads of a model (the dtype, the RoPE tables), on the host."""
-        dtype = model.embed_tokens.weight.dtype
-        key = (model.config.to_json_string(), dtype)
+    def _host(self, model: Transformer) -> Transformer:
+        """The model without blocks and with a one-token vocabulary, on the host: what its context code
+        reads (the dtype, the RoPE tables) at no cost."""
+        key = (model.config.to_json_string(), model.embed_tokens.weight.dtype)
         if key not in self._hosts:
-            self._hosts[key] = SimpleNamespace(key=key, embed_tokens=SimpleNamespace(weight=torch.empty(0, dtype=dtype)),
-                                               rotary=type(model.rotary)(model.config))
+            config = copy.copy(model.config)
+            config.vocab_size = 1
+            host = Transformer(config, []).to(key[1]).eval().requires_grad_(False)
+            host.rotary = type(host.rotary)(config)  # float32 RoPE frequencies, as the rank model keeps them
+            self._hosts[key] = host
         return self._hosts[key]
 
     def _context(self, host, rows: int, first: int, length: int, kv_len: int) -> ForwardContext:
@@ -154,7 +157,7 @@ class Simulator:
         the host (priced as device work) and moved to meta.
 
         Contexts of the same shape are built once; later steps issue the same kernels again."""
-        key = (host.key, rows, first, length, kv_len)
+        key = (id(host), rows, first, length, kv_len)
         if key in self._contexts:
             ctx, issued = self._contexts[key]
             self.clock.replay(issued)
@@ -162,7 +165,7 @@ class Simulator:
         with self.cost.pause():  # the runner makes these before it starts timing
             pad, slots = torch.zeros(rows, dtype=torch.long), torch.arange(first, first + length)
         with self.clock.recording() as issued:
-            ctx = Transformer.context(host, pad, slots, kv_len)
+            ctx = host.context(pad, slots, kv_len)
         with self.cost.pause():
             ctx = ForwardContext([dataclasses.replace(s, slots=s.slots.to("meta"), mask=s.mask.to("meta"),
                                                       cos=s.cos.to("meta"), sin=s.sin.to("meta"))
