@@ -3,8 +3,8 @@ latency per cell next to the table, for ``spdbench validate-simulation`` to comp
 
 Runs where ``genz-llm`` is installed (it needs neither torch nor this project):
 
-    python -m venv /tmp/genz && /tmp/genz/bin/pip install genz-llm pyyaml
-    /tmp/genz/bin/python suite/latency/peers/genz_gpt_fast.py
+    python -m venv genz-env && genz-env/bin/pip install genz-llm pyyaml
+    genz-env/bin/python suite/latency/peers/genz_gpt_fast.py
 
 GenZ cannot express SPD, ladder residual or token splitting; here it models gpt-fast's plain tensor
 parallelism: ``decode_moddeling(model, batch_size=1, input_tokens=5, output_tokens=200, Bb=1,
