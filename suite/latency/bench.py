@@ -25,7 +25,9 @@ Measured cells that share (model, tp, dtype, device) run in one launch of N rank
 model (rebuilt only for strategies that run their own, e.g. an SPD plan). Rank 0 appends each
 cell's row to ``OUT/bench.jsonl`` as soon as it finishes, so an interrupted run loses no
 finished cell; the same command resumes it (finished cells are skipped, failed ones retried).
-Impossible cells get a failed row naming the reason, and the other cells still run.
+Impossible cells get a failed row naming the reason, and the other cells still run. Projected cells
+run in this process, simulated ones in one worker process per CPU; a simulated cell naming an unknown
+profile, or a strategy the simulation cannot express, stops the run before it starts.
 """
 
 from __future__ import annotations
@@ -250,6 +252,10 @@ def _modelled_cells(mode: str):
         from suite.latency.projection import project_cells
 
         return project_cells
+    if mode == "simulated":
+        from suite.latency.simulation import simulate_cells
+
+        return simulate_cells
     raise ConfigError(f"mode={mode}: not a modelled mode")
 
 
@@ -271,6 +277,11 @@ def run(cells: list[LatencyScenario], out: str | os.PathLike, command: str = "")
             tqdm.write(f"bench: cell {cell.label()} failed: {error}", file=sys.stderr)
             store.append(latency_row(cell, error=error, env=env, command=command))
 
+    simulated = [c for c in pending if c.mode == "simulated" and check_settings(c) is None]
+    if simulated:  # unknown profiles and strategies the simulation cannot express: usage errors
+        from suite.latency.simulation import check_cells
+
+        check_cells(simulated)
     runnable = []
     for c in pending:
         reason = check(c)

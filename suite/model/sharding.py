@@ -84,15 +84,28 @@ def _runs(items: tuple[int, ...], width: int) -> Ranges:
     return runs
 
 
+def _skeleton(config: LlamaConfig, rank: int, layout: Layout) -> Transformer:
+    """Rank ``rank``'s shard with every tensor on the meta device (shapes only)."""
+    with torch.device("meta"):
+        blocks = [Block(config, s.kv_of_q, len(s.kv_heads), s.ffn[1] - s.ffn[0]) for s in (l[rank] for l in layout)]
+        return Transformer(config, blocks)
+
+
+def build_weightless_rank_model(config: LlamaConfig, tp: int, rank: int, dtype: torch.dtype,
+                                layout: Layout | None = None) -> Transformer:
+    """Rank ``rank``'s shard with its real shapes and dtype and no weights (meta tensors): for costing
+    the work of a forward pass, never for computing one."""
+    model = _skeleton(config, rank, layout or default_layout(config, tp)).to(dtype)
+    return model.eval().requires_grad_(False)
+
+
 def build_rank_model(source: ModelSource, tp: int, rank: int, dtype: torch.dtype, device: torch.device,
                      layout: Layout | None = None) -> Transformer:
     """Rank ``rank``'s shard of the model, built on the meta device and filled tensor by tensor."""
     config = source.config
     layout = layout or default_layout(config, tp)
     hd = config.head_dim or config.hidden_size // config.num_attention_heads
-    with torch.device("meta"):
-        blocks = [Block(config, s.kv_of_q, len(s.kv_heads), s.ffn[1] - s.ffn[0]) for s in (l[rank] for l in layout)]
-        model = Transformer(config, blocks)
+    model = _skeleton(config, rank, layout)
 
     def load(name: str, dim: int = 0, ranges: Ranges | None = None) -> torch.Tensor:
         return source.weights.read(name, dim, ranges).to(device=device, dtype=dtype)

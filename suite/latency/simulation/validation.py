@@ -1,0 +1,139 @@
+"""Simulated cells against published measurements (``suite/latency/published/*.yaml``, with their sources).
+
+``validate_decode`` simulates every cell of an end-to-end table (gpt-fast's tensor-parallel decode
+throughput) as the measured program ran it and gives the error of tokens/s per cell, the median and the
+worst; a measured OOM is matched by a simulated "does not fit". ``validate_gemm`` prices published
+per-kernel GEMM times with the device profiles. ``markdown`` renders both as ``docs/validation.md``, so the
+document is regenerated, never edited, when a profile changes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import jinja2
+
+from suite.errors import SpdbenchError
+from suite.latency.device import load_device
+from suite.latency.profile_files import read_mapping
+
+PUBLISHED_DIR = Path(__file__).parents[1] / "published"
+PEERS_DIR = Path(__file__).parents[1] / "peers"  # other tools' outputs on the published tables
+BAR = {"median_abs_error_pct": 15.0, "worst_abs_error_pct": 35.0}  # the bar of the required cells
+TEMPLATE = Path(__file__).with_name("validation.md.j2")
+
+
+def load_published(name_or_path: str) -> dict:
+    """A shipped table by name (``gpt-fast-tp``) or a file of the same form."""
+    data, path = read_mapping(name_or_path, PUBLISHED_DIR, "published", SpdbenchError)
+    if not data.get("sources") or not data.get("cells"):
+        raise SpdbenchError(f"{path}: expected a mapping with sources and cells")
+    return data
+
+
+def _summary(cells: list[dict]) -> dict:
+    errors = [c for c in cells if c["error_pct"] is not None]
+    if not errors:
+        return {"cells": 0, "median_abs_error_pct": None, "worst_abs_error_pct": None, "worst_cell": None,
+                "oom_matched": sum(c["oom_matched"] for c in cells), "oom_cells": sum(c["published"] == "OOM"
+                                                                                       for c in cells)}
+    worst = max(errors, key=lambda c: abs(c["error_pct"]))
+    return {"cells": len(errors), "median_abs_error_pct": statistics.median(abs(c["error_pct"]) for c in errors),
+            "worst_abs_error_pct": abs(worst["error_pct"]), "worst_cell": f"{worst['model']} tp={worst['tp']}",
+            "oom_matched": sum(c["oom_matched"] for c in cells),
+            "oom_cells": sum(c["published"] == "OOM" for c in cells)}
+
+
+def validate_decode(published: dict, device_profile: str | None = None, interconnect: str | None = None,
+                    strategy: str = "baseline") -> dict:
+    """Every cell of ``published`` simulated as it was measured: per-cell errors and summaries."""
+    import torch
+
+    from suite.latency.interconnect import load_profile
+    from suite.latency.projection import heaviest_rank
+    from suite.latency.simulation.cells import DoesNotFit, Simulator
+    from suite.model.sharding import build_weightless_rank_model
+    from suite.model.sources import DTYPES, resolve
+    from suite.parallel.strategy import bound_strategy
+
+    setting = dict(published["simulation"])
+    setting["device_profile"] = device_profile or setting["device_profile"]
+    setting["interconnect"] = interconnect or setting["interconnect"]
+    device, link = load_device(setting["device_profile"]), load_profile(setting["interconnect"])
+    simulator = Simulator(device, link, setting["fusion"])
+    rows = []
+    for cell in published["cells"]:
+        source = resolve(f"random:{cell['preset']}")
+        chosen = bound_strategy(strategy, {}, source, cell["tp"])
+        layout = chosen.layout(source.config, cell["tp"])
+        rank = heaviest_rank(source.config, cell["tp"], layout)
+        model = build_weightless_rank_model(source.config, cell["tp"], rank, DTYPES[setting["dtype"]], layout)
+        row = {"model": cell["model"], "preset": cell["preset"], "tp": cell["tp"], "required": cell["required"],
+               "published": cell.get("tokens_per_s", cell.get("outcome"))}
+        try:
+            with torch.no_grad():
+                run = simulator.generation(model, chosen, cell["tp"], rank, setting["batch"], setting["prompt_len"],
+                                           setting["new_tokens"], setting["decode_mode"] == "cuda_graph")
+        except DoesNotFit as exc:
+            rows.append(row | {"simulated": "does not fit", "error_pct": None, "note": str(exc),
+                               "oom_matched": row["published"] == "OOM", "decode_ms": None, "link_ms": None,
+                               "kernels": None})
+            continue
+        simulated = setting["batch"] * setting["new_tokens"] / run.e2e_s
+        measured = row["published"] if isinstance(row["published"], (int, float)) else None
+        rows.append(row | {"simulated": simulated, "oom_matched": False, "note": "",
+                           "error_pct": 100 * (simulated / measured - 1) if measured else None,
+                           "decode_ms": 1e3 * run.decode.seconds, "link_ms": 1e3 * run.decode.link_s,
+                           "kernels": run.decode.kernels})
+    peer = _peer(published["name"], rows)
+    required = [r for r in rows if r["required"]]
+    summary = _summary(required)
+    meets = (summary["cells"] > 0 and summary["oom_matched"] == summary["oom_cells"]
+             and all(summary[k] <= v for k, v in BAR.items()))
+    return {"name": published["name"], "title": published["title"], "sources": published["sources"],
+            "setting": published["setting"], "simulation": setting, "cells": rows, "required": summary,
+            "all": _summary(rows), "bar": BAR, "meets_bar": meets, "peer": peer,
+            "profiles": {"device": {"name": device.name, "sources": device.sources, "method": device.method},
+                         "interconnect": {"name": link.name, "sources": link.sources, "method": link.method}}}
+
+
+def _peer(table: str, rows: list[dict]) -> dict | None:
+    """GenZ-LLM's tokens/s on the same cells (``peers/genz-TABLE.yaml``), with its errors; adds
+    ``peer_tokens_per_s`` and ``peer_error_pct`` to ``rows``."""
+    path = PEERS_DIR / f"genz-{table}.yaml"
+    if not path.is_file():
+        return None
+    data, _ = read_mapping(path, PEERS_DIR, "peer", SpdbenchError)
+    by_cell = {(c["model"], c["tp"]): c["tokens_per_s"] for c in data["cells"]}
+    for row in rows:
+        tokens = by_cell.get((row["model"], row["tp"]))
+        measured = row["published"] if isinstance(row["published"], (int, float)) else None
+        row["peer_tokens_per_s"] = tokens
+        row["peer_error_pct"] = 100 * (tokens / measured - 1) if tokens and measured else None
+    summaries = {}
+    for key, chosen in (("required", [r for r in rows if r["required"]]), ("all", rows)):
+        errors = [abs(r["peer_error_pct"]) for r in chosen if r["peer_error_pct"] is not None]
+        summaries[key] = {"cells": len(errors), "median_abs_error_pct": statistics.median(errors),
+                          "worst_abs_error_pct": max(errors)}
+    return {"tool": data["tool"], "command": data["command"], "call": data["call"], **summaries}
+
+
+def validate_gemm(published: dict) -> list[dict]:
+    """Each published GEMM time against the device profile's price of the same GEMM."""
+    k, n, size = published["shape"]["k"], published["shape"]["n"], published["shape"]["dtype_bytes"]
+    rows = []
+    for cell in published["cells"]:
+        device = load_device(cell["device_profile"])
+        for m, ms in cell["times_ms"]:
+            nbytes = size * (m * k + k * n + m * n)
+            modelled = 1e3 * device.kernel_seconds("gemm", 2 * m * k * n, nbytes, rows=m)
+            rows.append({"device_profile": device.name, "m": m, "published_ms": ms, "modelled_ms": modelled,
+                         "error_pct": 100 * (modelled / ms - 1), "profile_from": m in cell.get("profile_from", [])})
+    return rows
+
+
+def markdown(decode: dict, gemm: list[dict], command: str) -> str:
+    """``docs/validation.md``: the comparison, its sources and the command that regenerates it."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(TEMPLATE.read_text()).render(decode=decode, gemm=gemm, command=command)
