@@ -51,7 +51,7 @@ def flat_link(latency_us: float, sms: int = 0, ns=(2, 4, 8)) -> Profile:
     """Every collective costs ``latency_us``, eager or under a CUDA graph."""
     rows = {n: [[1, latency_us, math.inf]] for n in ns}
     return Profile.from_dict({"name": "flat", "sources": ["test"], "method": "constant", "sms": sms,
-                              "tables": {"all_reduce": {"eager": rows, "cuda_graph": rows}}})
+                              "sms_source": "test", "tables": {"all_reduce": {"eager": rows, "cuda_graph": rows}}})
 
 
 def meta(*shape, dtype=torch.float16) -> torch.Tensor:
@@ -247,7 +247,8 @@ def _side_sync(cost, link):
 
 
 def test_fused_sync_is_one_communication_op():
-    link = Profile.from_dict({"name": "fused", "sources": ["test"], "method": "constant", "sms": 0, "tables": {
+    link = Profile.from_dict({"name": "fused", "sources": ["test"], "method": "constant", "sms": 0,
+                              "sms_source": "test", "tables": {
         "all_reduce": {"eager": {2: [[1, 40, math.inf]]}}, "fused_sync": {"eager": {2: [[1, 25, math.inf]]}}}})
 
     def ops(cost):

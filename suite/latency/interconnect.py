@@ -28,9 +28,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from suite.errors import SpdbenchError
+from suite.latency.profile_files import read_mapping
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 LAUNCHES = ("eager", "cuda_graph")
@@ -118,7 +118,8 @@ class Profile:
     @classmethod
     def from_dict(cls, data: dict, path: str | None = None) -> Profile:
         where = path or data.get("name", "profile")
-        missing = [k for k in ("name", "sources", "method", "tables", "sms", "sms_source") if not data.get(k)]
+        missing = [k for k in ("name", "sources", "method", "tables", "sms", "sms_source")
+                   if data.get(k) is None or data.get(k) == "" or data.get(k) == []]
         if missing:
             raise ProfileError(f"{where}: missing {', '.join(missing)} (every profile states its source and method, "
                                "and the SMs a collective holds with their source)")
@@ -139,8 +140,8 @@ class Profile:
         if set(launches) - set(method):
             raise ProfileError(f"{where}: method must describe every launch mode of its tables ({', '.join(launches)})")
         sms = data["sms"]
-        if not isinstance(sms, int) or sms < 1:
-            raise ProfileError(f"{where}: sms {sms!r} must be a whole number of SMs, at least 1")
+        if not isinstance(sms, int) or sms < 0:  # 0: a transfer by the copy engines, no SM held
+            raise ProfileError(f"{where}: sms {sms!r} must be a whole number of SMs (0 or more)")
         try:
             floors = {launch: {int(n): float(us) * 1e-6 for n, us in by_n.items()}
                       for launch, by_n in (data.get("floors_us") or {}).items()}
@@ -199,19 +200,8 @@ def available_profiles() -> list[str]:
 
 def load_profile(name_or_path: str | os.PathLike) -> Profile:
     """A shipped profile by name (``h100-nvswitch``) or a profile file (e.g. written by commbench)."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = PROFILE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ProfileError(f"interconnect {name_or_path!r}: no such profile file or name; shipped profiles: "
-                           f"{', '.join(available_profiles())}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{path}: not YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise ProfileError(f"{path}: expected a mapping with name, sources, method, sms, sms_source, tables")
-    return Profile.from_dict(data, str(path))
+    data, path = read_mapping(name_or_path, PROFILE_DIR, "interconnect", ProfileError)
+    return Profile.from_dict(data, path)
 
 
 SIZES = [4**k for k in range(5, 16)]  # 1 KiB .. 1 GiB, the sizes ``spdbench profile`` shows

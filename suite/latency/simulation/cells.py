@@ -167,8 +167,9 @@ class Simulator:
         with self.clock.recording() as issued:
             ctx = host.context(pad, slots, kv_len)
         with self.cost.pause():
-            ctx = ForwardContext([dataclasses.replace(s, slots=s.slots.to("meta"), mask=s.mask.to("meta"),
-                                                      cos=s.cos.to("meta"), sin=s.sin.to("meta"))
+            ctx = ForwardContext([dataclasses.replace(s, slots=s.slots.to("meta"), cos=s.cos.to("meta"),
+                                                      sin=s.sin.to("meta"),
+                                                      mask=None if s.mask is None else s.mask.to("meta"))
                                   for s in ctx.segments])
         self._contexts[key] = ctx, issued
         return ctx
