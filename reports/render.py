@@ -421,7 +421,7 @@ def _spread(r, prefix: str):
     med, lo, hi = (getattr(r, f"{prefix}_{s}", None) for s in ("median", "p10", "p90"))
     if _missing(med):
         return na("not measured")
-    return f"{med:.2f}" + ("" if _missing(lo) or _missing(hi) else f" ({lo:.2f}-{hi:.2f})")
+    return f"{med:.2f}" + ("" if _missing(lo) or _missing(hi) or lo == hi else f" ({lo:.2f}-{hi:.2f})")
 
 
 def _energy_cell(r):
