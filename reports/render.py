@@ -169,8 +169,7 @@ def frame(rows: list[dict], kind: str) -> pd.DataFrame:
     """Successful rows of one kind (every field of the kind is in every row: ``suite.results``)."""
     fields = [f.name for f in dataclasses.fields(SCENARIOS[kind])] + list(SCENARIOS[kind].values)
     df = pd.DataFrame([r for r in rows if r["kind"] == kind and r["status"] == "ok"],
-                      columns=["cell_id", "kind", *fields, "status", "provenance", "usable_model", "model_identity",
-                               "env", "command"])
+                      columns=["cell_id", "kind", *fields, "status", "provenance", "usable_model", "env", "command"])
     df["options"] = df["strategy_options"].map(options_label)
     return df
 

@@ -48,8 +48,8 @@ def _spd_options(tp: int, plans: dict[int, Path]) -> dict[str, str]:
     return {"plan": str(plans[tp])} if tp in plans else {"blocks": "all"}
 
 
-def _strategies(tp: int, plans: dict[int, Path], names=STRATEGIES) -> list[dict]:
-    return [{"name": s, "options": _spd_options(tp, plans) if s == "spd" else {}} for s in names]
+def _strategies(tp: int, plans: dict[int, Path]) -> list[dict]:
+    return [{"name": s, "options": _spd_options(tp, plans) if s == "spd" else {}} for s in STRATEGIES]
 
 
 def measured_matrix(model: str, tps: list[int], plans: dict[int, Path]) -> dict:
@@ -146,7 +146,7 @@ def cmd_run(args, parser) -> int:
     for i, step in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {shlex.join(['spdbench', *step])}", flush=True)
         try:
-            code = main(step)
+            code = main(["-v", *step] if getattr(args, "verbose", False) else step)
         except SystemExit as exc:  # a step's bad-input exit
             code = exc.code
         if code == EXIT_USAGE:
