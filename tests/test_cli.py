@@ -14,12 +14,12 @@ from suite.cli import build_parser, main
 REPO = Path(__file__).resolve().parents[1]
 BAD_INPUT = [
     (["generate", "--tp", "0", "--prompt", "hi"], "tp 0 is invalid"),
-    (["generate", "--model", "nosuch", "--prompt", "hi"], "model 'nosuch' is unknown"),
+    (["generate", "--model", "nosuch", "--prompt", "hi"], "unknown model 'nosuch'"),
     (["generate", "--model", "missing.gguf", "--prompt", "hi"], "model missing.gguf: no such GGUF file"),
-    (["generate", "--strategy", "nosuch", "--prompt", "hi"], "strategy 'nosuch' is unknown; choose one of: baseline"),
+    (["generate", "--strategy", "nosuch", "--prompt", "hi"], "unknown strategy 'nosuch'; choose one of: baseline"),
     (["generate", "--tp", "2", "--spd-plan", "missing.json", "--prompt", "hi"], "spd_plan missing.json: no such file"),
     (["eval", "--tasks", "piqa", "--data-dir", "/no/such/folder", "--out", "x.jsonl"],
-     "data_dir /no/such/folder: no such folder"),
+     "data_dir /no/such/folder: no such data folder"),
     (["bench", "--config", "missing.yaml", "--out", "out"], "config missing.yaml: no such file"),
     (["report", "missing.jsonl"], "results missing.jsonl: no such file or folder"),
     (["validate-projection", "--tp", "2", "--interconnect", "nosuch"], "interconnect 'nosuch': no such profile"),

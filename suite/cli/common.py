@@ -59,7 +59,7 @@ def check_strategy(name: str) -> None:
     """An installed strategy name (the ``spdbench.strategies`` entry points), checked without loading it."""
     known = sorted(entry_points(group=STRATEGY_ENTRY_POINTS).names)
     if name not in known:
-        raise SpdbenchError(f"strategy {name!r} is unknown; choose one of: {', '.join(known)}")
+        raise SpdbenchError(f"unknown strategy {name!r}; choose one of: {', '.join(known)}")
 
 
 def check_model(model: str) -> None:
@@ -70,13 +70,14 @@ def check_model(model: str) -> None:
     forms = (model == EMBEDDED_MODEL, model.startswith("random:"), path.suffix == ".gguf", path.is_dir(),
              model.count("/") == 1 and not path.exists())  # the last: a Hugging Face Hub id
     if not any(forms):
-        raise SpdbenchError(f"model {model!r} is unknown: use {EMBEDDED_MODEL}, random:<preset>, a .gguf path, "
+        raise SpdbenchError(f"unknown model {model!r}: use {EMBEDDED_MODEL}, random:<preset>, a .gguf path, "
                             "a Hugging Face folder or a hub id")
 
 
-def check_folder(name: str, folder: str | None) -> None:
+def check_data_dir(folder: str | None) -> None:
     if folder is not None and not Path(folder).expanduser().is_dir():
-        raise SpdbenchError(f"{name} {folder}: no such folder")
+        raise SpdbenchError(f"data_dir {folder}: no such data folder; point it at the offline data or leave it unset "
+                            "to use the Hugging Face Hub")
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
