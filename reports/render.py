@@ -1,13 +1,23 @@
 """Result files -> one self-contained HTML page (tables, figures, environment, raw rows).
 
 Reads JSONL result stores (one row per line, see ``suite/results.py``) and pytest-benchmark JSON
-files; never imports torch or model code. Every number links to the command that produced it.
+files; never imports torch or model code. Every row links to the command that produced it, and
+every n/a says why, and what to run to fill it.
 
-Derived columns, per scenario (model, provenance, interconnect, N, batch, prompt, dtype, ...):
+Latency rows are shown by how they were obtained: simulated, measured on GPUs, projected, and
+measured on the CPU. CPU rows are a pipeline check (the N ranks share the CPU's cores, so they do
+not rank strategies): they get no speedups and stay out of the comparing figures.
+
+Derived columns, per scenario (model, provenance, profiles, N, batch, prompt, dtype, ...):
 
     speedup     = t_baseline / t_strategy
     bound share = (t_baseline - t_strategy) / (t_baseline - t_nocomm)   # 100%: the no-comm bound
-    d accuracy  = mean over tasks of (acc_strategy - acc_baseline), in percentage points
+    d accuracy  = mean over tasks of (acc_strategy - acc_baseline), in percentage points (pp)
+    its s.e.    = sqrt(sum over tasks of (se_strategy^2 + se_baseline^2)) / tasks
+
+The standard errors are lm-eval's per task; treating strategy and baseline as independent samples
+is conservative (both score the same documents). A change under two standard errors is "within
+noise".
 """
 
 from __future__ import annotations
@@ -15,8 +25,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import jinja2
 import pandas as pd
@@ -29,10 +41,14 @@ from suite.results import SCENARIOS, ResultStore, Row
 SCENARIO = ["batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode"]
 SCENARIO_LABELS = {"batch": "batch", "prompt_len": "prompt", "new_tokens": "new tokens", "dtype": "dtype",
                    "device": "device", "decode_mode": "decode"}
-GROUP = ["model", "provenance", "interconnect", "tp", *SCENARIO]
+GROUP = ["model", "provenance", "device_profile", "interconnect", "tp", *SCENARIO]
 ACCURACY_CONFIG = ["strategy", "options", "tp", "spd_variant", "spd_blocks_pct"]  # one row of the accuracy table
 REFERENCE = "baseline"
 BOUND = "nocomm"
+NOISE_SE = 2  # a change under this many standard errors is within noise
+CPU_CAVEAT = "ranks share the CPU's cores; this does not rank strategies"
+# How latency rows were obtained, in the order the page shows them; the CPU's last and apart.
+SETTINGS = {"simulated": "simulated", "gpu": "measured on GPUs", "projected": "projected", "cpu": "measured on the CPU"}
 
 
 class ReportError(SpdbenchError):
@@ -44,6 +60,7 @@ class Results:
     rows: list[dict] = field(default_factory=list)  # as ``Row.to_json`` writes them: every field of the kind
     benchmarks: list[dict] = field(default_factory=list)  # pytest-benchmark files, as read
     sources: list[str] = field(default_factory=list)
+    stores: dict[str, list[str]] = field(default_factory=dict)  # row kind -> the files that hold such rows
 
 
 def _files(paths) -> list[Path]:
@@ -83,6 +100,9 @@ def load(paths) -> Results:
                     results.rows.append(Row.from_json(row).to_json() | {"cell_id": row.get("cell_id")})
                 except (SpdbenchError, TypeError, AttributeError, KeyError) as exc:
                     raise ReportError(f"{path}: row {n} is not a result row ({exc})") from None
+                files = results.stores.setdefault(str(row.get("kind")), [])
+                if str(path) not in files:
+                    files.append(str(path))
         results.sources.append(str(path))
     return results
 
@@ -94,7 +114,7 @@ def load(paths) -> Results:
 class Cell:
     text: str
     css: str = ""  # "na" for n/a cells, "ref" for links to commands and environments
-    links: tuple = ()  # (text, href) pairs shown instead of text
+    links: tuple = ()  # (text, href) pairs shown after the text
 
 
 def na(reason: str) -> Cell:
@@ -122,6 +142,26 @@ def options_label(options) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if v not in ("", None))
 
 
+def percent(value, se=None) -> str:
+    """A fraction as % with one decimal, and its standard error."""
+    return f"{100 * value:.1f}" + ("" if _missing(se) else f" ± {100 * se:.1f}")
+
+
+class Change(NamedTuple):
+    """A mean accuracy change vs the baseline, in percentage points, and its standard error."""
+
+    delta_pp: float
+    tasks: int
+    se_pp: float
+
+    def text(self) -> str:
+        tasks = f"{self.tasks} task{'s' if self.tasks != 1 else ''}"
+        if _missing(self.se_pp):
+            return f"{self.delta_pp:+.1f} pp ({tasks}; no standard error recorded)"
+        noise = "; within noise" if abs(self.delta_pp) < NOISE_SE * self.se_pp else ""
+        return f"{self.delta_pp:+.1f} ± {self.se_pp:.1f} pp ({tasks}{noise})"
+
+
 # ---------------------------------------------------------------- frames
 
 
@@ -138,9 +178,16 @@ def _key(df: pd.DataFrame, cols: list[str]) -> pd.Series:
     return pd.Series(["|".join(map(str, t)) for t in df[cols].itertuples(index=False)], index=df.index, dtype=object)
 
 
+def latency_setting(lat: pd.DataFrame) -> pd.Series:
+    """simulated | gpu | projected | cpu: how each latency row was obtained."""
+    measured = lat.provenance == "measured"
+    return lat.provenance.where(~measured, lat.device.map(lambda d: "cpu" if d == "cpu" else "gpu"))
+
+
 def latency_table(lat: pd.DataFrame, acc_delta: dict) -> pd.DataFrame:
     """Latency rows with speedup, share of the no-communication bound and accuracy change."""
     lat = lat.copy()
+    lat["setting"] = latency_setting(lat)
     lat["scenario"] = _key(lat, GROUP)
     for phase, stat in [("prefill", "prefill_ms"), ("decode", "decode_ms_per_token")]:
         for col in (f"{stat}_median", f"{stat}_p10", f"{stat}_p90"):
@@ -169,31 +216,95 @@ def headline_accuracy(acc: pd.DataFrame) -> pd.DataFrame:
     return acc[acc.norm == has_norm]
 
 
+def _root_sum_squares(values: pd.Series) -> float:
+    """sqrt(sum of squares); NaN when any term is missing (an unknown error is not zero)."""
+    return math.sqrt((values ** 2).sum()) if values.notna().all() else float("nan")
+
+
+def _summarise(g: pd.DataFrame) -> pd.Series:
+    """One configuration's tasks -> mean accuracy and mean change, each with its standard error."""
+    compared = g[g["delta_pp"].notna()]
+    n = len(compared)
+    return pd.Series({"mean": g["value"].mean(), "mean_se": _root_sum_squares(g["stderr"]) / len(g),
+                      "delta_pp": compared["delta_pp"].mean() if n else float("nan"),
+                      "delta_se_pp": _root_sum_squares(compared["delta_se_pp"]) / n if n else float("nan"),
+                      "tasks": g["task"].nunique(), "compared": n})
+
+
 def accuracy_deltas(acc: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Per accuracy configuration: mean accuracy and change vs baseline (pp); lookup by latency identity.
+    """Per accuracy configuration: mean accuracy and change vs baseline (pp), with standard errors;
+    a lookup by latency identity -> ``Change``.
 
     The baseline is exact, so its accuracy does not depend on N: the baseline at the same N is
     the reference, else the baseline at any N."""
     if acc.empty:
         return acc, {}
-    acc = headline_accuracy(acc).assign(limit_key=lambda d: d["limit"].map(_plain))  # None/NaN: all documents
+    acc = headline_accuracy(acc).assign(limit_key=lambda d: d["limit"].map(_plain),  # None/NaN: all documents
+                                        stderr=lambda d: pd.to_numeric(d["stderr"], errors="coerce"))
     base = acc[acc.strategy == REFERENCE]
-    same_n = base.groupby(["model", "tp", "task", "limit_key"])["value"].mean()
-    any_n = base.groupby(["model", "task", "limit_key"])["value"].mean()
+    same_n = base.groupby(["model", "tp", "task", "limit_key"])[["value", "stderr"]].mean()
+    any_n = base.groupby(["model", "task", "limit_key"])[["value", "stderr"]].mean()
 
-    def reference(r):
-        return same_n.get((r.model, r.tp, r.task, r.limit_key), any_n.get((r.model, r.task, r.limit_key)))
+    def reference(r) -> tuple[float, float]:
+        for table, key in ((same_n, (r.model, r.tp, r.task, r.limit_key)), (any_n, (r.model, r.task, r.limit_key))):
+            if key in table.index:
+                return tuple(table.loc[key])
+        return float("nan"), float("nan")
 
-    acc["reference"] = [reference(r) for r in acc.itertuples()]
-    acc["delta_pp"] = 100 * (acc["value"] - acc["reference"])
-    summary = acc.groupby(["model", *ACCURACY_CONFIG], dropna=False).agg(
-        mean=("value", "mean"), delta_pp=("delta_pp", "mean"), tasks=("task", "nunique"),
-        compared=("delta_pp", "count")).reset_index()
+    refs = [reference(r) for r in acc.itertuples()]
+    acc["delta_pp"] = [100 * (v - ref) for v, (ref, _) in zip(acc["value"], refs)]
+    acc["delta_se_pp"] = [100 * math.hypot(se, ref_se) for se, (_, ref_se) in zip(acc["stderr"], refs)]
+    summary = acc.groupby(["model", *ACCURACY_CONFIG], dropna=False)[["value", "stderr", "delta_pp", "delta_se_pp",
+                                                                       "task"]].apply(_summarise).reset_index()
     lookup = {}
     for r in summary.itertuples():
         if r.compared:
-            lookup.setdefault((r.model, r.strategy, r.options, r.tp), (r.delta_pp, r.compared))
+            lookup.setdefault((r.model, r.strategy, r.options, r.tp),
+                              Change(r.delta_pp, int(r.compared), r.delta_se_pp))
     return summary, lookup
+
+
+# ---------------------------------------------------------------- what to run to fill a gap
+
+
+class Fills:
+    """Numbered commands that fill the page's gaps: an n/a cell links to the command that fills it."""
+
+    def __init__(self, results: Results):
+        self.items: dict[str, dict] = {}
+        self.stores = results.stores
+        acc = frame(results.rows, "accuracy")
+        acc = acc[acc.strategy == REFERENCE] if not acc.empty else acc
+        self.tasks = {m: ",".join(sorted(set(g.task))) for m, g in acc.groupby("model")}
+        self.limits = {m: _plain(g["limit"].iloc[0]) for m, g in acc.groupby("model")}
+
+    def _store(self, kind: str, default: str) -> str:
+        return (self.stores.get(kind) or [default])[0]
+
+    def add(self, what: str, command: str) -> tuple:
+        item = self.items.setdefault(command, {"n": len(self.items) + 1, "what": what})
+        return ((f"fill {item['n']}", f"#fill-{item['n']}"),)
+
+    def na(self, reason: str, what: str, command: str) -> Cell:
+        return Cell(f"n/a: {reason}", "na", self.add(what, command))
+
+    def eval_command(self, model: str, strategy: str, options: dict, tp, task: str | None = None) -> str:
+        words = ["spdbench", "eval", "--model", model, "--tp", str(tp), "--strategy", strategy]
+        for key, value in sorted((options or {}).items()):
+            words += ["--strategy-opt", f"{key}={value}"]
+        limit = self.limits.get(model)
+        words += ["--tasks", task or self.tasks.get(model, "piqa,arc_easy"), *(["--limit", limit] if limit else [])]
+        return shlex.join(words + ["--out", self._store("accuracy", "accuracy.jsonl")])
+
+    def accuracy(self, r) -> Cell:
+        where = f"{r.strategy}{f' ({r.options})' if r.options else ''} at N={r.tp}"
+        return self.na(f"no accuracy rows for this strategy{' with these options' if r.options else ''} at N={r.tp}",
+                       f"accuracy of {r.model} {where}", self.eval_command(r.model, r.strategy, r.strategy_options,
+                                                                            r.tp))
+
+    def matrix(self, reason: str, what: str, command) -> Cell:
+        """A gap in a latency matrix: the row's own command, after the matrix is changed."""
+        return self.na(reason, what, str(command or "spdbench bench --config MATRIX.yaml --out OUT"))
 
 
 # ---------------------------------------------------------------- page sections
@@ -201,7 +312,7 @@ def accuracy_deltas(acc: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 
 def _env_value(env: dict, key: str):
     if key not in env:
-        return na("not recorded")
+        return na("not recorded by the rows' spdbench version (re-run the command to record it)")
     value = env[key]
     if value is None:
         return "none"
@@ -240,39 +351,66 @@ class Refs:
     def cell(self, command, env) -> Cell:
         c = self.commands[str(command or "n/a: no command recorded")]["n"]
         e = self.envs[self._env_key(env)]["n"]
-        return Cell(f"cmd {c} / env {e}", "ref", ((f"cmd {c}", f"#cmd-{c}"), (f"env {e}", f"#env-{e}")))
+        return Cell("", "ref", ((f"cmd {c}", f"#cmd-{c}"), (f"env {e}", f"#env-{e}")))
+
+
+def identity_text(identity) -> str:
+    """'SmolLM2-135M-Instruct (instruction-tuned): Q4_1 GGUF ..., dequantised to float32'."""
+    if not isinstance(identity, dict) or not identity.get("name"):
+        return "not recorded"
+    variant = f" ({identity['variant']})" if identity.get("variant") else ""
+    return f"{identity['name']}{variant}: {identity.get('weights') or 'weights not recorded'}"
+
+
+def models_table(rows: list[dict]) -> dict:
+    """One line per model argument: what the model is, and the dtypes it ran in."""
+    models: dict[str, dict] = {}
+    for r in rows:
+        entry = models.setdefault(str(r.get("model")), {"identity": r.get("model_identity"), "dtypes": set(),
+                                                        "kinds": set()})
+        dtype = (r.get("model_identity") or {}).get("dtype") or r.get("dtype")
+        if dtype:
+            entry["dtypes"].add(str(dtype))
+        entry["kinds"].add(str(r.get("kind")))
+    body = [[model, identity_text(e["identity"]), ", ".join(sorted(e["dtypes"])) or na("not recorded"),
+             ", ".join(sorted(e["kinds"]))] for model, e in models.items()]
+    return {"header": ["model argument", "model and weights", "ran in", "rows"], "rows": body}
 
 
 def _strategy_cell(r) -> Cell:
     return Cell(r.strategy, "") if r.usable_model else Cell(f"{r.strategy} (not a usable model)", "bound")
 
 
-def _accuracy_cell(r) -> Cell | str:
+def _accuracy_cell(r, fills: Fills) -> Cell | str:
     if not r.usable_model:
         return na("not a usable model")
     if r.strategy == REFERENCE:
         return "0 (reference)"
-    if r.acc_delta is None:
-        return na(f"no accuracy rows for this strategy{' with these options' if r.options else ''} at N={r.tp}")
-    delta, tasks = r.acc_delta
-    return f"{delta:+.2f} pp ({tasks} task{'s' if tasks != 1 else ''})"
+    if r.acc_delta is not None:
+        return r.acc_delta.text()
+    if str(r.model).startswith("random:"):
+        return na("random weights: accuracy says nothing")
+    return fills.accuracy(r)
 
 
-def _relative_cells(r, phase: str) -> list:
+def _relative_cells(r, phase: str, fills: Fills) -> list:
     if r.strategy == REFERENCE:
         return ["1.00x", "0%"]
     if not getattr(r, f"{phase}_has_base"):
-        return [na("no baseline row for this scenario")] * 2
+        return [fills.matrix("no baseline row for this scenario", "add the strategy baseline to the matrix and "
+                             "re-run", r.command)] * 2
     speedup = number(getattr(r, f"{phase}_speedup"), ".2f", "no timing")
     speedup = speedup + "x" if isinstance(speedup, str) else speedup
     if r.tp == 1:
         share = na("N=1 has no communication")
     elif not getattr(r, f"{phase}_has_bound"):
-        share = na("no nocomm row for this scenario")
+        share = fills.matrix("no nocomm row for this scenario", "add the strategy nocomm to the matrix and re-run",
+                             r.command)
     else:
         value = getattr(r, f"{phase}_bound_share")
         if _missing(value) or math.isinf(value) or getattr(r, f"{phase}_bound_in_noise"):
-            share = na("baseline-nocomm gap within the p10-p90 noise")
+            share = fills.matrix("baseline-nocomm gap within the p10-p90 noise", "raise repetitions in the matrix "
+                                 "and re-run", r.command)
         else:
             share = f"{100 * value:.0f}%"
     return [speedup, share]
@@ -282,7 +420,7 @@ def _spread(r, prefix: str):
     med, lo, hi = (getattr(r, f"{prefix}_{s}", None) for s in ("median", "p10", "p90"))
     if _missing(med):
         return na("not measured")
-    return f"{med:.2f}" + ("" if _missing(lo) or _missing(hi) else f" ({lo:.2f}-{hi:.2f})")
+    return f"{med:.2f}" + ("" if _missing(lo) or _missing(hi) or lo == hi else f" ({lo:.2f}-{hi:.2f})")
 
 
 def _energy_cell(r):
@@ -292,45 +430,62 @@ def _energy_cell(r):
     return Cell(str(status), "na") if isinstance(status, str) and status.startswith("n/a") else na("no telemetry")
 
 
-def latency_sections(lat: pd.DataFrame, refs: Refs) -> list[dict]:
-    """One table per (provenance, interconnect, model); scenario fields constant in a table go to its caption."""
+def _title(setting: str, model: str, device_profile: str, link: str) -> str:
+    if setting == "simulated":
+        return f"{model} - simulated, device {device_profile}, interconnect {link}"
+    if setting == "projected":
+        return f"{model} - projected, interconnect {link}"
+    return model
+
+
+def latency_sections(lat: pd.DataFrame, refs: Refs, fills: Fills) -> list[dict]:
+    """One table per (setting, profiles, model); scenario fields constant in a table go to its caption.
+    CPU tables have no speedups, bound shares or accuracy changes: they do not rank strategies."""
     sections = []
-    for (prov, link, model), df in lat.groupby(["provenance", lat.interconnect.fillna("-"), "model"], sort=True):
+    keys = ["setting", lat.device_profile.fillna("-"), lat.interconnect.fillna("-"), "model"]
+    for (setting, device_profile, link, model), df in lat.groupby(keys, sort=True):
+        ranks = setting != "cpu"
         varying = [c for c in SCENARIO if df[c].map(str).nunique() > 1]
         fixed = [f"{SCENARIO_LABELS[c]} {df[c].iloc[0]}" for c in SCENARIO if c not in varying
                  and not _missing(df[c].iloc[0])]
         header = ["strategy", "options", "N", *[SCENARIO_LABELS[c] for c in varying],
-                  "prefill ms (p10-p90)", "decode ms/token (p10-p90)", "tokens/s",
-                  "prefill speedup", "prefill: share of no-comm bound", "decode speedup",
-                  "decode: share of no-comm bound", "accuracy change vs baseline", "J/token", "source"]
+                  "prefill ms (p10-p90)", "decode ms/token (p10-p90)", "tokens/s"]
+        if ranks:
+            header += ["prefill speedup", "prefill: share of no-comm bound", "decode speedup",
+                       "decode: share of no-comm bound", "accuracy change vs baseline (± s.e.)"]
+        header += ["J/token", "source"]
         body = []
         for r in df.itertuples():
-            body.append([_strategy_cell(r), r.options, r.tp, *[getattr(r, c) for c in varying],
-                         _spread(r, "prefill_ms"), _spread(r, "decode_ms_per_token"),
-                         number(getattr(r, "tokens_per_s", None), ".1f", "not measured"),
-                         *_relative_cells(r, "prefill"), *_relative_cells(r, "decode"),
-                         _accuracy_cell(r), _energy_cell(r), refs.cell(r.command, r.env)])
-        title = model if prov == "measured" else f"{model} - projected, interconnect {link}"
-        sections.append({"provenance": prov, "interconnect": None if link == "-" else link, "title": title,
-                         "caption": "; ".join([", ".join(fixed), *_shared_reasons(header, body)]),
-                         "header": header, "rows": body})
+            row = [_strategy_cell(r), r.options, r.tp, *[getattr(r, c) for c in varying],
+                   _spread(r, "prefill_ms"), _spread(r, "decode_ms_per_token"),
+                   number(getattr(r, "tokens_per_s", None), ".1f", "not measured")]
+            if ranks:
+                row += [*_relative_cells(r, "prefill", fills), *_relative_cells(r, "decode", fills),
+                        _accuracy_cell(r, fills)]
+            body.append(row + [_energy_cell(r), refs.cell(r.command, r.env)])
+        sections.append({"setting": setting, "device_profile": None if device_profile == "-" else device_profile,
+                         "interconnect": None if link == "-" else link,
+                         "title": _title(setting, model, device_profile, link),
+                         "caption": [", ".join(fixed), *_shared_reasons(header, body)], "header": header,
+                         "rows": body})
     return sections
 
 
-def _shared_reasons(header: list[str], body: list[list]) -> list[str]:
+def _shared_reasons(header: list[str], body: list[list]) -> list[Cell]:
     """A column whose cells are all n/a for one reason says it once, in the caption (cells keep 'n/a')."""
     notes = []
     for i, name in enumerate(header):
         cells = [row[i] for row in body]
-        if len(cells) > 1 and all(isinstance(c, Cell) and c.css == "na" and c.text == cells[0].text for c in cells):
-            notes.append(f"{name} {cells[0].text}")
+        if len(cells) > 1 and all(isinstance(c, Cell) and c.css == "na" and c.text == cells[0].text
+                                  and c.links == cells[0].links for c in cells):
+            notes.append(Cell(f"{name} {cells[0].text}", "", cells[0].links))
             for row in body:
                 row[i] = Cell("n/a", "na")
     return notes
 
 
-def accuracy_section(acc: pd.DataFrame, refs: Refs) -> list[dict]:
-    """Per model: one row per configuration, one column per task (value +- stderr), mean and change."""
+def accuracy_section(acc: pd.DataFrame, refs: Refs, fills: Fills) -> list[dict]:
+    """Per model: one row per configuration, one column per task (% ± s.e.), mean and change (pp ± s.e.)."""
     if acc.empty:
         return []
     acc = acc[acc["metric"] != "sample_len"]  # lm-eval's document count, not a score
@@ -343,32 +498,43 @@ def accuracy_section(acc: pd.DataFrame, refs: Refs) -> list[dict]:
     acc = acc.sort_values(["order", "strategy", "tp", "variant_order", "spd_blocks_pct", "options"],
                           na_position="first")
     for model, df in acc.groupby("model"):
-        tasks = sorted({f"{t} ({m})" for t, m in zip(df.task, df.metric)})
+        tasks = sorted({(t, m) for t, m in zip(df.task, df.metric)})
+        limits = {_plain(v) for v in df["limit"]}
+        one_limit = len(limits) == 1
         keys = ACCURACY_CONFIG
-        header = ["strategy", "options", "N", "SPD variant", "SPD blocks %", *tasks, "mean accuracy",
-                  "change vs baseline", "source"]
+        header = ["strategy", "options", "N", "SPD variant", "SPD blocks %",
+                  *[f"{t} {m} %" for t, m in tasks], "mean accuracy %", "change vs baseline (± s.e.)", "source"]
         body = []
         for key, g in df.groupby(keys, dropna=False, sort=False):
-            cells = dict.fromkeys(tasks, na("not evaluated"))
+            first = g.iloc[0]
+            cells = {(t, m): fills.na("not evaluated", f"{t} for {model} {first.strategy} at N={first.tp}",
+                                      fills.eval_command(model, first.strategy, first.strategy_options, first.tp, t))
+                     for t, m in tasks}
             for r in g.itertuples():
-                err = "" if _missing(r.stderr) else f" ± {r.stderr:.4f}"
-                limit = "all documents" if _missing(r.limit) else f"limit {_plain(r.limit)}"
-                cells[f"{r.task} ({r.metric})"] = f"{r.value:.4f}{err} ({limit})"
+                limit = "" if one_limit else " (all documents)" if _missing(r.limit) else f" (limit {_plain(r.limit)})"
+                cells[(r.task, r.metric)] = percent(r.value, r.stderr) + limit
             s = summary[(summary.model == model) & (_key(summary, keys) == "|".join(map(str, key)))]
             usable = bool(g.usable_model.iloc[0])
-            mean = number(s["mean"].iloc[0] if len(s) else None, ".4f", "no acc/acc_norm metric")
+            mean = percent(s["mean"].iloc[0], s["mean_se"].iloc[0]) if len(s) and not _missing(s["mean"].iloc[0]) \
+                else na("no acc/acc_norm metric")
             if not usable:
                 change = na("not a usable model")
             elif key[0] == REFERENCE:
                 change = "0 (reference)"
+            elif len(s) and s["compared"].iloc[0]:
+                r = s.iloc[0]
+                change = Change(r.delta_pp, int(r.compared), r.delta_se_pp).text()
             else:
-                change = number(s["delta_pp"].iloc[0] if len(s) else None, "+.2f", "no baseline for these tasks")
-                change = change + " pp" if isinstance(change, str) else change
-            first = g.iloc[0]
+                change = fills.na("no baseline for these tasks", f"the baseline of {model} at N={first.tp}",
+                                  fills.eval_command(model, REFERENCE, {}, first.tp))
             strategy = first.strategy if usable else f"{first.strategy} (not a usable model)"
             body.append([strategy, first.options, first.tp, *[_plain(k) for k in key[3:]],
                          *cells.values(), mean, change, refs.cell(first.command, first.env)])
-        tables.append({"title": model, "caption": "", "header": header, "rows": body})
+        documents = limits.pop() if one_limit else ""
+        caption = (f"{'all' if documents == '' else f'the first {documents}'} documents per task; " if one_limit
+                   else "") + (f"± one standard error (lm-eval's); a change under {NOISE_SE} standard errors is "
+                               "within noise")
+        tables.append({"title": model, "caption": [caption], "header": header, "rows": body})
     return tables
 
 
@@ -418,12 +584,12 @@ def embedded_json(rows: list[dict]) -> str:
 
 def render(results: Results, title: str = "spdbench report", checks: list[tuple[str, bool]] | None = None) -> str:
     rows = results.rows
-    refs = Refs(rows)
+    refs, fills = Refs(rows), Fills(results)
     lat, acc = frame(rows, "latency"), frame(rows, "accuracy")
     sens, ppl = frame(rows, "spd_sensitivity"), frame(rows, "spd_ppl")
     summary, deltas = accuracy_deltas(acc) if not acc.empty else (acc, {})
-    lat = latency_table(lat, deltas) if not lat.empty else lat
-    latency = latency_sections(lat, refs) if not lat.empty else []
+    lat = latency_table(lat, deltas) if not lat.empty else lat.assign(setting=None)
+    latency = latency_sections(lat, refs, fills) if not lat.empty else []
     failed = [r for r in rows if r.get("status") == "failed"]
     kinds = pd.Series([r.get("kind") for r in rows], dtype=object).value_counts().to_dict()
     env = jinja2.Environment(loader=jinja2.PackageLoader("reports", "templates"),
@@ -431,18 +597,19 @@ def render(results: Results, title: str = "spdbench report", checks: list[tuple[
                              undefined=jinja2.StrictUndefined)
     return env.get_template("report.html.j2").render(
         title=title, checks=checks, sources=results.sources, kinds=kinds, n_rows=len(rows),
-        measured=[s for s in latency if s["provenance"] == "measured"],
-        projected=[s for s in latency if s["provenance"] != "measured"],
-        accuracy=accuracy_section(acc, refs),
+        models=models_table(rows), settings=SETTINGS, cpu_caveat=CPU_CAVEAT,
+        latency={s: [t for t in latency if t["setting"] == s] for s in SETTINGS},
+        accuracy=accuracy_section(acc, refs, fills), noise_se=NOISE_SE,
         sensitivity=simple_table(sens, [c for c in ["model", "tp", "block", "sensitivity", "ppl", "calib", "samples",
                                                     "seq_len"] if c in sens], refs) if not sens.empty else None,
         spd_ppl=simple_table(ppl, [c for c in ["model", "tp", "spd_variant", "budget_pct", "ppl", "dataset", "tokens"]
                                    if c in ppl], refs) if not ppl.empty else None,
-        figures=figures.all_figures(lat, summary, sens, ppl),
+        figures=figures.all_figures(lat[lat.setting != "cpu"] if not lat.empty else lat, summary, sens, ppl),
         benchmarks=benchmark_tables(results.benchmarks),
         failed=[{"kind": r.get("kind"), "model": r.get("model"), "strategy": r.get("strategy"), "tp": r.get("tp"),
                  "error": r.get("error"), "ref": refs.cell(r.get("command"), r.get("env"))} for r in failed],
-        commands=refs.commands, envs=refs.envs, env_table=refs.env_table(), raw_json=Markup(embedded_json(rows)))
+        fills=fills.items, commands=refs.commands, envs=refs.envs, env_table=refs.env_table(),
+        raw_json=Markup(embedded_json(rows)))
 
 
 def write(results: Results, out, title: str = "spdbench report", checks=None) -> Path:

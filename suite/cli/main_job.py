@@ -1,17 +1,23 @@
 """``spdbench run``: the main job, from a fresh install to the comparison report.
 
-On the embedded default (smollm2-135m, CPU, N = 1/2/4, every strategy) it runs, as ordinary
-spdbench commands printed before they start:
+On the embedded default (smollm2-135m, N = 1/2/4, every strategy) it runs, as ordinary spdbench
+commands printed before they start:
 
 1. a quick SPD sensitivity pass per N > 1 and a zero-shot plan for the least sensitive half of
    the blocks (at N = 1 an SPD block equals a baseline block, so SPD runs on every block);
-2. the latency matrix (every strategy x N);
-3. a small accuracy pass (lm-eval tasks with ``--limit``), every strategy x N;
-4. the report.
+2. the latency the question is about, simulated on a named 8-GPU system (``--simulate``): every
+   strategy with the same SPD plans at the model's shape, and at a large preset's shape
+   (``--large-model``, N = 4 and 8), where SPD drops the same share of blocks (the last ones:
+   every block has the same shape, so which blocks does not change the simulated latency);
+3. the latency matrix measured on this machine: a check that every strategy runs end to end
+   (on a CPU the N ranks share the cores, so it does not rank strategies);
+4. a small accuracy pass (lm-eval tasks with ``--limit``), every strategy x N;
+5. the report of everything under ``--out``.
 
-Every step writes under ``--out`` and resumes from it: re-running after an interruption skips
-what is finished. With ``--config`` the latency step runs the user's matrix instead, and the
-SPD and accuracy steps are left out.
+Every step writes under ``--out`` and resumes from it: finished cells and tasks are skipped, so a
+second run adds no rows. A step that ends with failed cells does not stop the job (the report
+shows them; the job then exits 1); bad input stops it at once (exit 2). With ``--config`` the
+latency step runs the user's matrix instead, and the other steps are left out.
 """
 
 from __future__ import annotations
@@ -22,83 +28,158 @@ from pathlib import Path
 
 import yaml
 
-from suite.cli.common import at_least
+from suite.cli.common import at_least, check_model
+from suite.errors import SpdbenchError
 
-STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "seqpar", "nocomm"]
+STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "seqpar", "nocomm"]  # each with its default options
 ACCURACY_STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "nocomm"]  # seqpar computes what tokenweave does
-# Small prompts on CPU: let token splitting split them (it would not below 1024 tokens).
-TOKENWEAVE = {"split_min_tokens": "0", "split_multiple": "8"}
+SPD_BUDGET = 50  # % of blocks with SPD: the least sensitive half
+# The simulated scenario: the ladder paper's (prompt 1024, 512 new tokens, decode in a CUDA graph),
+# at batch 1 (latency-bound decode) and 16 (a served batch), in half precision.
+SIMULATED = {"batch": [1, 16], "prompt_len": 1024, "new_tokens": 512, "dtype": "float16", "device": "cuda",
+             "decode_mode": "cuda_graph"}
+LARGE_TP = [4, 8]
+# Measured on this machine: small, so that the check is quick.
+MEASURED = {"dtype": "float32", "device": "cpu", "decode_mode": "eager", "batch": 2, "prompt_len": 32,
+            "new_tokens": 8, "repetitions": 3, "warmup": 1}
 
 
-def _strategy_options(name: str, tp: int, plans: dict[int, Path]) -> dict[str, str]:
-    if name == "spd":
-        return {"plan": str(plans[tp])} if tp in plans else {"blocks": "all"}
-    return dict(TOKENWEAVE) if name == "tokenweave" else {}
+def _spd_options(tp: int, plans: dict[int, Path]) -> dict[str, str]:
+    return {"plan": str(plans[tp])} if tp in plans else {"blocks": "all"}
 
 
-def latency_matrix(args, plans: dict[int, Path]) -> dict:
-    return {"model": args.model, "dtype": "float32", "device": "cpu", "decode_mode": "eager", "batch": 2,
-            "prompt_len": 32, "new_tokens": 8, "repetitions": 3, "warmup": 1,
-            "matrices": [{"tp": tp, "strategies": [{"name": s, "options": _strategy_options(s, tp, plans)}
-                                                    for s in STRATEGIES]} for tp in args.tp]}
+def _strategies(tp: int, plans: dict[int, Path]) -> list[dict]:
+    return [{"name": s, "options": _spd_options(tp, plans) if s == "spd" else {}} for s in STRATEGIES]
+
+
+def measured_matrix(model: str, tps: list[int], plans: dict[int, Path]) -> dict:
+    return {"model": model, **MEASURED,
+            "matrices": [{"tp": tp, "strategies": _strategies(tp, plans)} for tp in tps]}
+
+
+def simulated_matrix(model: str, tps: list[int], plans: dict[int, Path], system: tuple[str, str],
+                     large: str | None, large_spd_blocks: int) -> dict:
+    """The same strategies and plans at the model's shape, and at the large model's with SPD on
+    ``large_spd_blocks`` blocks, simulated on ``system`` (device profile, interconnect)."""
+    device_profile, interconnect = system
+    matrices = [{"model": model, "tp": tp, "strategies": _strategies(tp, plans)} for tp in tps]
+    if large:
+        spd = {"name": "spd", "options": {"blocks": f"last:{large_spd_blocks}"}}
+        matrices.append({"model": large, "tp": LARGE_TP,
+                         "strategies": [spd if s == "spd" else {"name": s, "options": {}} for s in STRATEGIES]})
+    return {"mode": "simulated", "device_profile": device_profile, "interconnect": interconnect, **SIMULATED,
+            "matrices": matrices}
+
+
+def parse_system(text: str) -> tuple[str, str] | None:
+    """``DEVICE_PROFILE:INTERCONNECT`` -> the pair; ``none`` -> None."""
+    if text == "none":
+        return None
+    device_profile, sep, interconnect = text.partition(":")
+    if not sep or not device_profile or not interconnect:
+        raise SpdbenchError(f"simulate {text!r}: expected DEVICE_PROFILE:INTERCONNECT (e.g. h100-sxm:h100-nvswitch) "
+                            "or none")
+    return device_profile, interconnect
+
+
+def _spd_blocks(model: str, percent: int) -> int:
+    """Blocks in ``percent`` of the model's blocks, rounded as ``spdbench spd plan --budget`` rounds."""
+    from suite.model.sources import resolve
+
+    return round(percent / 100 * resolve(model).config.num_hidden_layers)
+
+
+def steps_of(args) -> list[list[str]]:
+    """The spdbench commands of the job, in order (their inputs written under ``--out``)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = ["report", str(out), "-o", str(out / "report.html")]
+    if args.config:
+        return [["bench", "--config", args.config, "--out", str(out)], report]
+    steps, plans = [], {}
+    for tp in (n for n in args.tp if n > 1):
+        sensitivity, plans[tp] = out / "spd" / f"sensitivity-tp{tp}.json", out / "spd" / f"plan-tp{tp}.json"
+        steps.append(["spd", "sensitivity", "--model", args.model, "--tp", str(tp), "--samples", str(args.samples),
+                      "--seq-len", str(args.seq_len), "--out", str(sensitivity), "--results", str(out / "spd.jsonl")])
+        steps.append(["spd", "plan", "--sensitivity", str(sensitivity), "--budget", f"{SPD_BUDGET}%",
+                      "--variant", "zs", "--out", str(plans[tp])])
+    system = parse_system(args.simulate)
+    if system:
+        large = None if args.large_model == "none" else args.large_model
+        matrix = simulated_matrix(args.model, args.tp, plans, system, large,
+                                  _spd_blocks(large, SPD_BUDGET) if large else 0)
+        steps.append(["bench", "--config", _write(out / "simulated.yaml", matrix), "--out", str(out)])
+    measured = measured_matrix(args.model, args.tp, plans)
+    steps.append(["bench", "--config", _write(out / "measured.yaml", measured), "--out", str(out)])
+    for tp in args.tp:
+        for name in ACCURACY_STRATEGIES:
+            options = [w for k, v in (_spd_options(tp, plans) if name == "spd" else {}).items()
+                       for w in ("--strategy-opt", f"{k}={v}")]
+            steps.append(["eval", "--model", args.model, "--tp", str(tp), "--strategy", name, *options,
+                          "--tasks", args.tasks, "--limit", str(args.limit), "--out", str(out / "accuracy.jsonl")])
+    return [*steps, report]
+
+
+def _write(path: Path, matrix: dict) -> str:
+    path.write_text(yaml.safe_dump(matrix, sort_keys=False))
+    return str(path)
 
 
 def cmd_run(args, parser) -> int:
-    from suite.cli import main
+    from suite.cli import EXIT_USAGE, main
 
     at_least(1, tp=min(args.tp), limit=args.limit, samples=args.samples, seq_len=args.seq_len)
-    out = Path(args.out)
-    spd_dir, results = out / "spd", out / "accuracy.jsonl"
-    steps: list[list[str]] = []
-    plans: dict[int, Path] = {}
-    if args.config:
-        matrix_file = Path(args.config)
-    else:
-        for tp in (n for n in args.tp if n > 1):
-            sens, plans[tp] = spd_dir / f"sensitivity-tp{tp}.json", spd_dir / f"plan-tp{tp}.json"
-            steps.append(["spd", "sensitivity", "--model", args.model, "--tp", str(tp), "--samples",
-                          str(args.samples), "--seq-len", str(args.seq_len), "--out", str(sens),
-                          "--results", str(out / "spd.jsonl")])
-            steps.append(["spd", "plan", "--sensitivity", str(sens), "--budget", "50%", "--variant", "zs",
-                          "--out", str(plans[tp])])
-        matrix_file = out / "matrix.yaml"
-        out.mkdir(parents=True, exist_ok=True)
-        matrix_file.write_text(yaml.safe_dump(latency_matrix(args, plans), sort_keys=False))
-    steps.append(["bench", "--config", str(matrix_file), "--out", str(out)])
-    tasks = [t for t in args.tasks.split(",") if t]
-    if not args.config:
-        for tp in args.tp:
-            for name in ACCURACY_STRATEGIES:
-                opts = [w for k, v in _strategy_options(name, tp, plans).items() for w in ("--strategy-opt", f"{k}={v}")]
-                steps.append(["eval", "--model", args.model, "--tp", str(tp), "--strategy", name, *opts,
-                              "--tasks", ",".join(tasks), "--limit", str(args.limit), "--out", str(results)])
-    report = out / "report.html"
-    inputs = [str(p) for p in (out / "bench.jsonl", results, out / "spd.jsonl")]
-    steps.append(["report", *inputs, "-o", str(report)])
-    start = time.monotonic()
+    check_model(args.model)
+    if args.large_model != "none":
+        check_model(args.large_model)
+    system = parse_system(args.simulate)
+    if system:
+        from suite.latency.interconnect import load_profile  # light: checked before torch loads
+
+        load_profile(system[1])
+    if args.config and not Path(args.config).is_file():
+        raise SpdbenchError(f"config {args.config}: no such file")
+    if not [t for t in args.tasks.split(",") if t.strip()]:
+        raise SpdbenchError("tasks is empty: name at least one task, e.g. --tasks piqa,arc_easy")
+    steps = steps_of(args)
+    start, failed = time.monotonic(), []
     for i, step in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {shlex.join(['spdbench', *step])}", flush=True)
-        if step[0] == "report":  # only the result files that exist (e.g. no accuracy with --config)
-            step = ["report", *[p for p in inputs if Path(p).exists()], "-o", str(report)]
         try:
-            code = main(step)
+            code = main(["-v", *step] if getattr(args, "verbose", False) else step)
         except SystemExit as exc:  # a step's bad-input exit
             code = exc.code
-        if code:
-            print(f"spdbench run: step {i} failed (exit {code}); re-run the same command to resume")
+        if code == EXIT_USAGE:
+            print(f"spdbench run: step {i} stopped on bad input (exit {code}); fix it and re-run to resume")
             return code
+        if code:
+            failed.append(i)
+            print(f"spdbench run: step {i} failed (exit {code}); the job goes on, the report shows what failed")
+    report = Path(args.out) / "report.html"
     print(f"done in {time.monotonic() - start:.0f} s; report: {report}")
+    if failed:
+        print(f"spdbench run: step{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed; "
+              "re-run the same command to retry (finished work is kept)")
+        return 1
     return 0
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("run", help="the main job: SPD plan, latency matrix, accuracy pass, report")
-    p.add_argument("--model", default="smollm2-135m", help="model (default: the embedded smollm2-135m)")
-    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="TP degrees (default 1 2 4)")
-    p.add_argument("--config", help="run this YAML latency matrix instead of the default one (no SPD/accuracy steps)")
+    p = sub.add_parser("run", help="the main job: SPD plans, simulated and measured latency, accuracy, report",
+                       description="The main job on the embedded default: SPD plans from a quick sensitivity "
+                       "pass, latency simulated on a named 8-GPU system, latency measured here (a pipeline check), "
+                       "a small accuracy pass and the report. Re-running resumes and adds no rows.")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="the model (smollm2-135m: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="TP degrees N of every step")
+    p.add_argument("--simulate", default="h100-sxm:h100-nvswitch", metavar="DEVICE_PROFILE:INTERCONNECT",
+                   help="the GPU system the latency is simulated on (8 GPUs and their links); none: no simulation")
+    p.add_argument("--large-model", default="random:llama3-70b",
+                   help=f"also simulated, at N = {' and '.join(map(str, LARGE_TP))}; none: only --model")
+    p.add_argument("--config", help="run this YAML latency matrix instead (no SPD, simulated or accuracy steps)")
     p.add_argument("--tasks", default="piqa,arc_easy", help="lm-eval tasks of the accuracy pass")
     p.add_argument("--limit", type=int, default=20, help="documents per task in the accuracy pass")
     p.add_argument("--samples", type=int, default=4, help="calibration windows of the quick sensitivity pass")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
-    p.add_argument("--out", default="out/run", help="output folder (default out/run); re-running resumes")
+    p.add_argument("--out", default="out/run", help="output folder; re-running resumes from it")
     p.set_defaults(handler=cmd_run)

