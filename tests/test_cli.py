@@ -22,9 +22,9 @@ BAD_INPUT = [
      "data_dir /no/such/folder: no such data folder"),
     (["bench", "--config", "missing.yaml", "--out", "out"], "config missing.yaml: no such file"),
     (["report", "missing.jsonl"], "results missing.jsonl: no such file or folder"),
-    (["validate-projection", "--tp", "2", "--interconnect", "nosuch"], "interconnect 'nosuch': no such profile"),
+    (["validate-projection", "--tp", "2", "--interconnect", "nosuch"], "interconnect 'nosuch': no such file or name"),
     (["run", "--simulate", "h100-sxm"], "simulate 'h100-sxm': expected DEVICE_PROFILE:INTERCONNECT"),
-    (["run", "--simulate", "h100-sxm:nosuch"], "interconnect 'nosuch': no such profile"),
+    (["run", "--simulate", "h100-sxm:nosuch"], "interconnect 'nosuch': no such file or name"),
     (["run", "--config", "missing.yaml"], "config missing.yaml: no such file"),
 ]
 

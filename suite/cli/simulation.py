@@ -54,8 +54,8 @@ def add_devbench(sub) -> None:
     p = sub.add_parser("devbench", help="measure a device profile on the GPU at hand (for mode: simulated)",
                        description="Times GEMMs, GEMVs, attention, tiny kernels and launches on this GPU with "
                        "CUDA events (well under a minute) and writes a device profile file.")
-    p.add_argument("--out", help="profile file to write (default NAME.yaml)")
-    p.add_argument("--name", help="profile name (default measured-GPU-NAME)")
+    p.add_argument("--out", help="profile file to write (default: NAME.yaml)")
+    p.add_argument("--name", help="profile name (default: measured-GPU-NAME)")
     p.add_argument("--device-index", type=int, default=0, help="CUDA device to measure")
     p.set_defaults(handler=cmd_devbench)
 
