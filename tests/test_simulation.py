@@ -406,6 +406,16 @@ def test_a_strategy_that_builds_its_own_model_cannot_be_simulated():
         check_expressible(Custom())
 
 
+def test_token_splitting_prefill_simulates_with_both_halves_causal():
+    """1024 tokens split in two: the second half attends lower-right causally (SDPA's causal bias)."""
+    cell = LatencyScenario(model="random:llama3-70b", strategy="tokenweave", tp=8, batch=1, prompt_len=1024,
+                           new_tokens=4, dtype="float16", decode_mode="cuda_graph", mode="simulated",
+                           device_profile="h100-sxm", interconnect="h100-nvswitch")
+    assert bound_strategy("tokenweave", {}, resolve(cell.model), 8).split_point(1024) == 512
+    ((_, values, error),) = simulate_cells([cell])
+    assert error is None and values["prefill_ms_median"] > 0
+
+
 def test_the_grid_orders_nocomm_ladder_baseline_on_every_cell():
     cells = [c for c in expand(yaml.safe_load((REPO / "configs" / "simulated-llama3-70b.yaml").read_text()))
              if c.strategy in ("baseline", "ladder", "nocomm")]

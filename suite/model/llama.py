@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -67,7 +68,10 @@ class Segment:
             return self.mask, False
         if self.length == self.kv_len:
             return None, True
-        return causal_lower_right(self.length, self.kv_len), False
+        # The bias holds no data. A tensor subclass cannot be created under a dispatch mode, so it is
+        # made outside any (counting and simulating modes run this path too).
+        with _disable_current_modes():
+            return causal_lower_right(self.length, self.kv_len), False
 
     def sub(self, rows: slice, cols: slice, offset: int) -> Segment:
         """The sub-rectangle ``rows x cols`` (relative), placed at ``offset`` in a new stream.

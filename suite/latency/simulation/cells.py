@@ -214,7 +214,7 @@ def simulate_cell(cell) -> tuple[dict | None, str | None]:
         return row_values(generation), None
     except DoesNotFit as exc:
         return None, str(exc)
-    except SpdbenchError as exc:
+    except Exception as exc:  # the cell fails with its reason; the other cells still run
         return None, f"{exc.__class__.__name__}: {exc}"
 
 
