@@ -416,6 +416,23 @@ def test_token_splitting_prefill_simulates_with_both_halves_causal():
     assert error is None and values["prefill_ms_median"] > 0
 
 
+def test_worker_processes_run_after_this_process_used_its_openmp_pool():
+    """A worker forked from a process whose OpenMP pool has run would hang in its first parallel op."""
+    script = (
+        "import torch\n"
+        "from suite.latency.simulation import simulate_cells\n"
+        "from suite.results import LatencyScenario\n"
+        "if __name__ == '__main__':\n"
+        "    torch.ones(1 << 22).mul_(2)\n"
+        "    cells = [LatencyScenario(model='random:llama3-70b', strategy='baseline', tp=8, batch=b, prompt_len=128,\n"
+        "             new_tokens=4, dtype='float16', mode='simulated', device_profile='h100-sxm',\n"
+        "             interconnect='h100-nvswitch') for b in (1, 4)]\n"
+        "    print([error for _, _, error in simulate_cells(cells, workers=2)])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[None, None]"
+
+
 def test_the_grid_orders_nocomm_ladder_baseline_on_every_cell():
     cells = [c for c in expand(yaml.safe_load((REPO / "configs" / "simulated-llama3-70b.yaml").read_text()))
              if c.strategy in ("baseline", "ladder", "nocomm")]

@@ -231,7 +231,11 @@ def simulate_cells(cells, workers: int | None = None):
         for cell in cells:
             yield cell, *simulate_cell(cell)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    # Workers fork from a fork server, never from this process: a fork of a process whose OpenMP pool has
+    # run hangs in the child's first parallel op.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
         for cell, (values, error) in zip(cells, pool.map(simulate_cell, cells)):
             yield cell, values, error
 
