@@ -4,10 +4,15 @@
 when ranks share a device). Every collective has a synchronous form and an async form that
 returns a ``Pending`` whose ``wait()`` yields the result, so strategies can overlap a
 collective with compute. Time spent inside collectives is accumulated in ``stats``.
+
+``LocalGroup`` runs N ranks as threads of one process (tooling that needs every rank's view of
+a model in one place); its communicators sum in-process, and autograd flows through the sums.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -112,3 +117,78 @@ class Communicator:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(torch.cuda.current_stream(device))
         return torch.cuda.stream(self._stream)
+
+
+class LocalGroup:
+    """N ranks as N threads of one process, meeting in lockstep at every collective.
+
+    ``run(fn, items)`` calls ``fn(comm, item)`` for rank i's item in thread i and returns the
+    results in rank order. A collective waits until every rank has handed in its tensor; the
+    result is computed once from all of them (so autograd flows through it to every rank's
+    input) and handed to every rank. The threads inherit the caller's grad and inference mode
+    (both are thread-local). Results are shared between ranks: never modify them in place.
+    """
+
+    def __init__(self, world: int):
+        self.world = world
+        self._inputs: list = [None] * world
+        self._combine = None
+        self._result = None
+        self._barrier = threading.Barrier(world, action=self._meet)
+
+    def _meet(self) -> None:  # run by the last rank to arrive, before any rank is released
+        self._result = self._combine(self._inputs)
+        self._inputs = [None] * self.world
+
+    def collective(self, rank: int, x: torch.Tensor, combine) -> torch.Tensor:
+        """``combine(inputs of all ranks)``, once, for every rank."""
+        self._inputs[rank], self._combine = x, combine
+        self._barrier.wait()
+        return self._result
+
+    def run(self, fn, items: list) -> list:
+        if len(items) != self.world:
+            raise ValueError(f"LocalGroup of {self.world} ranks got {len(items)} items")
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        results, errors = [None] * self.world, {}
+
+        def rank_thread(rank: int) -> None:
+            try:
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    results[rank] = fn(LocalCommunicator(rank, self.world, self), items[rank])
+            except BaseException as exc:  # release the ranks waiting for this one
+                errors[rank] = exc
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=rank_thread, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self._barrier.reset()
+            self._inputs = [None] * self.world
+            first = [e for e in errors.values() if not isinstance(e, threading.BrokenBarrierError)]
+            raise (first or list(errors.values()))[0]
+        return results
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return functools.reduce(torch.add, tensors)  # in rank order
+
+
+@dataclass
+class LocalCommunicator(Communicator):
+    """Rank ``rank`` of a ``LocalGroup`` (``group``): collectives computed in-process."""
+
+    def all_reduce(self, x: torch.Tensor, async_op: bool = False):
+        out = self.group.collective(self.rank, x, _sum)
+        return Pending(out) if async_op else out
+
+    def reduce_scatter(self, x: torch.Tensor, async_op: bool = False):
+        out = self.group.collective(self.rank, x, _sum).chunk(self.world)[self.rank]
+        return Pending(out) if async_op else out
+
+    def all_gather(self, x: torch.Tensor, async_op: bool = False):
+        out = self.group.collective(self.rank, x, torch.cat)
+        return Pending(out) if async_op else out
