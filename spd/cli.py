@@ -67,16 +67,16 @@ def cmd_sensitivity(args, parser) -> int:
 def cmd_plan(args, parser) -> int:
     from spd.plan import make_plan, plan_for_blocks
 
-    if args.sensitivity:
-        if args.blocks or args.budget is None:
-            raise SpdbenchError("plan: with sensitivity give budget (e.g. --budget 50%), not blocks")
+    from_sensitivity = args.sensitivity is not None
+    if (from_sensitivity != (args.budget is not None) or from_sensitivity == bool(args.blocks)
+            or not from_sensitivity and (args.tp is None or args.t1 or args.t2)):
+        raise SpdbenchError("plan: give either sensitivity and budget (e.g. --sensitivity sens.json --budget 50%), "
+                            "or model, tp and blocks (e.g. --model random:llama2-13b --tp 4 --blocks 0,5)")
+    if from_sensitivity:
         from spd.sensitivity import load_sensitivity
 
         plan = make_plan(load_sensitivity(args.sensitivity), args.budget, args.t1, args.t2, args.variant)
     else:
-        if not args.blocks or args.tp is None or args.budget is not None or args.t1 or args.t2:
-            raise SpdbenchError("plan: give either sensitivity and budget, or model, tp and blocks "
-                                "(e.g. --model random:llama2-13b --tp 4 --blocks 0,5)")
         at_least(1, tp=args.tp)
         from suite.model.sharding import check_tp
         from suite.model.sources import resolve

@@ -234,34 +234,37 @@ def classify(sensitivity: float, t1: float, t2: float) -> str:
     return "zs" if sensitivity <= t1 else "b2b" if sensitivity <= t2 else "hg+b2b"
 
 
+def _threshold(name: str, value: float | str, baseline: float | None) -> tuple[float, str]:
+    """A threshold given as a perplexity increase (``0.5``) or a share of the baseline perplexity (``2%``)."""
+    text = str(value).strip()
+    try:
+        number = float(text[:-1] if text.endswith("%") else text)
+    except ValueError:
+        raise PlanError(f"{name} {value!r}: expected a perplexity increase (0.5) or a share of the baseline "
+                        "perplexity (2%)") from None
+    if not text.endswith("%"):
+        return number, f"{name} = {text} (absolute perplexity increase)"
+    if baseline is None:
+        raise PlanError(f"{name} {text}: a share of the baseline perplexity needs a sensitivity file that records "
+                        "it; give an absolute perplexity increase")
+    return number / 100 * baseline, f"{name} = {text} of the baseline calibration perplexity {baseline:.4g}"
+
+
 def thresholds(state: dict, t1: float | str | None, t2: float | str | None) -> dict:
     """t1 and t2 with the rule that gave them: a quantile of all blocks' sensitivities (default), an
     absolute perplexity increase (``0.5``) or a share of the baseline calibration perplexity (``2%``)."""
     import statistics
 
-    sens = [float(s) for s in state["sensitivity"].values()]
-    quantiles = statistics.quantiles(sens, n=3, method="inclusive")
+    quantiles = statistics.quantiles([float(s) for s in state["sensitivity"].values()], n=3, method="inclusive")
     baseline = state.get("ppl", {}).get(str(state["n_layers"]))
     out, rules = {}, []
-    for name, value, q in (("t1", t1, quantiles[0]), ("t2", t2, quantiles[1])):
-        text = str(value).strip() if value is not None else ""
-        try:
-            if not text:
-                out[name] = q
-                rules.append(f"{name} = {'1/3' if name == 't1' else '2/3'} quantile (inclusive) of all "
-                             "blocks' sensitivities")
-            elif text.endswith("%"):
-                if baseline is None:
-                    raise PlanError(f"{name} {text}: a share of the baseline perplexity needs a sensitivity file "
-                                    "that records it; give an absolute perplexity increase")
-                out[name] = float(text[:-1]) / 100 * baseline
-                rules.append(f"{name} = {text} of the baseline calibration perplexity {baseline:.4g}")
-            else:
-                out[name] = float(text)
-                rules.append(f"{name} = {text} (absolute perplexity increase)")
-        except ValueError:
-            raise PlanError(f"{name} {value!r}: expected a perplexity increase (0.5) or a share of the baseline "
-                            "perplexity (2%)") from None
+    for name, value, q, share in (("t1", t1, quantiles[0], "1/3"), ("t2", t2, quantiles[1], "2/3")):
+        if value is None or str(value).strip() == "":
+            out[name] = q
+            rules.append(f"{name} = {share} quantile (inclusive) of all blocks' sensitivities")
+        else:
+            out[name], rule = _threshold(name, value, baseline)
+            rules.append(rule)
     if out["t1"] > out["t2"]:
         raise PlanError(f"t1 {out['t1']} is above t2 {out['t2']}: thresholds must satisfy t1 <= t2")
     return out | {"rule": "; ".join(rules)}

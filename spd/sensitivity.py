@@ -37,8 +37,9 @@ SETTINGS = ("model", "tp", "calib", "samples", "seq_len", "seed")
 
 
 @torch.no_grad()
-def progressive_nll(stream: BlockStream, windows: torch.Tensor) -> list[list[float]]:
-    """``nll[k][w]``: window w's summed NLL with SPD on blocks k..L-1, for k = 0..L (L: no SPD block)."""
+def progressive_nll(stream: BlockStream, windows: torch.Tensor, progress=None) -> list[list[float]]:
+    """``nll[k][w]``: window w's summed NLL with SPD on blocks k..L-1, for k = 0..L (L: no SPD block).
+    ``progress.update()`` is called after each block."""
     n_layers = stream.source.config.num_hidden_layers
     x, spd = stream.embed(windows), {}  # the baseline stream; k -> the stream with SPD from block k on
     for i in range(n_layers):
@@ -46,6 +47,8 @@ def progressive_nll(stream: BlockStream, windows: torch.Tensor) -> list[list[flo
         spd = {k: block(h, spd=True) for k, h in spd.items()} | {i: block(x, spd=True)}
         x = block(x)
         del block
+        if progress is not None:
+            progress.update()
     spd[n_layers] = x
     return [window_nll(stream.ends, spd[k], windows) for k in range(n_layers + 1)]
 
@@ -97,11 +100,13 @@ def analyse(model: str, tp: int, out: str | Path, calib: str | None = None, samp
     done = len(state["nll"]["0"])
     if done < samples:
         stream = BlockStream(source, tp, torch.device(device))
-        for start in tqdm(range(done, samples, batch), desc="sensitivity (window batches)"):
-            nll = progressive_nll(stream, windows[start: start + batch].to(device))
-            for k, values in enumerate(nll):
-                state["nll"][str(k)] += values
-            write_json_atomic(out, state)
+        starts = range(done, samples, batch)
+        with tqdm(total=len(starts) * n_layers, desc="sensitivity (blocks x window batches)") as progress:
+            for start in starts:
+                nll = progressive_nll(stream, windows[start: start + batch].to(device), progress)
+                for k, values in enumerate(nll):
+                    state["nll"][str(k)] += values
+                write_json_atomic(out, state)
     if not state["sensitivity"] or state.get("stability", {}).get("resamples") != resamples:
         _finish(state, resamples)
         write_json_atomic(out, state)
