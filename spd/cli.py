@@ -195,7 +195,8 @@ def add_command(sub) -> None:
     p.add_argument("--budgets", default="0,25,50,75,100", help="percentages of SPD blocks")
     p.add_argument("--eval-samples", type=int, default=16, help="ppl: WikiText-2 test windows (consecutive)")
     p.add_argument("--eval-seq-len", type=int, default=256, help="ppl: tokens per WikiText-2 window")
-    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="accuracy: lm-eval tasks (default: the paper's, without SciQ)")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS),
+                   help="accuracy: lm-eval tasks (default: the paper's, without SciQ)")
     p.add_argument("--limit", action="append", default=[], metavar="K | TASK=K",
                    help="accuracy: documents per task (default: all); TASK=K sets one task's, repeatable")
     p.add_argument("--data-dir", help="accuracy: offline data folder (default: $SPDBENCH_DATA, else ../shared/data)")

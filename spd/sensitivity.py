@@ -62,9 +62,9 @@ def load_sensitivity(path: str | Path) -> dict:
         raise PlanError(f"sensitivity file {path} is not readable JSON ({exc.__class__.__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise PlanError(f"{path} is not an SPD sensitivity file")
-    if state.get("version") != VERSION:
+    if state.get("version") not in (1, VERSION):  # version 1: no per-window NLL (plans only, no resume)
         raise PlanError(f"sensitivity file {path} has version {state.get('version')!r}; this spdbench reads "
-                        f"version {VERSION}: re-run `spdbench spd sensitivity` with another --out")
+                        f"versions 1 and {VERSION}")
     return state
 
 
@@ -92,6 +92,9 @@ def analyse(model: str, tp: int, out: str | Path, calib: str | None = None, samp
              "nll": {str(k): [] for k in range(n_layers + 1)}, "ppl": {}, "sensitivity": {}}
     if out.exists():
         previous = load_sensitivity(out)
+        if previous["version"] != VERSION:
+            raise PlanError(f"{out} was written by an older spdbench (no per-window NLL to resume from): "
+                            "delete it or use another --out")
         changed = [k for k in SETTINGS if previous.get(k) != settings[k]]
         if changed:
             raise PlanError(f"{out} holds an analysis with other settings ({changed[0]}={previous.get(changed[0])!r}): "
@@ -120,10 +123,11 @@ def rows(state: dict, command: str) -> list:
     env, ppl, stability = environment(), state["ppl"], state["stability"]
     calibration = dict(model=state["model"], tp=state["tp"], calib=state["calib"], samples=state["samples"],
                        seq_len=state["seq_len"], seed=state["seed"])
+    interval = stability["sensitivity_interval"]
     out = [Row(scenario=SensitivityScenario(**calibration, strategy="spd", block=int(block),
                                             strategy_options={"blocks": f"{block}..{state['n_layers'] - 1}"}),
-               values={"sensitivity": s, "ppl": ppl[block], "sensitivity_p05": stability["sensitivity_interval"][block][0],
-                       "sensitivity_p95": stability["sensitivity_interval"][block][1]}, env=env, command=command)
+               values={"sensitivity": s, "ppl": ppl[block], "sensitivity_p05": interval[block][0],
+                       "sensitivity_p95": interval[block][1]}, env=env, command=command)
            for block, s in sorted(state["sensitivity"].items(), key=lambda kv: int(kv[0]))]
     rank, classes = stability["rank_correlation"], stability["class_agreement"]
     for budget, agreement in stability["chosen_set_agreement"].items():

@@ -19,7 +19,7 @@ from tests.helpers import hf_model, source
 from spd import headgroup
 from spd.distill import DistillSettings, distill_to
 from spd.data import calibration_windows
-from spd.plan import Plan, PlanError, load_plan, make_plan, plan_for_blocks, restrict
+from spd.plan import Plan, PlanError, load_plan, make_plan, restrict
 from spd.ppl import ppl_job
 from spd.ranks import BlockStream
 from spd.sensitivity import analyse, progressive_nll
