@@ -20,6 +20,7 @@ import seaborn as sns
 from reports.figures import _figure, _missing
 
 VARIANTS = {"zs": "ZS", "zs+b2b": "ZS+B2B", "zs+b2b+hg": "ZS+B2B+HG"}
+DODGE = 1.2  # % of blocks between the variants' points at one budget
 STABILITY_COLUMNS = {"model": "model", "tp": "N", "samples": "windows", "seq_len": "tokens per window",
                      "resamples": "bootstrap resamples", "budget_pct": "budget %",
                      "rank_corr_mean": "block-order rank corr. (mean)", "rank_corr_p05": "rank corr. (p05)",
@@ -109,10 +110,12 @@ def accuracy_vs_spd(acc: pd.DataFrame) -> dict:
     for panel, ax in axes.items():
         d = points[points.panel == panel]
         model, tp, limit = d.iloc[0][setting]
-        for variant in _variants(d.spd_variant):
+        variants = _variants(d.spd_variant)
+        for i, variant in enumerate(variants):
             line = d[d.spd_variant == variant].sort_values("spd_blocks_pct")
-            ax.errorbar(line.spd_blocks_pct, 100 * line.accuracy, yerr=100 * line.stderr, marker="o", capsize=3,
-                        label=VARIANTS.get(variant, variant), color=palette.get(variant))
+            dodge = DODGE * (i - (len(variants) - 1) / 2)  # error bars side by side, not on top of each other
+            ax.errorbar(line.spd_blocks_pct + dodge, 100 * line.accuracy, yerr=100 * line.stderr, marker="o",
+                        capsize=3, label=VARIANTS.get(variant, variant), color=palette.get(variant))
         ref = _no_spd(d, base[(base.model == model) & (base.limit_key == limit)], tasks[model, tp, limit])
         if not ref.empty:
             y, se = 100 * ref.accuracy.iloc[0], 100 * ref.stderr.iloc[0]
@@ -120,7 +123,8 @@ def accuracy_vs_spd(acc: pd.DataFrame) -> dict:
             ax.axhspan(y - se, y + se, color="grey", alpha=0.15, linewidth=0)
         _label(ax, panel, "mean zero-shot accuracy (%)", legend=True)
     caption = (f"mean over {', '.join(sorted(spd.task.unique()))} (acc_norm where a task has it); error bars and "
-               "the grey band: standard error of the mean over tasks; dashed: the model without SPD")
+               "the grey band: standard error of the mean over tasks; dashed: the model without SPD; the variants' "
+               f"points at one budget are drawn {DODGE} points apart")
     if left_out:
         caption += f"; {left_out} points left out (not every task of their panel evaluated)"
     return _figure(title, caption, fig)

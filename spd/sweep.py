@@ -90,7 +90,7 @@ def ppl_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], eval_samp
                                          tp=tp, dataset="wikitext2-test", tokens=windows.numel(), seq_len=eval_seq_len,
                                          budget_pct=key[0], spd_variant=key[1]) for key, path in paths.items()}
     store = ResultStore(results)
-    done = {r["cell_id"]: r["ppl"] for r in store.rows() if r.get("status") == "ok"}
+    done = {r["cell_id"]: r["ppl"] for r in store.rows() if r.get("kind") == "spd_ppl" and r.get("status") == "ok"}
     todo = [key for key in paths if scenarios[key].cell_id not in done]
     ppl = launching.launch(ppl_job, tp, model, [("spd", {"plan": str(paths[k])}) for k in todo], windows, 8,
                            device=device, backend=backend, timeout_s=timeout) if todo else []

@@ -114,23 +114,27 @@ def test_plan_command_without_sensitivity(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """Sensitivity (with its stability rows) and the accuracy sweep at N = 2 on the tiny model, run twice."""
+    """Sensitivity (with its stability rows), the accuracy and perplexity sweeps at N = 2 on the tiny model, twice."""
     out = tmp_path_factory.mktemp("sweep")
     results = out / "results.jsonl"
     assert main(["spd", "sensitivity", "--model", MODEL, "--tp", "2", "--samples", "4", "--seq-len", "32",
                  "--resamples", "100", "--out", str(out / "sens.json"), "--results", str(results)]) == 0
-    argv = ["spd", "sweep", "--metric", "accuracy", "--model", MODEL, "--tp", "2", "--sensitivity",
-            str(out / "sens.json"), "--samples", "2", "--seq-len", "32", "--epochs", "1", "--heldout-samples", "1",
-            "--budgets", "0,100", "--tasks", "piqa,arc_easy", "--limit", "3", "--out", str(out)]
+    common = ["--model", MODEL, "--tp", "2", "--sensitivity", str(out / "sens.json"), "--samples", "2",
+              "--seq-len", "32", "--epochs", "1", "--heldout-samples", "1", "--budgets", "0,100", "--out", str(out)]
+    argv = ["spd", "sweep", "--metric", "accuracy", *common, "--tasks", "piqa,arc_easy", "--limit", "3"]
+    ppl = ["spd", "sweep", "--metric", "ppl", *common, "--eval-samples", "2", "--eval-seq-len", "16"]
     assert main(argv) == 0
+    assert main(ppl) == 0  # into the same results file
     first = results.read_text()
-    assert main(argv) == 0  # resumes: every task of every plan is done
+    assert main(argv) == 0 and main(ppl) == 0  # both resume: every cell is done
     assert results.read_text() == first
     return out, [json.loads(line) for line in first.splitlines()]
 
 
 def test_sweep_writes_accuracy_rows_per_budget_and_variant(sweep):
     _, rows = sweep
+    ppl = {(r["budget_pct"], r["spd_variant"]): r["ppl"] for r in rows if r["kind"] == "spd_ppl"}
+    assert set(ppl) == {(0, "zs"), (100, "zs"), (100, "zs+b2b"), (100, "zs+b2b+hg")}
     acc = [r for r in rows if r["kind"] == "accuracy"]
     configs = {(r["spd_variant"], r["spd_blocks_pct"]) for r in acc}
     assert configs == {("zs", 0.0), ("zs", 100.0), ("zs+b2b", 100.0), ("zs+b2b+hg", 100.0)}
@@ -153,9 +157,9 @@ def test_report_draws_the_accuracy_figure_and_the_stability_table(sweep):
     assert table.count("<tr>") == 1 + 3 and f"{stab[0]['rank_corr_mean']:.6g}" in table
     figures = dict(re.findall(r'<h3>([^<]+)</h3><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"',
                               html))
-    for title in ("Accuracy vs % of SPD blocks", "Per-block SPD sensitivity"):
+    for title in ("Accuracy vs % of SPD blocks", "Per-block SPD sensitivity", "Perplexity vs % of SPD blocks"):
         image = Image.open(io.BytesIO(base64.b64decode(figures[title])))
         lo, hi = image.convert("L").getextrema()
         assert image.width > 200 and hi - lo > 100, title
-    assert "n/a: no spd_ppl rows in the results" in html
+    assert "Perplexity vs % of SPD blocks" in figures
 
