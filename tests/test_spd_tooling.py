@@ -11,7 +11,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from spd import stability
@@ -21,15 +20,6 @@ from suite.parallel.strategy import make_strategy
 from tests.helpers import source
 
 MODEL = "random:tiny-uneven"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process work on one thread: the CI machine's two cores are shared with the spawned ranks."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- stability ------------------------------------------------------------------------------
