@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-VARIANTS = {"zs": "ZS", "zs+b2b": "ZS+B2B", "zs+b2b+hg": "ZS+B2B+HG"}
+VARIANTS = {"zs": "ZS", "zs+b2b": "ZS+B2B", "zs+b2b+hg": "ZS+B2B+HG"}  # SPD plan variants
 PHASES = {"prefill_ms_median": "prefill (ms)", "decode_ms_per_token_median": "decode (ms/token)"}
 SPEEDUPS = {"prefill_speedup": "prefill speedup", "decode_speedup": "decode speedup"}
 
@@ -44,12 +44,6 @@ NO_LATENCY = "no simulated, GPU-measured or projected latency rows in the result
 FILL_LATENCY = "spdbench run"  # its simulated step; or spdbench bench with mode: simulated
 FILL_GPU = "spdbench bench --config configs/gpu-ladder.yaml --out out/gpu-ladder (on a machine with GPUs)"
 FILL_ACCURACY = "spdbench eval --model MODEL --tp N --strategy STRATEGY --tasks piqa,arc_easy --out accuracy.jsonl"
-# What fills the SPD figures (drawn by their own functions, below)
-SPD_FILLS = {"Accuracy vs % of SPD blocks": "spdbench eval --tp N --spd-plan PLAN.json --tasks piqa,arc_easy "
-                                            "--out accuracy.jsonl, for plans of several budgets",
-             "Perplexity vs % of SPD blocks": "spdbench spd sweep --tp N --sensitivity sensitivity.json --out sweep "
-                                              "--results spd.jsonl",
-             "Per-block SPD sensitivity": "spdbench spd sensitivity --tp N --out sensitivity.json --results spd.jsonl"}
 
 
 def _label(df: pd.DataFrame) -> pd.Series:
@@ -145,49 +139,6 @@ def speedup_bars(lat: pd.DataFrame) -> dict:
                           "the baseline; nocomm is the no-communication bound (not a usable model)", g.figure)
 
 
-def _variant_order(variants: pd.Series) -> list[str]:
-    """ZS, ZS+B2B, ZS+B2B+HG first (the paper's order), then any others."""
-    known = list(VARIANTS.values())
-    return sorted(set(variants), key=lambda v: (known.index(v) if v in known else len(known), v))
-
-
-def accuracy_vs_spd(acc: pd.DataFrame) -> dict:
-    title = "Accuracy vs % of SPD blocks"
-    if acc.empty:
-        return _missing(title, "no accuracy rows in the results")
-    spd = acc[acc.spd_blocks_pct.notna() & acc["mean"].notna()]
-    if spd.empty:
-        return _missing(title, "no accuracy rows with spd_blocks_pct")
-    spd = spd.assign(variant=spd.spd_variant.map(lambda v: VARIANTS.get(v, str(v))), accuracy=100 * spd["mean"],
-                     panel=spd.model.map(str) + " | N=" + spd.tp.map(str))
-    g = sns.relplot(spd, x="spd_blocks_pct", y="accuracy", hue="variant", hue_order=_variant_order(spd.variant),
-                    col="panel", kind="line", marker="o", errorbar=None, height=3.2, aspect=1.3,
-                    facet_kws={"sharey": False})
-    base = acc[(acc.strategy == "baseline") & acc["mean"].notna()].groupby("model")["mean"].mean()
-    for panel, ax in g.axes_dict.items():
-        model = panel.split(" | ")[0]
-        if model in base:
-            ax.axhline(100 * base[model], color="black", linestyle="--", label="No-SPD")
-    g.set_titles("{col_name}", size=9).set_axis_labels("% of blocks with SPD", "mean zero-shot accuracy (%)")
-    g.legend.set_title("SPD variant")
-    return _figure(title, "mean over the evaluated tasks (acc_norm where a task has it); dashed: the baseline "
-                          "(No-SPD)", g.figure)
-
-
-def ppl_vs_spd(ppl: pd.DataFrame) -> dict:
-    title = "Perplexity vs % of SPD blocks"
-    if ppl.empty:
-        return _missing(title, "no spd_ppl rows in the results")
-    df = ppl.assign(variant=ppl.spd_variant.map(lambda v: VARIANTS.get(v, str(v))),
-                    panel=ppl.model.map(str) + " | N=" + ppl.tp.map(str)
-                    + " | " + ppl.get("dataset", pd.Series("", index=ppl.index)).map(str))
-    g = sns.relplot(df, x="budget_pct", y="ppl", hue="variant", hue_order=_variant_order(df.variant), col="panel",
-                    kind="line", marker="o", errorbar=None, height=3.2, aspect=1.3, facet_kws={"sharey": False})
-    g.set_titles("{col_name}", size=9).set_axis_labels("% of blocks with SPD", "perplexity")
-    g.legend.set_title("SPD variant")
-    return _figure(title, "lower is better", g.figure)
-
-
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 
 
@@ -281,17 +232,6 @@ def accuracy_change(acc: pd.DataFrame) -> dict:
                           "errors: a bar that crosses 0 is within noise; nocomm (not a usable model) is left out", fig)
 
 
-def sensitivity(sens: pd.DataFrame) -> dict:
-    title = "Per-block SPD sensitivity"
-    if sens.empty:
-        return _missing(title, "no spd_sensitivity rows in the results")
-    df = sens.assign(panel=sens.model.map(str) + " | N=" + sens.tp.map(str))
-    g = sns.catplot(df, x="block", y="sensitivity", col="panel", col_wrap=1, kind="bar", errorbar=None, height=3,
-                    aspect=3, color="tab:blue", sharex=False, sharey=False)
-    g.set_titles("{col_name}", size=9).set_axis_labels("block", "PPL(SPD on i..L) - PPL(SPD on i+1..L)")
-    return _figure(title, "blocks with low sensitivity are the first to get SPD", g.figure)
-
-
 def power_timelines(lat: pd.DataFrame) -> dict:
     title = "Power over time"
     if lat.empty or "telemetry" not in lat:
@@ -308,9 +248,8 @@ def power_timelines(lat: pd.DataFrame) -> dict:
     return _figure(title, "power samples during the measured runs", g.figure)
 
 
-def all_figures(lat: pd.DataFrame, acc: pd.DataFrame, sens: pd.DataFrame, ppl: pd.DataFrame) -> list[dict]:
-    """Every figure; ``lat`` holds the latency rows that rank strategies (no CPU rows)."""
+def all_figures(lat: pd.DataFrame, acc: pd.DataFrame) -> list[dict]:
+    """The latency and accuracy-change figures (the SPD figures are in ``reports.spd``); ``lat`` holds the
+    latency rows that rank strategies (no CPU rows), ``acc`` the accuracy summary."""
     sns.set_theme(style="whitegrid", context="notebook")
-    found = [latency_vs_n(lat), speedup_bars(lat), pareto(lat), accuracy_change(acc), accuracy_vs_spd(acc),
-             ppl_vs_spd(ppl), sensitivity(sens), power_timelines(lat)]
-    return [f | {"fill": f.get("fill") or SPD_FILLS.get(f["title"])} if "missing" in f else f for f in found]
+    return [latency_vs_n(lat), speedup_bars(lat), pareto(lat), accuracy_change(acc), power_timelines(lat)]

@@ -34,7 +34,7 @@ import jinja2
 import pandas as pd
 from markupsafe import Markup
 
-from reports import figures
+from reports import figures, spd
 from suite.errors import SpdbenchError
 from suite.results import SCENARIOS, ResultStore, Row
 
@@ -586,7 +586,7 @@ def render(results: Results, title: str = "spdbench report", checks: list[tuple[
     rows = results.rows
     refs, fills = Refs(rows), Fills(results)
     lat, acc = frame(rows, "latency"), frame(rows, "accuracy")
-    sens, ppl = frame(rows, "spd_sensitivity"), frame(rows, "spd_ppl")
+    sens, ppl, stab = frame(rows, "spd_sensitivity"), frame(rows, "spd_ppl"), frame(rows, "spd_stability")
     summary, deltas = accuracy_deltas(acc) if not acc.empty else (acc, {})
     lat = latency_table(lat, deltas) if not lat.empty else lat.assign(setting=None)
     latency = latency_sections(lat, refs, fills) if not lat.empty else []
@@ -604,7 +604,10 @@ def render(results: Results, title: str = "spdbench report", checks: list[tuple[
                                                     "seq_len"] if c in sens], refs) if not sens.empty else None,
         spd_ppl=simple_table(ppl, [c for c in ["model", "tp", "spd_variant", "budget_pct", "ppl", "dataset", "tokens"]
                                    if c in ppl], refs) if not ppl.empty else None,
-        figures=figures.all_figures(lat[lat.setting != "cpu"] if not lat.empty else lat, summary, sens, ppl),
+        stability=simple_table(spd.stability_table(stab), list(spd.STABILITY_COLUMNS.values()), refs)
+        if not stab.empty else None,
+        figures=figures.all_figures(lat[lat.setting != "cpu"] if not lat.empty else lat, summary)
+        + spd.figures(headline_accuracy(acc) if not acc.empty else acc, sens, ppl),
         benchmarks=benchmark_tables(results.benchmarks),
         failed=[{"kind": r.get("kind"), "model": r.get("model"), "strategy": r.get("strategy"), "tp": r.get("tp"),
                  "error": r.get("error"), "ref": refs.cell(r.get("command"), r.get("env"))} for r in failed],

@@ -10,11 +10,18 @@
    MLP_f(RMSNorm2(X + Y_g)), the MLP output before the residual add (all N! matchings for
    N <= 8, greedy beyond).
 
+The maps and each head's o_proj contribution Y_h come from the model's own attention
+(``Block.attention_probs`` and ``Block.attn``) on a layout with one query head per "rank";
+the MLP outputs from the Megatron rank blocks.
+
 Units that move: with GQA, query heads sharing a KV head move together when N divides the
 number of KV heads (each rank then holds whole KV groups). Otherwise (e.g. SmolLM2: 3 KV heads
-on 4 ranks, where Megatron already splits groups) single query heads move, with the Megatron
-per-rank head counts; a rank loads every KV head its query heads read (the sharding replicates
-KV heads), which keeps the math exact at the cost of some duplicated K/V projection work.
+on 4 ranks, where Megatron already splits groups), or when ``split_kv_groups`` is set, single
+query heads move, with the Megatron per-rank head counts; a rank loads every KV head its query
+heads read (the sharding replicates KV heads), which keeps the math exact at the cost of extra
+KV projections and KV cache on that rank (``kv_cost``). When KV heads = N (Llama-2-70B,
+Llama-3-8B/70B at N = 8) whole groups can only trade places, which changes nothing: there
+head grouping needs ``split_kv_groups``.
 """
 
 from __future__ import annotations
@@ -24,17 +31,17 @@ import math
 
 import torch
 
-from spd.shards import ShardedBlock
-from suite.model.sharding import BlockShard, default_layout
+from spd.ranks import BlockStream, RankBlocks
+from suite.model.sharding import BlockShard, default_layout, head_dim
 
 EXHAUSTIVE_LIMIT = 200_000
 
 
-def units_and_sizes(config, tp: int) -> tuple[list[tuple[int, ...]], list[int]]:
+def units_and_sizes(config, tp: int, split_kv_groups: bool = False) -> tuple[list[tuple[int, ...]], list[int]]:
     """The units that move together and how many units each rank gets."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     group = heads // kv
-    if kv % tp == 0:
+    if kv % tp == 0 and not split_kv_groups:
         return [tuple(range(g * group, (g + 1) * group)) for g in range(kv)], [kv // tp] * tp
     return [(h,) for h in range(heads)], [len(s.q_heads) for s in default_layout(config, tp)[0]]
 
@@ -96,22 +103,38 @@ def match_ffn(norms: torch.Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def head_grouping(source, block: int, tp: int, x: torch.Tensor) -> list[dict]:
-    """The HG layout of ``block`` from its calibration inputs ``x`` [S, length, hidden]: one entry per rank."""
-    config = source.config
-    megatron = default_layout(config, tp)[block]
-    sharded = ShardedBlock.load(source, block, megatron)
-    maps = sharded.attention_maps(x).flatten(1)
+def head_grouping(stream: BlockStream, megatron: RankBlocks, x: torch.Tensor,
+                  split_kv_groups: bool = False) -> list[dict]:
+    """The HG layout of ``megatron``'s block from its calibration inputs ``x`` [S, length, hidden]:
+    one entry per rank."""
+    config, tp = stream.source.config, len(megatron.shards)
+    per_head = stream.block(megatron.layer, default_layout(config, config.num_attention_heads)[megatron.layer])
+    maps = per_head.attention_probs(x).flatten(1)
+    partials = per_head.attn_partials(x)  # each head's o_proj contribution, [heads, S, length, hidden]
+    del per_head
     dist = torch.cdist(maps, maps)
-    units, sizes = units_and_sizes(config, tp)
+    units, sizes = units_and_sizes(config, tp, split_kv_groups)
     groups = [sorted(h for unit in g for h in unit) for g in group_heads(dist, units, sizes)]
-    partials = sharded.head_partials(x)
-    norms = torch.tensor([[sharded.mlp(x + partials[g].sum(0), s.ffn).norm(dim=-1).mean().item() for s in megatron]
+    norms = torch.tensor([[megatron.ffn(f, x + partials[g].sum(0)).norm(dim=-1).mean().item() for f in range(tp)]
                           for g in groups])
     ffn = match_ffn(norms)
-    return [{"q_heads": g, "ffn": list(megatron[f].ffn)} for g, f in zip(groups, ffn)]
+    return [{"q_heads": g, "ffn": list(megatron.shards[f].ffn)} for g, f in zip(groups, ffn)]
 
 
 def shards_of(layout: list[dict], config) -> list[BlockShard]:
     group = config.num_attention_heads // config.num_key_value_heads
     return [BlockShard(tuple(r["q_heads"]), tuple(r["ffn"]), group) for r in layout]
+
+
+def kv_cost(config, shards: list[BlockShard]) -> dict:
+    """What a layout's KV replication costs against the Megatron layout, per token of this block.
+
+    K and V heads held per rank; extra KV cache elements (K and V, all ranks together and on the
+    heaviest rank) and extra K/V projection FLOPs (2 x hidden x head_dim per head, for K and V)."""
+    megatron = default_layout(config, len(shards))[0]
+    held, base = [len(s.kv_heads) for s in shards], [len(s.kv_heads) for s in megatron]
+    hd, extra = head_dim(config), sum(held) - sum(base)
+    return {"kv_heads": held, "megatron_kv_heads": base, "extra_kv_heads": extra,
+            "extra_kv_cache_elements_per_token": 2 * hd * extra,
+            "heaviest_rank_kv_factor": max(held) / max(base),
+            "extra_kv_proj_flops_per_token": 2 * 2 * config.hidden_size * hd * extra}

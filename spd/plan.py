@@ -194,7 +194,29 @@ class OverlayWeights(WeightSource):
 
 
 VARIANTS = ("zs", "zs+b2b", "zs+b2b+hg")
-THRESHOLD_RULE = "t1, t2 = 1/3 and 2/3 quantiles (inclusive) of all blocks' sensitivities, unless given"
+QUANTILE_RULE = "t1, t2 = 1/3 and 2/3 quantiles (inclusive) of all blocks' sensitivities, unless given"
+MODE_OF_VARIANT = {"zs": "zs", "zs+b2b": "b2b", "zs+b2b+hg": "hg+b2b"}  # for blocks chosen without sensitivities
+
+
+def parse_blocks(spec: str, n_layers: int | None) -> set[int]:
+    """``all``, ``last:K`` or ``i,j,...`` -> block indices; ``n_layers=None`` checks the syntax only."""
+    spec, limit = spec.strip(), n_layers if n_layers is not None else float("inf")
+    try:
+        if spec == "all":
+            return set(range(n_layers or 0))
+        if spec.startswith("last:"):
+            k = int(spec[5:])
+            if not 0 <= k <= limit:
+                raise ValueError
+            return set(range(n_layers - k, n_layers)) if n_layers is not None else set()
+        blocks = {int(b) for b in spec.split(",") if b.strip()}
+    except ValueError:
+        raise PlanError(f"option blocks={spec!r}: expected all, last:K (0 <= K <= number of blocks) "
+                        "or a comma-separated list of block indices") from None
+    bad = sorted(b for b in blocks if not 0 <= b < limit)
+    if bad:
+        raise PlanError(f"option blocks={spec!r}: block {bad[0]} is out of range (the model has {n_layers} blocks)")
+    return blocks
 
 
 def parse_budget(budget: str, n_layers: int) -> int:
@@ -213,38 +235,78 @@ def classify(sensitivity: float, t1: float, t2: float) -> str:
     return "zs" if sensitivity <= t1 else "b2b" if sensitivity <= t2 else "hg+b2b"
 
 
-def make_plan(state: dict, budget: str, t1: float | None = None, t2: float | None = None,
-              variant: str = "zs+b2b+hg") -> Plan:
-    """SPD on the least sensitive blocks up to ``budget``, classified by the thresholds."""
+def _threshold(name: str, value: float | str, baseline: float | None) -> tuple[float, str]:
+    """A threshold given as a perplexity increase (``0.5``) or a share of the baseline perplexity (``2%``)."""
+    text = str(value).strip()
+    try:
+        number = float(text[:-1] if text.endswith("%") else text)
+    except ValueError:
+        raise PlanError(f"{name} {value!r}: expected a perplexity increase (0.5) or a share of the baseline "
+                        "perplexity (2%)") from None
+    if not text.endswith("%"):
+        return number, f"{name} = {text} (absolute perplexity increase)"
+    if baseline is None:
+        raise PlanError(f"{name} {text}: a share of the baseline perplexity needs a sensitivity file that records "
+                        "it; give an absolute perplexity increase")
+    return number / 100 * baseline, f"{name} = {text} of the baseline calibration perplexity {baseline:.4g}"
+
+
+def thresholds(state: dict, t1: float | str | None, t2: float | str | None) -> dict:
+    """t1 and t2 with the rule that gave them: a quantile of all blocks' sensitivities (default), an
+    absolute perplexity increase (``0.5``) or a share of the baseline calibration perplexity (``2%``)."""
     import statistics
 
+    quantiles = statistics.quantiles([float(s) for s in state["sensitivity"].values()], n=3, method="inclusive")
+    baseline = state.get("ppl", {}).get(str(state["n_layers"]))
+    out, rules = {}, []
+    for name, value, q, share in (("t1", t1, quantiles[0], "1/3"), ("t2", t2, quantiles[1], "2/3")):
+        if value is None or str(value).strip() == "":
+            out[name] = q
+            rules.append(f"{name} = {share} quantile (inclusive) of all blocks' sensitivities")
+        else:
+            out[name], rule = _threshold(name, value, baseline)
+            rules.append(rule)
+    if out["t1"] > out["t2"]:
+        raise PlanError(f"t1 {out['t1']} is above t2 {out['t2']}: thresholds must satisfy t1 <= t2")
+    return out | {"rule": "; ".join(rules)}
+
+
+def make_plan(state: dict, budget: str, t1: float | str | None = None, t2: float | str | None = None,
+              variant: str = "zs+b2b+hg") -> Plan:
+    """SPD on the least sensitive blocks up to ``budget``, classified by the thresholds."""
     if variant not in VARIANTS:
         raise PlanError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     sens = {int(b): s for b, s in state["sensitivity"].items()}
     n_layers = state["n_layers"]
     if sorted(sens) != list(range(n_layers)):
         raise PlanError("the sensitivity analysis is unfinished: re-run `spdbench spd sensitivity` to complete it")
-    q1, q2 = statistics.quantiles(sens.values(), n=3, method="inclusive")
-    t1, t2 = q1 if t1 is None else t1, q2 if t2 is None else t2
-    if t1 > t2:
-        raise PlanError(f"t1 {t1} is above t2 {t2}: thresholds must satisfy t1 <= t2")
+    limits = thresholds(state, t1, t2)
     n = parse_budget(budget, n_layers)
     chosen = sorted(sens, key=lambda b: (sens[b], b))[:n]
     blocks = {}
     for b in sorted(sens):
-        mode = classify(sens[b], t1, t2) if b in chosen else "tp"
+        mode = classify(sens[b], limits["t1"], limits["t2"]) if b in chosen else "tp"
         mode = {"zs": {"b2b": "zs", "hg+b2b": "zs"}, "zs+b2b": {"hg+b2b": "b2b"}}.get(variant, {}).get(mode, mode)
         blocks[b] = {"mode": mode, "sensitivity": sens[b]}
-    return Plan(state["model"], state["tp"], blocks,
-                thresholds={"t1": t1, "t2": t2, "rule": THRESHOLD_RULE},
+    return Plan(state["model"], state["tp"], blocks, thresholds=limits,
                 budget={"requested": budget, "blocks": n, "of": n_layers, "variant": variant})
+
+
+def plan_for_blocks(model: str, tp: int, n_layers: int, blocks: str, variant: str) -> Plan:
+    """SPD on the given blocks (``all``, ``last:K`` or ``i,j,...``), without a sensitivity analysis:
+    every block gets the variant's mode (zs, b2b, or hg+b2b)."""
+    if variant not in VARIANTS:
+        raise PlanError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    chosen = parse_blocks(blocks, n_layers)
+    return Plan(model, tp, {b: {"mode": MODE_OF_VARIANT[variant]} for b in sorted(chosen)},
+                budget={"requested": f"blocks {blocks}", "blocks": len(chosen), "of": n_layers, "variant": variant})
 
 
 def restrict(plan: Plan, budget: str) -> Plan:
     """The same plan (modes, layouts, weights) with SPD only on its ``budget`` least sensitive blocks."""
     n = parse_budget(budget, len(plan.blocks))
     chosen = sorted((b for b in plan.blocks if plan.mode(b) != "tp"),
-                    key=lambda b: (plan.blocks[b]["sensitivity"], b))[:n]
+                    key=lambda b: (plan.blocks[b].get("sensitivity", 0.0), b))[:n]
     if len(chosen) < n:
         raise PlanError(f"budget {budget}: the plan has only {len(chosen)} SPD blocks")
     blocks = {b: e if b in chosen else {**e, "mode": "tp"} for b, e in plan.blocks.items()}

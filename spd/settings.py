@@ -1,4 +1,4 @@
-"""Settings of B2B distillation (torch-free: the command line reads its defaults)."""
+"""Settings of the SPD tooling (torch-free: the command line reads its defaults)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,9 @@ class DistillSettings:
     heldout_samples: int = 4
     heldout_seed: int = 1
     calib: str | None = None
+    hg_split_kv_groups: bool = False  # head grouping may split KV groups (extra KV heads on a rank)
+    device: str = "cpu"
+
+
+# The paper's zero-shot tasks with a local copy (SciQ has none).
+PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "lambada_openai", "piqa", "winogrande")

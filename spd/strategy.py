@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from spd.plan import OverlayWeights, Plan, PlanError, load_plan
+from spd.plan import OverlayWeights, Plan, PlanError, load_plan, parse_blocks
 from suite.parallel.strategy import Strategy, register
 
 
@@ -31,27 +31,6 @@ def run_blocks(layers, h, comm, ctx, drop: set[int]):
             h = h + comm.all_reduce(y)
             h = h + comm.all_reduce(layer.ffn(h))
     return h
-
-
-def parse_blocks(spec: str, n_layers: int | None) -> set[int]:
-    """``all``, ``last:K`` or ``i,j,...`` -> block indices; ``n_layers=None`` checks the syntax only."""
-    spec, limit = spec.strip(), n_layers if n_layers is not None else float("inf")
-    try:
-        if spec == "all":
-            return set(range(n_layers or 0))
-        if spec.startswith("last:"):
-            k = int(spec[5:])
-            if not 0 <= k <= limit:
-                raise ValueError
-            return set(range(n_layers - k, n_layers)) if n_layers is not None else set()
-        blocks = {int(b) for b in spec.split(",") if b.strip()}
-    except ValueError:
-        raise PlanError(f"option blocks={spec!r}: expected all, last:K (0 <= K <= number of blocks) "
-                        "or a comma-separated list of block indices") from None
-    bad = sorted(b for b in blocks if not 0 <= b < limit)
-    if bad:
-        raise PlanError(f"option blocks={spec!r}: block {bad[0]} is out of range (the model has {n_layers} blocks)")
-    return blocks
 
 
 @register("spd")

@@ -1,11 +1,17 @@
-"""The perplexity sweep: WikiText-2 test perplexity for SPD budgets x variants.
+"""The SPD sweeps: one metric for SPD budgets x variants (the paper's figures at small scale).
 
 Variants: ``zs`` (every SPD block zero-shot), ``zs+b2b`` (SB and ESB blocks distilled),
 ``zs+b2b+hg`` (ESB blocks head-grouped, then distilled). Each block is classified once, with
 thresholds from all blocks' sensitivities, so a block's mode does not depend on the budget:
 the blocks are distilled once (for the 100% plan) and every budget uses the n least sensitive
 of them. Distilling a block uses only its inputs in the unmodified model, so this equals
-distilling per budget. Perplexity is measured on N ranks (rank 0 computes the loss).
+distilling per budget. A 0% budget is the same model for every variant (no SPD block): it runs once.
+
+Metrics: ``ppl`` (WikiText-2 test perplexity on N ranks, rows of kind ``spd_ppl``) and
+``accuracy`` (lm-eval tasks through the TP model on N ranks, ``suite.accuracy.evaluate``: rows of
+kind ``accuracy`` with ``spd_variant`` and ``spd_blocks_pct``, which the report draws as the
+paper's accuracy figure). Both resume: finished rows in the results file are not run again, and
+the distilled plans are reused when present.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from spd.data import wikitext2_windows
 from spd.distill import WEIGHTS_FILE, distill
@@ -46,10 +53,9 @@ def _distilled(state, out: Path, settings, model: str) -> dict[str, Path]:
     return paths
 
 
-def sweep(model: str, tp: int, sensitivity: str | Path, budgets: list[int], settings, out: str | Path,
-          eval_samples: int, eval_seq_len: int, results: str | Path | None, command: str, *, device: str = "cpu",
-          backend: str = "auto", timeout: float = launching.DEFAULT_TIMEOUT_S) -> pd.DataFrame:
-    """Perplexity per budget (rows) and variant (columns); rows already in ``results`` are reused."""
+def plans(model: str, tp: int, sensitivity: str | Path, budgets: list[int], settings,
+          out: str | Path) -> dict[tuple[int, str], Path]:
+    """The plan of every (budget, variant), distilling the 100% plans first (once); a 0% budget only as zs."""
     state = load_sensitivity(sensitivity)
     source = resolve(model)
     if (state["model"], state["tp"]) != (source.identity, tp):
@@ -57,31 +63,56 @@ def sweep(model: str, tp: int, sensitivity: str | Path, budgets: list[int], sett
                         f"not {source.identity} at N={tp}")
     out = Path(out)
     full = _distilled(state, out, settings, model)
-    configs = {}  # (budget, variant) -> strategy options
+    paths = {}
     for b in budgets:
-        for variant in VARIANTS:
+        for variant in VARIANTS if b else ("zs",):
             if variant == "zs":
-                path = make_plan(state, f"{b}%", variant="zs").save(out / "zs" / f"plan-{b}.json")
+                paths[b, variant] = make_plan(state, f"{b}%", variant="zs").save(out / "zs" / f"plan-{b}.json")
             else:
-                path = restrict(load_plan(full[variant]), f"{b}%").save(full[variant].parent / f"plan-{b}.json")
-            configs[b, variant] = {"plan": str(path)}
+                plan = restrict(load_plan(full[variant]), f"{b}%")
+                paths[b, variant] = plan.save(full[variant].parent / f"plan-{b}.json")
+    return paths
+
+
+def _table(values: dict[tuple[int, str], float]) -> pd.DataFrame:
+    """Budget (rows) x variant (columns); the 0% budget's one model fills every variant."""
+    values = values | {(0, v): values[0, "zs"] for v in VARIANTS if (0, "zs") in values}
+    return pd.Series(values).rename_axis(["budget_pct", "spd_variant"]).unstack()[list(VARIANTS)]
+
+
+def ppl_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], eval_samples: int, eval_seq_len: int,
+              results: str | Path, command: str, *, device: str = "cpu", backend: str = "auto",
+              timeout: float = launching.DEFAULT_TIMEOUT_S) -> pd.DataFrame:
+    """WikiText-2 test perplexity per budget (rows) and variant (columns); rows already in ``results`` are reused."""
+    source = resolve(model)
     windows = wikitext2_windows(source, eval_samples, eval_seq_len)
-    scenarios = {key: PerplexityScenario(model=source.identity, strategy="spd", strategy_options=configs[key], tp=tp,
-                                         dataset="wikitext2-test", tokens=windows.numel(), seq_len=eval_seq_len,
-                                         budget_pct=key[0], spd_variant=key[1]) for key in configs}
-    store = ResultStore(results) if results else None
-    done = {r["cell_id"]: r["ppl"] for r in store.rows() if r.get("status") == "ok"} if store else {}
-    todo = [key for key in configs if scenarios[key].cell_id not in done]
-    runs = sorted({(0, "zs") if b == 0 else (b, v) for b, v in todo})  # a 0% budget is the same model for all
-    ppl = launching.launch(ppl_job, tp, model, [("spd", configs[k]) for k in runs], windows, 8,
-                           device=device, backend=backend, timeout_s=timeout) if runs else []
-    measured = dict(zip(runs, ppl))
+    scenarios = {key: PerplexityScenario(model=source.identity, strategy="spd", strategy_options={"plan": str(path)},
+                                         tp=tp, dataset="wikitext2-test", tokens=windows.numel(), seq_len=eval_seq_len,
+                                         budget_pct=key[0], spd_variant=key[1]) for key, path in paths.items()}
+    store = ResultStore(results)
+    done = {r["cell_id"]: r["ppl"] for r in store.rows() if r.get("kind") == "spd_ppl" and r.get("status") == "ok"}
+    todo = [key for key in paths if scenarios[key].cell_id not in done]
+    ppl = launching.launch(ppl_job, tp, model, [("spd", {"plan": str(paths[k])}) for k in todo], windows, 8,
+                           device=device, backend=backend, timeout_s=timeout) if todo else []
     env = environment()
-    rows = [Row(scenario=scenarios[key], values={"ppl": measured[(0, "zs") if key[0] == 0 else key]}, env=env,
-                command=command) for key in todo]
-    if store:
-        store.append(*rows)
-    table = {key: done[scenarios[key].cell_id] for key in configs if key not in todo}
-    table |= {key: row.values["ppl"] for key, row in zip(todo, rows)}
-    frame = pd.Series(table).rename_axis(["budget_pct", "spd_variant"]).unstack()
-    return frame[list(VARIANTS)]
+    store.append(*[Row(scenario=scenarios[key], values={"ppl": value}, env=env, command=command)
+                   for key, value in zip(todo, ppl)])
+    return _table({key: done[scenarios[key].cell_id] for key in paths if key not in todo} | dict(zip(todo, ppl)))
+
+
+def accuracy_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], tasks: list[str], limits: list[str],
+                   folder, results: str | Path, command: str, *, device: str = "cpu", backend: str = "auto",
+                   timeout: float = launching.DEFAULT_TIMEOUT_S, batch_size: int = 32) -> pd.DataFrame:
+    """Mean accuracy over ``tasks`` (acc_norm where a task has it) per budget (rows) and variant (columns).
+
+    Each plan is evaluated with lm-eval through the TP model (``suite.accuracy.evaluate``), which
+    appends one row per task and metric to ``results`` and skips the tasks already there."""
+    from suite.accuracy.evaluate import evaluate
+
+    mean = {}
+    for key, path in tqdm(paths.items(), desc="accuracy sweep (plans)"):
+        rows = evaluate(model, tp, "spd", {"plan": str(path)}, tasks, limits, folder, results, command,
+                        device=device, backend=backend, timeout=timeout, batch_size=batch_size)
+        scores = {(r.scenario.task, r.scenario.metric): r.values["value"] for r in rows}
+        mean[key] = sum(scores.get((t, "acc_norm"), scores.get((t, "acc"), float("nan"))) for t in tasks) / len(tasks)
+    return _table(mean)

@@ -144,7 +144,7 @@ class SensitivityScenario(Scenario):
     """SPD sensitivity of one block: PPL(SPD on block..L-1) - PPL(SPD on block+1..L-1)."""
 
     kind = "spd_sensitivity"
-    values = ("sensitivity", "ppl")
+    values = ("sensitivity", "ppl", "sensitivity_p05", "sensitivity_p95")  # p05/p95: bootstrap over windows
     block: int = 0
     calib: str = ""
     samples: int = 0
@@ -165,8 +165,28 @@ class PerplexityScenario(Scenario):
     spd_variant: str = ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class StabilityScenario(Scenario):
+    """How stable a sensitivity analysis is: a bootstrap over its calibration windows, for one budget.
+
+    Rank correlation (Spearman) of the block order and the share of blocks in the same class do
+    not depend on the budget; the agreement of the chosen set is that of the ``budget_pct``
+    least sensitive blocks. Means and 5th percentiles over the resamples."""
+
+    kind = "spd_stability"
+    values = ("rank_corr_mean", "rank_corr_p05", "set_agreement_mean", "set_agreement_p05", "class_agreement_mean",
+              "class_agreement_p05", "baseline_ppl")
+    calib: str = ""
+    samples: int = 0
+    seq_len: int = 0
+    seed: int = 0
+    resamples: int = 0
+    budget_pct: float = 0
+
+
 SCENARIOS: dict[str, type[Scenario]] = {"latency": LatencyScenario, "accuracy": AccuracyScenario,
-                                        "spd_sensitivity": SensitivityScenario, "spd_ppl": PerplexityScenario}
+                                        "spd_sensitivity": SensitivityScenario, "spd_ppl": PerplexityScenario,
+                                        "spd_stability": StabilityScenario}
 
 
 def _scenario_class(data: dict) -> type[Scenario]:

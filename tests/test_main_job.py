@@ -47,8 +47,10 @@ def test_second_run_adds_no_rows(two_runs):
     out, _, after_first, second = two_runs
     assert set(after_first) == {"accuracy.jsonl", "bench.jsonl", "spd.jsonl"}
     # 2 N x 6 strategies latency cells; 2 N x 5 strategies x (acc, acc_norm) of piqa; 2 blocks' sensitivity at N=2
+    # and its stability at two budgets
     assert {name: len(rows) for name, rows in after_first.items()} == {"bench.jsonl": 12, "accuracy.jsonl": 20,
-                                                                         "spd.jsonl": 2}
+                                                                         "spd.jsonl": 4}
+    assert sorted(r["kind"] for r in after_first["spd.jsonl"]) == ["spd_sensitivity"] * 2 + ["spd_stability"] * 2
     assert rows_per_file(out) == after_first
     assert "12 of 12 cells already finished" in second.stderr
 

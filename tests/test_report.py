@@ -452,8 +452,8 @@ def test_browser_decodes_every_figure(browser_run):
     facts, _, _ = browser_run
     assert [image["alt"] for image in facts["images"]] == [
         "Latency vs N per strategy", "Speedup over baseline", "Pareto: decode speedup vs accuracy change",
-        "Accuracy change vs baseline", "Accuracy vs % of SPD blocks", "Perplexity vs % of SPD blocks",
-        "Per-block SPD sensitivity", "Power over time"]
+        "Accuracy change vs baseline", "Power over time", "Accuracy vs % of SPD blocks",
+        "Perplexity vs % of SPD blocks", "Per-block SPD sensitivity"]
     for image in facts["images"]:
         assert image["complete"] and image["width"] > 200 and image["height"] > 150, image
 

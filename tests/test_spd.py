@@ -6,6 +6,7 @@ assert on the collected results.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -17,10 +18,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from tests.helpers import hf_model, source
 from spd import headgroup
 from spd.distill import DistillSettings, distill_to
+from spd.data import calibration_windows
 from spd.plan import Plan, PlanError, load_plan, make_plan, restrict
-from spd.ppl import ppl_job, sensitivity_job
-from spd.sensitivity import analyse
-from spd.shards import block_inputs
+from spd.ppl import ppl_job
+from spd.ranks import BlockStream
+from spd.sensitivity import analyse, progressive_nll
 from suite.parallel.launch import launch
 from suite.parallel.runner import Runner
 from suite.model.sharding import build_rank_model, default_layout
@@ -47,43 +49,56 @@ def _split(n: int, parts: int) -> list[range]:
     return [range(s, s + z) for s, z in zip(starts, sizes)]
 
 
+def _rms(x, g, eps):
+    return g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def reference_block(w, config, layer: int, x, cos, sin, heads, ffns, spd: bool):
+    """Block ``layer`` of the N-shard model on ``x`` [batch, tokens, hidden], weights ``w(name)``:
+    ``heads``/``ffns`` per rank; SPD or baseline TP."""
+    hd, n_q, n_kv, (b, t, _) = config.head_dim, config.num_attention_heads, config.num_key_value_heads, x.shape
+    rms = functools.partial(_rms, eps=config.rms_norm_eps)
+    p = f"model.layers.{layer}."
+    u = rms(x, w(p + "input_layernorm.weight"))
+    q = (u @ w(p + "self_attn.q_proj.weight").T).view(b, t, n_q, hd).transpose(1, 2)
+    k = (u @ w(p + "self_attn.k_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
+    v = (u @ w(p + "self_attn.v_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k, v = k.repeat_interleave(n_q // n_kv, 1), v.repeat_interleave(n_q // n_kv, 1)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, t, hd]
+    wo = w(p + "self_attn.o_proj.weight")
+    ys = [sum(o[:, h] @ wo[:, h * hd:(h + 1) * hd].T for h in hs) for hs in heads]
+
+    def mlp(h, ffn):
+        a, z = ffn
+        u2 = rms(h, w(p + "post_attention_layernorm.weight"))
+        return (F.silu(u2 @ w(p + "mlp.gate_proj.weight")[a:z].T) * (u2 @ w(p + "mlp.up_proj.weight")[a:z].T)) \
+            @ w(p + "mlp.down_proj.weight")[:, a:z].T
+
+    if spd:  # SPD: MLP shard i sees X + Y_i; one sync carries Y_i + Z_i
+        return x + sum(y + mlp(x + y, f) for y, f in zip(ys, ffns))
+    h = x + sum(ys)
+    return h + sum(mlp(h, f) for f in ffns)
+
+
+def megatron_split(config, tp: int):
+    return _split(config.num_attention_heads, tp), [(r.start, r.stop) for r in _split(config.intermediate_size, tp)]
+
+
 @torch.no_grad()
 def reference_logits(model: str, prompts, tp: int, drop: set[int], layouts=None, overrides=None):
     """Logits of the N-shard model with SPD on ``drop``; ``layouts[block] = (heads per rank, ffn per rank)``."""
     hf = hf_model(model)
     c, state = hf.config, hf.state_dict()
-    hd, n_q, n_kv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
     w = lambda name: (overrides or {}).get(name, state[name])  # noqa: E731
-    rms = lambda x, g: g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)  # noqa: E731
     ids = torch.tensor(prompts)
     b, t = ids.shape
     x = w("model.embed_tokens.weight")[ids]
     cos, sin = hf.model.rotary_emb(x, torch.arange(t).expand(b, -1))
     for layer in range(c.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        heads, ffns = (layouts or {}).get(layer, (_split(n_q, tp), [(r.start, r.stop) for r in _split(c.intermediate_size, tp)]))
-        u = rms(x, w(p + "input_layernorm.weight"))
-        q = (u @ w(p + "self_attn.q_proj.weight").T).view(b, t, n_q, hd).transpose(1, 2)
-        k = (u @ w(p + "self_attn.k_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
-        v = (u @ w(p + "self_attn.v_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k, v = k.repeat_interleave(n_q // n_kv, 1), v.repeat_interleave(n_q // n_kv, 1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, t, hd]
-        wo = w(p + "self_attn.o_proj.weight")
-        ys = [sum(o[:, h] @ wo[:, h * hd:(h + 1) * hd].T for h in hs) for hs in heads]
-
-        def mlp(h, ffn):
-            a, z = ffn
-            u2 = rms(h, w(p + "post_attention_layernorm.weight"))
-            return (F.silu(u2 @ w(p + "mlp.gate_proj.weight")[a:z].T) * (u2 @ w(p + "mlp.up_proj.weight")[a:z].T)) \
-                @ w(p + "mlp.down_proj.weight")[:, a:z].T
-
-        if layer in drop:  # SPD: MLP shard i sees X + Y_i; one sync carries Y_i + Z_i
-            x = x + sum(y + mlp(x + y, f) for y, f in zip(ys, ffns))
-        else:
-            h = x + sum(ys)
-            x = h + sum(mlp(h, f) for f in ffns)
-    return rms(x, w("model.norm.weight")) @ w("lm_head.weight").T
+        heads, ffns = (layouts or {}).get(layer, megatron_split(c, tp))
+        x = reference_block(w, c, layer, x, cos, sin, heads, ffns, layer in drop)
+    return _rms(x, w("model.norm.weight"), c.rms_norm_eps) @ w("lm_head.weight").T
 
 
 def test_reference_without_spd_is_the_hf_model():
@@ -104,13 +119,15 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("spd")
 
 
+DISTILL = DistillSettings(samples=8, seq_len=64, epochs=10, lr=1e-3, heldout_samples=4)
+
+
 @pytest.fixture(scope="module")
 def distilled(workdir):
     """B2B on block 0 and HG+B2B on block 1 of the tiny model at N = 4 (block 2 zero-shot)."""
     plan = Plan(MODEL, 4, {0: {"mode": "b2b", "sensitivity": 1.0}, 1: {"mode": "hg+b2b", "sensitivity": 2.0},
                            2: {"mode": "zs", "sensitivity": 0.5}})
-    settings = DistillSettings(samples=8, seq_len=64, epochs=10, lr=1e-3, heldout_samples=4)
-    return load_plan(distill_to(_write(workdir / "plan.json", plan), workdir / "distilled", settings))
+    return load_plan(distill_to(_write(workdir / "plan.json", plan), workdir / "distilled", DISTILL))
 
 
 def _scrambled(config, tp: int):
@@ -138,9 +155,8 @@ def _logits_job(comm, device, model, prompts, configs, layouts, extra):
     for key, layout in layouts.items():
         model_ = build_rank_model(src, comm.world, comm.rank, torch.float32, device, layout)
         out[key] = Runner(model_, baseline, comm).logits(prompts)
-    if extra:  # sensitivity steps against whole-model perplexities
+    if extra:  # whole-model perplexities with SPD on blocks k..L-1, for the sensitivity steps
         windows, steps = extra
-        out["sensitivity"] = sensitivity_job(comm, device, model, windows, 2, steps)
         n_layers = src.config.num_hidden_layers
         out["ppl"] = dict(zip(steps, ppl_job(comm, device, model, [("spd", {"blocks": f"last:{n_layers - k}"})
                                                                     for k in steps], windows, 2)))
@@ -148,11 +164,19 @@ def _logits_job(comm, device, model, prompts, configs, layouts, extra):
     return {k: v.numpy() if torch.is_tensor(v) else v for k, v in out.items()}
 
 
+HG_WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def hg_layouts(src, tp: int, split_kv_groups: bool = False):
+    """The head-grouped layout of every block, from the blocks' inputs on ``HG_WINDOWS``."""
+    stream = BlockStream(src, tp, torch.device("cpu"), [HG_WINDOWS])
+    return [headgroup.shards_of(headgroup.head_grouping(stream, stream.block(b), x, split_kv_groups), src.config)
+            for b, (x,), _ in stream.blocks(src.config.num_hidden_layers - 1)]
+
+
 @pytest.fixture(scope="module")
 def runs(workdir, distilled):
     src = source(MODEL)
-    hg_windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    x = block_inputs(src, hg_windows)
     results = {}
     for tp in (1, 2, 3, 4):
         empty = _write(workdir / f"empty-{tp}.json", Plan(MODEL, tp, {1: {"mode": "tp"}}))
@@ -160,12 +184,10 @@ def runs(workdir, distilled):
                    "empty_plan": ("spd", {"plan": empty})}
         layouts = {}
         if tp > 1:
-            hg = [headgroup.shards_of(headgroup.head_grouping(src, b, tp, x[b]), src.config)
-                  for b in range(src.config.num_hidden_layers)]
-            layouts = {"hg_layout": hg, "scrambled_layout": _scrambled(src.config, tp)}
+            layouts = {"hg_layout": hg_layouts(src, tp), "scrambled_layout": _scrambled(src.config, tp)}
         if tp == 4:
             configs["distilled"] = ("spd", {"plan": str(distilled.path)})
-        extra = (hg_windows, [3, 2, 1, 0]) if tp == 2 else None
+        extra = (HG_WINDOWS, [3, 2, 1, 0]) if tp == 2 else None
         out = launch(_logits_job, tp, MODEL, PROMPTS, configs, layouts, extra)
         results[tp] = {k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in out.items()}
         results[tp]["layouts"] = layouts
@@ -212,6 +234,53 @@ def test_distilled_plan_matches_reference_with_its_weights_and_layout(runs, dist
 
 # --- B2B and HG -----------------------------------------------------------------------------
 
+
+def reference_b2b(block: int, heads, ffns, settings: DistillSettings) -> dict[str, torch.Tensor]:
+    """B2B of one block written from the equations on the full Hugging Face weights (one tensor per
+    weight, so KV heads and norms that several ranks read are one weight): Adam on
+    MSE(SPD block, TP block) over the block's inputs in the HF model, the same window order."""
+    hf = hf_model(MODEL)
+    c, state = hf.config, hf.state_dict()
+    windows = calibration_windows(source(MODEL), None, settings.samples, settings.seq_len, settings.seed)
+    with torch.no_grad():
+        x = hf(windows, output_hidden_states=True).hidden_states[block]
+    cos, sin = hf.model.rotary_emb(x, torch.arange(x.shape[1]).expand(x.shape[0], -1))
+    teacher_heads, teacher_ffns = megatron_split(c, 4)
+    with torch.no_grad():
+        target = reference_block(state.__getitem__, c, block, x, cos, sin, teacher_heads, teacher_ffns, spd=False)
+    prefix = f"model.layers.{block}."
+    trained = {n: t.clone().requires_grad_("norm" not in n) for n, t in state.items() if n.startswith(prefix)}
+    optimizer = torch.optim.Adam([t for t in trained.values() if t.requires_grad], lr=settings.lr)
+    gen = torch.Generator().manual_seed(settings.seed)
+    for _ in range(settings.epochs):
+        for i in torch.randperm(x.shape[0], generator=gen).tolist():
+            out = reference_block(trained.__getitem__, c, block, x[i:i + 1], cos[:1], sin[:1], heads, ffns, spd=True)
+            loss = F.mse_loss(out, target[i:i + 1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return {n: t.detach() for n, t in trained.items()}
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_b2b_matches_an_independent_reference(distilled, block):
+    """The streamed B2B of the rank blocks trains what the equations say: the distilled weights' change
+    equals the reference's (on the plan's layout: Megatron for b2b, head-grouped for hg+b2b)."""
+    from safetensors.torch import load_file
+
+    weights, state = load_file(str(distilled.weights_path())), hf_model(MODEL).state_dict()
+    layout = distilled.blocks[block].get("layout")
+    heads, ffns = ([r["q_heads"] for r in layout], [tuple(r["ffn"]) for r in layout]) if layout \
+        else megatron_split(source(MODEL).config, 4)
+    reference = reference_b2b(block, heads, ffns, DISTILL)
+    for name, ref in reference.items():
+        change, ref_change = weights[name] - state[name], ref - state[name]
+        if "norm" in name:
+            assert torch.equal(change, ref_change) and not change.any()  # frozen
+            continue
+        assert ref_change.norm() > 0
+        assert (change - ref_change).norm() <= 1e-3 * ref_change.norm(), name
+
 def test_b2b_lowers_heldout_mse(distilled):
     mse = distilled.distill["heldout_mse"]
     assert set(mse) == {"0", "1"}
@@ -244,20 +313,29 @@ def test_head_grouping_units_respect_gqa():
 # --- sensitivity ----------------------------------------------------------------------------
 
 def test_sensitivity_steps_equal_whole_model_perplexity(runs):
-    sens, ppl = runs[2]["sensitivity"], runs[2]["ppl"]
+    """The streamed single-process steps against N = 2 real ranks running the whole model."""
+    src = source(MODEL)
+    nll = progressive_nll(BlockStream(src, 2, torch.device("cpu")), HG_WINDOWS)
+    tokens = HG_WINDOWS.shape[0] * (HG_WINDOWS.shape[1] - 1)
+    sens, ppl = {k: math.exp(sum(nll[k]) / tokens) for k in range(len(nll))}, runs[2]["ppl"]
     for k in ppl:
         assert math.isclose(sens[k], ppl[k], rel_tol=1e-4), (k, sens[k], ppl[k])
 
 
 def test_sensitivity_resumes_and_rejects_other_settings(tmp_path):
     out = tmp_path / "sens.json"
-    kwargs = dict(samples=2, seq_len=32, calib=None)
+    kwargs = dict(samples=4, seq_len=32, calib=None, batch=2, resamples=50)
     first = analyse("random:tiny", 1, out, **kwargs)
     assert sorted(map(int, first["ppl"])) == [0, 1, 2] and set(first["sensitivity"]) == {"0", "1"}
+    assert all(len(v) == 4 for v in first["nll"].values())
     state = json.loads(out.read_text())
-    del state["ppl"]["0"], state["ppl"]["1"]  # as if interrupted after the first step
+    state["nll"] = {k: v[:2] for k, v in state["nll"].items()}  # as if interrupted after the first batch
+    state["ppl"], state["sensitivity"] = {}, {}
     out.write_text(json.dumps(state))
-    assert analyse("random:tiny", 1, out, **kwargs)["ppl"] == pytest.approx(first["ppl"], rel=1e-6)
+    again = analyse("random:tiny", 1, out, **kwargs)
+    assert again["ppl"] == pytest.approx(first["ppl"], rel=1e-6)
+    for k in first["nll"]:
+        assert again["nll"][k] == pytest.approx(first["nll"][k], rel=1e-6)
     with pytest.raises(PlanError, match="other settings"):
         analyse("random:tiny", 1, out, samples=3, seq_len=32)
 

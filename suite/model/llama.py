@@ -73,6 +73,13 @@ class Segment:
         with _disable_current_modes():
             return causal_lower_right(self.length, self.kv_len), False
 
+    def allowed(self) -> torch.Tensor:
+        """Where attention is allowed, as a boolean mask (built for a causal segment too)."""
+        if self.mask is not None:
+            return self.mask
+        return torch.ones(self.length, self.kv_len, dtype=torch.bool, device=self.slots.device).tril(
+            self.kv_len - self.length)
+
     def sub(self, rows: slice, cols: slice, offset: int) -> Segment:
         """The sub-rectangle ``rows x cols`` (relative), placed at ``offset`` in a new stream.
 
@@ -146,7 +153,16 @@ class Attention(nn.Module):
         parts = [self._segment(x[seg.tokens], seg) for seg in ctx.segments]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _segment(self, x: torch.Tensor, seg: Segment) -> torch.Tensor:
+    def probabilities(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention probabilities of this rank's query heads, [rows, heads, length, kv_len] (one segment)."""
+        (seg,) = ctx.segments
+        q, k, _ = self._qkv(x[seg.tokens], seg)
+        scores = q @ k.index_select(1, self.kv_of_q).transpose(-1, -2) / self.head_dim ** 0.5
+        return scores.masked_fill(~seg.allowed(), float("-inf")).softmax(-1)
+
+    def _qkv(self, x: torch.Tensor, seg: Segment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [rows, n_q, length, hd] with RoPE; this segment's K/V written to the cache; the keys
+        and values it attends to, [rows, n_kv, kv_len, hd]."""
         rows, length, hd = seg.n_rows, seg.length, self.head_dim
         x = x.view(rows, length, -1)
         q = self.q_proj(x).view(rows, length, self.n_q, hd).transpose(1, 2)
@@ -156,7 +172,11 @@ class Attention(nn.Module):
         k_cache, v_cache = self.k_cache[seg.rows], self.v_cache[seg.rows]
         k_cache.index_copy_(2, seg.slots, k)
         v_cache.index_copy_(2, seg.slots, v)
-        k, v = k_cache[:, :, : seg.kv_len], v_cache[:, :, : seg.kv_len]
+        return q, k_cache[:, :, : seg.kv_len], v_cache[:, :, : seg.kv_len]
+
+    def _segment(self, x: torch.Tensor, seg: Segment) -> torch.Tensor:
+        rows, length, hd = seg.n_rows, seg.length, self.head_dim
+        q, k, v = self._qkv(x, seg)
         mask, is_causal = seg.attention_mask()
         if self.uniform_gqa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -197,6 +217,10 @@ class Block(nn.Module):
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """Partial MLP output of this rank: down_i(silu(gate_i(u)) * up_i(u)), u = RMSNorm2(h)."""
         return self.mlp(self.post_attention_layernorm(h))
+
+    def attention_probs(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention probabilities of this rank's query heads on RMSNorm1(h), [rows, heads, length, kv_len]."""
+        return self.self_attn.probabilities(self.input_layernorm(h), ctx)
 
 
 class Transformer(nn.Module):

@@ -84,52 +84,111 @@ def _runs(items: tuple[int, ...], width: int) -> Ranges:
     return runs
 
 
-def _skeleton(config: LlamaConfig, rank: int, layout: Layout) -> Transformer:
-    """Rank ``rank``'s shard with every tensor on the meta device (shapes only)."""
-    with torch.device("meta"):
-        blocks = [Block(config, s.kv_of_q, len(s.kv_heads), s.ffn[1] - s.ffn[0]) for s in (l[rank] for l in layout)]
-        return Transformer(config, blocks)
-
-
 def build_weightless_rank_model(config: LlamaConfig, tp: int, rank: int, dtype: torch.dtype,
                                 layout: Layout | None = None) -> Transformer:
     """Rank ``rank``'s shard with its real shapes and dtype and no weights (meta tensors): for costing
     the work of a forward pass, never for computing one."""
-    model = _skeleton(config, rank, layout or default_layout(config, tp)).to(dtype)
+    with torch.device("meta"):
+        blocks = [Block(config, s.kv_of_q, len(s.kv_heads), s.ffn[1] - s.ffn[0])
+                  for s in (l[rank] for l in layout or default_layout(config, tp))]
+        model = Transformer(config, blocks).to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+# A block's tensors: (parameter name, dim that is split, what it is split by: query heads, KV heads,
+# FFN columns, or nothing - replicated on every rank).
+BLOCK_TENSORS = (("self_attn.q_proj.weight", 0, "q"), ("self_attn.k_proj.weight", 0, "kv"),
+                 ("self_attn.v_proj.weight", 0, "kv"), ("self_attn.o_proj.weight", 1, "q"),
+                 ("mlp.gate_proj.weight", 0, "ffn"), ("mlp.up_proj.weight", 0, "ffn"),
+                 ("mlp.down_proj.weight", 1, "ffn"), ("input_layernorm.weight", 0, None),
+                 ("post_attention_layernorm.weight", 0, None))
+
+
+def head_dim(config: LlamaConfig) -> int:
+    return config.head_dim or config.hidden_size // config.num_attention_heads
+
+
+def shard_ranges(shard: BlockShard, split: str | None, hd: int) -> Ranges | None:
+    """The rows/columns of a block tensor split by ``split`` that ``shard`` holds (None: all)."""
+    return {"q": lambda: _runs(shard.q_heads, hd), "kv": lambda: _runs(shard.kv_heads, hd),
+            "ffn": lambda: [shard.ffn], None: lambda: None}[split]()
+
+
+def _block(config: LlamaConfig, shard: BlockShard, state: dict[str, torch.Tensor], device) -> Block:
+    with torch.device("meta"):
+        block = Block(config, shard.kv_of_q, len(shard.kv_heads), shard.ffn[1] - shard.ffn[0])
+    block.load_state_dict(state, assign=True)
+    # A buffer that is not a weight (the head map) is rebuilt off the meta device.
+    block.self_attn.kv_of_q = torch.tensor(shard.kv_of_q, dtype=torch.long, device=device)
+    return block
+
+
+def _narrow(t: torch.Tensor, dim: int, ranges: Ranges | None) -> torch.Tensor:
+    return t if ranges is None else torch.cat([t.narrow(dim, a, b - a) for a, b in ranges], dim=dim)
+
+
+def build_blocks(source: ModelSource, layer: int, shards: list[BlockShard], dtype: torch.dtype,
+                 device: torch.device) -> list[Block]:
+    """Block ``layer`` of every rank (one shard per rank) in one process, each tensor read once."""
+    config, hd = source.config, head_dim(source.config)
+    states: list[dict] = [{} for _ in shards]
+    for name, dim, split in BLOCK_TENSORS:
+        full = source.weights.read(f"model.layers.{layer}.{name}").to(device=device, dtype=dtype)
+        for state, shard in zip(states, shards):
+            state[name] = _narrow(full, dim, shard_ranges(shard, split, hd)).clone()
+        del full
+    return [_block(config, s, state, device).eval().requires_grad_(False) for s, state in zip(shards, states)]
+
+
+def unshard_block(blocks: list[Block], shards: list[BlockShard], config: LlamaConfig, layer: int) -> dict:
+    """The full tensors of block ``layer`` (model names) from its rank blocks: the inverse of ``build_blocks``.
+
+    A tensor held by several ranks (norms, replicated KV heads) is taken from the last of them.
+    """
+    hd, out = head_dim(config), {}
+    for name, dim, split in BLOCK_TENSORS:
+        parts = [(b.get_parameter(name).detach(), shard_ranges(s, split, hd)) for b, s in zip(blocks, shards)]
+        shape = list(parts[0][0].shape)
+        shape[dim] = max((b for _, ranges in parts for _, b in ranges or []), default=shape[dim])
+        full = parts[0][0].new_empty(shape)
+        for tensor, ranges in parts:
+            offset = 0
+            for a, b in ranges or [(0, shape[dim])]:
+                full.narrow(dim, a, b - a).copy_(tensor.narrow(dim, offset, b - a))
+                offset += b - a
+        out[f"model.layers.{layer}.{name}"] = full
+    return out
+
+
+def build_ends(source: ModelSource, dtype: torch.dtype, device: torch.device, blocks=()) -> Transformer:
+    """The replicated ends of the model (embedding, final norm, lm_head, RoPE) around ``blocks``."""
+    config = source.config
+    with torch.device("meta"):
+        model = Transformer(config, list(blocks))
+
+    def load(name: str) -> torch.Tensor:
+        return source.weights.read(name).to(device=device, dtype=dtype)
+
+    model.load_state_dict({"embed_tokens.weight": load("model.embed_tokens.weight"),
+                           "norm.weight": load("model.norm.weight"), "lm_head.weight": load("lm_head.weight")},
+                          assign=True, strict=False)
+    model.rotary = type(model.rotary)(config).to(device)  # RoPE frequencies are rebuilt off the meta device
+    missing = [n for n, t in model.state_dict().items() if t.is_meta]
+    if missing:
+        raise RuntimeError(f"model left weights unloaded: {missing[:3]}")
     return model.eval().requires_grad_(False)
 
 
 def build_rank_model(source: ModelSource, tp: int, rank: int, dtype: torch.dtype, device: torch.device,
                      layout: Layout | None = None) -> Transformer:
     """Rank ``rank``'s shard of the model, built on the meta device and filled tensor by tensor."""
-    config = source.config
+    config, hd = source.config, head_dim(source.config)
     layout = layout or default_layout(config, tp)
-    hd = config.head_dim or config.hidden_size // config.num_attention_heads
-    model = _skeleton(config, rank, layout)
 
-    def load(name: str, dim: int = 0, ranges: Ranges | None = None) -> torch.Tensor:
+    def load(name: str, dim: int, ranges: Ranges | None) -> torch.Tensor:
         return source.weights.read(name, dim, ranges).to(device=device, dtype=dtype)
 
-    state = {"embed_tokens.weight": load("model.embed_tokens.weight"), "norm.weight": load("model.norm.weight"),
-             "lm_head.weight": load("lm_head.weight")}
-    for i, shards in enumerate(layout):
-        s, p = shards[rank], f"model.layers.{i}."
-        q, kv, ffn = _runs(s.q_heads, hd), _runs(s.kv_heads, hd), [s.ffn]
-        state |= {f"layers.{i}.self_attn.q_proj.weight": load(p + "self_attn.q_proj.weight", 0, q),
-                  f"layers.{i}.self_attn.k_proj.weight": load(p + "self_attn.k_proj.weight", 0, kv),
-                  f"layers.{i}.self_attn.v_proj.weight": load(p + "self_attn.v_proj.weight", 0, kv),
-                  f"layers.{i}.self_attn.o_proj.weight": load(p + "self_attn.o_proj.weight", 1, q),
-                  f"layers.{i}.mlp.gate_proj.weight": load(p + "mlp.gate_proj.weight", 0, ffn),
-                  f"layers.{i}.mlp.up_proj.weight": load(p + "mlp.up_proj.weight", 0, ffn),
-                  f"layers.{i}.mlp.down_proj.weight": load(p + "mlp.down_proj.weight", 1, ffn),
-                  f"layers.{i}.input_layernorm.weight": load(p + "input_layernorm.weight"),
-                  f"layers.{i}.post_attention_layernorm.weight": load(p + "post_attention_layernorm.weight")}
-    model.load_state_dict(state, assign=True, strict=False)
-    # Buffers that are not weights (RoPE frequencies, head maps) are rebuilt off the meta device.
-    model.rotary = type(model.rotary)(config).to(device)
-    for block, s in zip(model.layers, (l[rank] for l in layout)):
-        block.self_attn.kv_of_q = torch.tensor(s.kv_of_q, dtype=torch.long, device=device)
-    missing = [n for n, t in model.state_dict().items() if t.is_meta]
-    if missing:
-        raise RuntimeError(f"shard of rank {rank} left weights unloaded: {missing[:3]}")
-    return model.eval().requires_grad_(False)
+    blocks = [_block(config, s, {name: load(f"model.layers.{i}.{name}", dim, shard_ranges(s, split, hd))
+                                 for name, dim, split in BLOCK_TENSORS}, device)
+              for i, s in enumerate(l[rank] for l in layout)]
+    return build_ends(source, dtype, device, blocks)

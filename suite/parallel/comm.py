@@ -4,10 +4,15 @@
 when ranks share a device). Every collective has a synchronous form and an async form that
 returns a ``Pending`` whose ``wait()`` yields the result, so strategies can overlap a
 collective with compute. The time spent waiting for collectives is accumulated in ``stats``.
+
+``LocalGroup`` runs N ranks as threads of one process (tooling that needs every rank's view of
+a model in one place); its communicators sum in-process, and autograd flows through the sums.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -153,3 +158,97 @@ class Communicator:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(torch.cuda.current_stream(device))
         return torch.cuda.stream(self._stream)
+
+
+class _PeerFailed(RuntimeError):
+    """Raised in the ranks of a ``LocalGroup`` that wait for a rank that failed."""
+
+
+class LocalGroup:
+    """N ranks as N threads of one process that take turns, meeting at every collective.
+
+    ``run(fn, items)`` calls ``fn(comm, item)`` for rank i's item in thread i and returns the
+    results in rank order. One rank computes at a time (so each has the process's intra-op
+    threads to itself): rank i runs until its next collective, hands in its tensor and passes
+    the turn to rank i + 1; the last rank computes the collective's result once from every
+    rank's tensor (so autograd flows through it to every rank's input) and passes the turn back
+    to rank 0. The threads inherit the caller's grad and inference mode (both are
+    thread-local). Results are shared between ranks: never modify them in place.
+    """
+
+    def __init__(self, world: int):
+        self.world = world
+        self._turn = threading.Condition()
+        self._rank = 0  # whose turn it is
+        self._failed = False
+        self._inputs: list = [None] * world
+        self._result = None
+
+    def _wait_turn(self, rank: int) -> None:
+        with self._turn:
+            self._turn.wait_for(lambda: self._rank == rank or self._failed)
+            if self._failed:
+                raise _PeerFailed("another rank of the local group failed")
+
+    def _pass_turn(self, rank: int) -> None:
+        with self._turn:
+            self._rank = (rank + 1) % self.world
+            self._turn.notify_all()
+
+    def collective(self, rank: int, x: torch.Tensor, combine) -> torch.Tensor:
+        """``combine(inputs of all ranks)``, computed once, for every rank."""
+        self._inputs[rank] = x
+        if rank == self.world - 1:
+            self._result, self._inputs = combine(self._inputs), [None] * self.world
+        self._pass_turn(rank)
+        self._wait_turn(rank)
+        return self._result
+
+    def run(self, fn, items: list) -> list:
+        if len(items) != self.world:
+            raise ValueError(f"LocalGroup of {self.world} ranks got {len(items)} items")
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        results, errors = [None] * self.world, {}
+        self._rank, self._failed, self._inputs = 0, False, [None] * self.world
+
+        def rank_thread(rank: int) -> None:
+            try:
+                self._wait_turn(rank)
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    results[rank] = fn(LocalCommunicator(rank, self.world, self), items[rank])
+                self._pass_turn(rank)
+            except BaseException as exc:  # release the ranks waiting for this one
+                errors[rank] = exc
+                with self._turn:
+                    self._failed = True
+                    self._turn.notify_all()
+
+        threads = [threading.Thread(target=rank_thread, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self._inputs = [None] * self.world
+            raise next((e for e in errors.values() if not isinstance(e, _PeerFailed)), errors[min(errors)])
+        return results
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return functools.reduce(torch.add, tensors)  # in rank order
+
+
+@dataclass
+class LocalCommunicator(Communicator):
+    """Rank ``rank`` of a ``LocalGroup`` (``group``): collectives computed in-process."""
+
+    def all_reduce(self, x: torch.Tensor, async_op: bool = False):
+        out = self.group.collective(self.rank, x, _sum)
+        return Pending(out) if async_op else out
+
+    def reduce_scatter(self, x: torch.Tensor, async_op: bool = False):
+        out = self.group.collective(self.rank, x, _sum).chunk(self.world)[self.rank]
+        return Pending(out) if async_op else out
+
+    def all_gather(self, x: torch.Tensor, async_op: bool = False):
+        out = self.group.collective(self.rank, x, torch.cat)
+        return Pending(out) if async_op else out
