@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
+from suite.accuracy.tasks import data_dir
 from suite.model.sources import ModelSource, resolve
 
 
@@ -42,3 +44,9 @@ def _hf_greedy(model: str, prompt: tuple[int, ...], new_tokens: int) -> tuple[li
         tokens.append(int(out.logits[0, -1].argmax()))
         out = hf(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
     return tokens, first
+
+
+def require_data() -> None:
+    """Skip where the offline data folder (calibration text, task data) is not found."""
+    if data_dir() is None:
+        pytest.skip("needs the offline data folder (SPDBENCH_DATA)")

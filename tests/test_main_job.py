@@ -15,6 +15,7 @@ from suite.cli import build_parser
 from suite.cli.main_job import LARGE_TP, STRATEGIES, steps_of
 from suite.latency.bench import check_settings, load_config
 from suite.results import ResultStore
+from tests.helpers import require_data
 
 REPO = Path(__file__).resolve().parents[1]
 # A reduced main job: a tiny random model, N = 1 and 2, two documents of one task, no simulation.
@@ -34,6 +35,7 @@ def rows_per_file(out: Path) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
+    require_data()
     out = tmp_path_factory.mktemp("run")
     first = run_job(out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from tests.helpers import hf_model, source
+from tests.helpers import hf_model, require_data, source
 from spd import headgroup
 from spd.distill import DistillSettings, distill_to
 from spd.data import calibration_windows
@@ -116,6 +116,7 @@ def _write(path, plan: Plan):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    require_data()  # calibration windows
     return tmp_path_factory.mktemp("spd")
 
 
@@ -323,6 +324,7 @@ def test_sensitivity_steps_equal_whole_model_perplexity(runs):
 
 
 def test_sensitivity_resumes_and_rejects_other_settings(tmp_path):
+    require_data()
     out = tmp_path / "sens.json"
     kwargs = dict(samples=4, seq_len=32, calib=None, batch=2, resamples=50)
     first = analyse("random:tiny", 1, out, **kwargs)

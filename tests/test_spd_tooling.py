@@ -17,7 +17,7 @@ from spd import stability
 from spd.plan import PlanError, make_plan, plan_for_blocks
 from suite.cli import main
 from suite.parallel.strategy import make_strategy
-from tests.helpers import source
+from tests.helpers import require_data, source
 
 MODEL = "random:tiny-uneven"
 
@@ -105,6 +105,7 @@ def test_plan_command_without_sensitivity(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Sensitivity (with its stability rows), the accuracy and perplexity sweeps at N = 2 on the tiny model, twice."""
+    require_data()
     out = tmp_path_factory.mktemp("sweep")
     results = out / "results.jsonl"
     assert main(["spd", "sensitivity", "--model", MODEL, "--tp", "2", "--samples", "4", "--seq-len", "32",
