@@ -32,7 +32,8 @@ import math
 import torch
 
 from spd.ranks import BlockStream, RankBlocks
-from suite.model.sharding import BlockShard, default_layout, head_dim
+from suite.model.llama import head_dim
+from suite.model.sharding import BlockShard, default_layout
 
 EXHAUSTIVE_LIMIT = 200_000
 

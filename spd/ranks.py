@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import torch
 
 from spd.strategy import run_blocks
-from suite.model.llama import Transformer
-from suite.model.sharding import BlockShard, build_blocks, build_ends, default_layout, head_dim, unshard_block
+from suite.model.llama import Transformer, head_dim
+from suite.model.sharding import BlockShard, build_blocks, build_ends, default_layout, unshard_block
 from suite.model.sources import ModelSource
 from suite.parallel.comm import LocalGroup
 

@@ -124,12 +124,16 @@ class ForwardContext:
         return ForwardContext(first), ForwardContext(second)
 
 
+def head_dim(config: LlamaConfig) -> int:
+    return config.head_dim or config.hidden_size // config.num_attention_heads
+
+
 class Attention(nn.Module):
     """This rank's query heads (and the KV heads they read); returns the o_proj partial."""
 
     def __init__(self, config: LlamaConfig, kv_of_q: list[int], n_kv: int):
         super().__init__()
-        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
         self.n_q, self.n_kv = len(kv_of_q), n_kv
         dim, hd = config.hidden_size, self.head_dim
         self.q_proj = nn.Linear(dim, self.n_q * hd, bias=False)

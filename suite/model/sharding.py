@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig
 
 from suite.errors import SpdbenchError
-from suite.model.llama import Block, Transformer
+from suite.model.llama import Block, Transformer, head_dim
 from suite.model.sources import ModelSource, Ranges
 
 
@@ -102,10 +102,6 @@ BLOCK_TENSORS = (("self_attn.q_proj.weight", 0, "q"), ("self_attn.k_proj.weight"
                  ("mlp.gate_proj.weight", 0, "ffn"), ("mlp.up_proj.weight", 0, "ffn"),
                  ("mlp.down_proj.weight", 1, "ffn"), ("input_layernorm.weight", 0, None),
                  ("post_attention_layernorm.weight", 0, None))
-
-
-def head_dim(config: LlamaConfig) -> int:
-    return config.head_dim or config.hidden_size // config.num_attention_heads
 
 
 def shard_ranges(shard: BlockShard, split: str | None, hd: int) -> Ranges | None:

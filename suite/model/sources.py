@@ -26,6 +26,7 @@ from transformers import LlamaConfig
 
 from suite.defaults import EMBEDDED_GGUF, EMBEDDED_MODEL as EMBEDDED
 from suite.errors import SpdbenchError
+from suite.model.llama import head_dim
 from suite.model.presets import PRESETS, preset_config
 
 
@@ -95,7 +96,7 @@ class RandomWeights(WeightSource):
 
     def _shape(self, name: str) -> tuple[int, ...]:
         c = self.config
-        hd = c.head_dim or c.hidden_size // c.num_attention_heads
+        hd = head_dim(c)
         d, f = c.hidden_size, c.intermediate_size
         leaf = name.split(".")[-2]
         return {"embed_tokens": (c.vocab_size, d), "lm_head": (c.vocab_size, d), "norm": (d,),

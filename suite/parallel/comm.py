@@ -233,6 +233,7 @@ class LocalGroup:
             raise next((e for e in errors.values() if not isinstance(e, _PeerFailed)), errors[min(errors)])
         return results
 
+
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     return functools.reduce(torch.add, tensors)  # in rank order
 
