@@ -164,7 +164,6 @@ def test_devbench_gemvs_read_their_weights_from_memory():
 
 # ---------------------------------------------------------------- on a GPU
 
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GPU_PROMPTS = [[1, 5, 9, 200, 17], [3, 3, 40]]
 GPU_NEW_TOKENS = 24
 

@@ -234,8 +234,8 @@ def _unit_job(comm, device, cells, store_path, command, done, total):
                 error = f"{exc.__class__.__name__}: {exc}"
             try:
                 error = launching.agree(control, error)
-            except Exception:  # failed alone: record it here (rank 0 may be ended with the launch)
-                store.append(latency_row(cell, error=f"rank {comm.rank}: {error}", env=env, command=command))
+            except Exception as exc:  # it or a peer failed alone: record it here (rank 0 may end with the launch)
+                store.append(latency_row(cell, error=f"rank {comm.rank}: {error or exc}", env=env, command=command))
                 raise
             if main:
                 store.append(latency_row(cell, values, error, env=env, command=command))
