@@ -126,6 +126,24 @@ def test_a_projection_at_one_rank_loads_no_kernel():
     assert comm.all_reduce(x) is x and comm.modelled_s == 0
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_the_wait_kernel_assembles_without_a_gpu(tmp_path, arch):
+    """The PTX the driver JIT-compiles on an A100 or H100, assembled by the ptxas Triton ships (CUDA builds
+    of torch bring Triton; the CPU build does not, and this test is skipped there)."""
+    from pathlib import Path
+
+    from suite.latency.projection import _HOLD_SMS
+
+    triton = pytest.importorskip("triton")
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this Triton ships no ptxas")
+    (tmp_path / "hold.ptx").write_text(_HOLD_SMS)
+    run = subprocess.run([str(ptxas), f"-arch={arch}", str(tmp_path / "hold.ptx"), "-o", str(tmp_path / "hold.cubin")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
 # ---------------------------------------------------------------- telemetry and devbench
 
 class _NVLinkNVML:
