@@ -144,6 +144,21 @@ def test_the_wait_kernel_assembles_without_a_gpu(tmp_path, arch):
     assert run.returncode == 0, run.stderr
 
 
+def test_every_graph_capture_is_thread_local():
+    """NCCL's watchdog thread queries events during a capture; in the default 'global' error mode such a
+    query from another thread invalidates the capture."""
+    import ast
+    from pathlib import Path
+
+    captures = []
+    for path in (Path(__file__).resolve().parents[1] / "suite").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.cuda.graph":
+                modes = [k.value for k in node.keywords if k.arg == "capture_error_mode"]
+                captures.append((str(path), ast.unparse(modes[0]) if modes else None))
+    assert len(captures) >= 4 and {mode for _, mode in captures} == {"'thread_local'"}, captures
+
+
 # ---------------------------------------------------------------- telemetry and devbench
 
 class _NVLinkNVML:
