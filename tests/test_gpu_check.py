@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,47 @@ def test_steps_fit_in_ten_minutes():
     listed = run("--list")
     assert listed.returncode == 0
     assert [line.split()[0] for line in listed.stdout.splitlines()[:-1]] == [s.name for s in gpu_check.STEPS]
-    assert sum(s.seconds for s in gpu_check.STEPS) <= 570  # 10 minutes with room for the start and summary
+    assert sum(s.seconds for s in gpu_check.STEPS) <= gpu_check.BUDGET_S <= 600 - 120  # 2 minutes to spare
+
+
+def _sleeper(seconds: dict):
+    """Steps that sleep: ``seconds[name]`` (a negative time: exit 3 at once)."""
+    def command_of(name, out, gpu_name):
+        if seconds[name] < 0:
+            return [sys.executable, "-c", "raise SystemExit(3)"]
+        return [sys.executable, "-c", f"import time; time.sleep({seconds[name]})"]
+    return command_of
+
+
+def test_a_step_that_runs_long_is_cut_at_its_box_and_the_next_runs(tmp_path):
+    steps = [gpu_check.Step("a", 5, "sleeps past its box"), gpu_check.Step("b", 30, "fails"),
+             gpu_check.Step("c", 30, "passes")]
+    start = time.monotonic()
+    outcomes = gpu_check.run_steps(steps, tmp_path, "cpu", budget_s=60, command_of=_sleeper({"a": 100, "b": -1,
+                                                                                              "c": 0}))
+    assert time.monotonic() - start < 20
+    assert [o["outcome"] for o in outcomes] == ["timed out after 5 s", "failed (exit 3)", "ok"]
+    assert gpu_check.failed_steps(outcomes) == ["a", "b"]
+
+
+def test_the_budget_shrinks_the_last_boxes_and_skips_what_does_not_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "MIN_STEP_S", 2)
+    steps = [gpu_check.Step("a", 30, "runs long"), gpu_check.Step("b", 30, "gets the rest"),
+             gpu_check.Step("c", 30, "no time left")]
+    start = time.monotonic()
+    outcomes = gpu_check.run_steps(steps, tmp_path, "cpu", budget_s=12,
+                                   command_of=_sleeper({"a": 7, "b": 100, "c": 0}))
+    assert time.monotonic() - start < 14  # never past the budget (and the step's teardown)
+    assert outcomes[0]["outcome"] == "ok" and outcomes[1]["outcome"].startswith("timed out")
+    assert 3 < outcomes[1]["box"] < 6 and outcomes[2]["outcome"].startswith("skipped:")
+    assert gpu_check.failed_steps(outcomes) == ["b"]
+
+
+def test_the_summary_names_the_failed_steps(tmp_path):
+    outcomes = [{"step": "gpu-tests", "outcome": "ok", "seconds": 50, "box": 120, "what": "tests"},
+                {"step": "ladder-8b", "outcome": "timed out after 150 s", "seconds": 150, "box": 150, "what": "cells"}]
+    text = gpu_check.summary(tmp_path, outcomes, {"gpu": "NVIDIA H100"}, "python scripts/gpu_check.py", {})
+    assert "Failed steps: ladder-8b." in text and "| ladder-8b | timed out after 150 s | 150 | 150 |" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

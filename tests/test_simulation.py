@@ -406,14 +406,29 @@ def test_a_strategy_that_builds_its_own_model_cannot_be_simulated():
         check_expressible(Custom())
 
 
-def test_token_splitting_prefill_simulates_with_both_halves_causal():
-    """1024 tokens split in two: the second half attends lower-right causally (SDPA's causal bias)."""
+def test_token_splitting_prefill_simulates_with_both_halves_causal(monkeypatch):
+    """1024 tokens split in two: the first half attends causally to itself, the second lower-right
+    causally to all 1024 keys (SDPA's causal bias): each is costed with the share of query/key pairs its
+    mask keeps, counted here on the masks themselves."""
+    from suite.latency.simulation import costing
+
+    costed, share = [], costing.causal_share
+
+    def recorded(q_len, k_len, is_causal, mask):
+        costed.append((q_len, k_len, share(q_len, k_len, is_causal, mask)))
+        return costed[-1][2]
+    monkeypatch.setattr(costing, "causal_share", recorded)
     cell = LatencyScenario(model="random:llama3-70b", strategy="tokenweave", tp=8, batch=1, prompt_len=1024,
                            new_tokens=4, dtype="float16", decode_mode="cuda_graph", mode="simulated",
                            device_profile="h100-sxm", interconnect="h100-nvswitch")
     assert bound_strategy("tokenweave", {}, resolve(cell.model), 8).split_point(1024) == 512
     ((_, values, error),) = simulate_cells([cell])
     assert error is None and values["prefill_ms_median"] > 0
+    first_half = torch.ones(512, 512).tril().mean().item()
+    second_half = torch.ones(512, 1024).tril(diagonal=512).mean().item()  # query i sees keys 0 .. 512 + i
+    halves = {(q, k): s for q, k, s in costed if q == 512}
+    assert halves.keys() == {(512, 512), (512, 1024)}
+    assert halves[512, 512] == pytest.approx(first_half) and halves[512, 1024] == pytest.approx(second_half)
 
 
 def test_worker_processes_run_after_this_process_used_its_openmp_pool():

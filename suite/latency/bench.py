@@ -205,27 +205,40 @@ def _usable(name: str) -> bool:
 
 # ---------------------------------------------------------------- running cells
 
+AGREE_S = 30.0  # how long ranks that finished a cell wait for the others before a lone failure ends the launch
+
+
 def _unit_job(comm, device, cells, store_path, command, done, total):
-    """On every rank: run the cells (same tp and device) in order; rank 0 stores each row."""
+    """On every rank: run the cells (same tp and device) in order; rank 0 stores each row.
+
+    After each cell the ranks agree on its outcome: a cell that failed on every rank is recorded and
+    the next one runs; a rank that failed alone records its cell and ends the launch (its peers'
+    collectives break at once instead of waiting for their timeout).
+    """
     from suite.latency.measure import measure_cell
+    from suite.parallel import launch as launching
     from suite.parallel.runner import ModelCache
     from suite.parallel.strategy import bound_strategy
 
     main = comm.rank == 0
-    store, env, models = ResultStore(store_path), environment() if main else None, ModelCache(device)
+    store, env, models = ResultStore(store_path), environment(), ModelCache(device)
+    control = launching.control_group(min(AGREE_S, cells[0].timeout))
     with tqdm(total=total, initial=done, disable=not main, desc="bench", unit="cell", file=sys.stderr) as bar:
         for cell in cells:
             bar.set_postfix_str(cell.label())
+            values, error = None, None
             try:
                 strategy = bound_strategy(cell.strategy, cell.strategy_options, models.source(cell.model), comm.world)
                 values = measure_cell(cell, models.runner(cell.model, cell.dtype, strategy, comm), comm, device)
-            except Exception as exc:  # recorded here too, for runs under torchrun (no parent to do it)
-                if main:
-                    store.append(latency_row(cell, error=f"{exc.__class__.__name__}: {exc}", env=env,
-                                             command=command))
+            except Exception as exc:
+                error = f"{exc.__class__.__name__}: {exc}"
+            try:
+                error = launching.agree(control, error)
+            except Exception as exc:  # it or a peer failed alone: record it here (rank 0 may end with the launch)
+                store.append(latency_row(cell, error=f"rank {comm.rank}: {error or exc}", env=env, command=command))
                 raise
             if main:
-                store.append(latency_row(cell, values, env=env, command=command))
+                store.append(latency_row(cell, values, error, env=env, command=command))
             bar.update()
 
 

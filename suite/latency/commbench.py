@@ -25,7 +25,7 @@ def _timed_loop(op, iters: int, device: torch.device, graph: bool) -> float:
 
     if graph:
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):  # NCCL's watchdog thread runs meanwhile
             for _ in range(iters):
                 op()
         g.replay()

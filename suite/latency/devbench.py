@@ -5,7 +5,8 @@ Every figure a device profile holds is timed with CUDA events on this GPU, in we
 - GEMM FLOP/s by M: bfloat16 matmuls of Vidur's Llama-2-7B ``mlp_up_proj`` shape (K = 4096, N = 22016)
   at M = 512, 1024, 4096 (compute-bound);
 - the GEMM floor and the bandwidth of bandwidth-bound kernels: a straight line through M = 1 GEMVs
-  over weights of 32, 96 and 176 MiB (its slope is the bandwidth, its intercept the floor);
+  over weights of 256, 512 and 768 MiB (its slope is the bandwidth, its intercept the floor), each
+  several times a GPU's L2 cache (50 MB on an H100), so every call reads its weights from memory;
 - attention FLOP/s: ``F.scaled_dot_product_attention`` forward, 32 heads of 128, 16k tokens per call,
   by sequence length, causal and full;
 - the elementwise floor: back-to-back tiny adds issued while the stream is held (device time only);
@@ -28,7 +29,7 @@ from suite.latency.device import DeviceProfile
 
 GEMM_SHAPE = (4096, 22016)  # K, N
 GEMM_ROWS = (512, 1024, 4096)
-GEMV_WIDTHS = (4096, 12288, 22016)  # N of the M = 1 GEMVs (K = 4096): 32, 96, 176 MiB of bfloat16 weights
+GEMV_WIDTHS = (32768, 65536, 98304)  # N of the M = 1 GEMVs (K = 4096): 256, 512, 768 MiB of bfloat16 weights
 ATTENTION_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 ATTENTION_TOKENS, HEADS, HEAD_DIM = 16384, 32, 128
 TINY = 1024  # elements of the tiny elementwise kernel
@@ -106,11 +107,11 @@ def measure(device_index: int = 0) -> dict:
         end.synchronize()
         out["elementwise_floor_s"] = start.elapsed_time(end) / 1e3 / NODES
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             adds()
         out["graph_node_s"] = max(0.0, _elapsed_s(graph.replay, 3) / NODES - out["elementwise_floor_s"])
         single = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(single):
+        with torch.cuda.graph(single, capture_error_mode="thread_local"):
             x.add_(1)
         torch.cuda.synchronize()
         issued = time.perf_counter()

@@ -65,32 +65,56 @@ class _Joined:
 
 
 # One block per SM, each with 1024 threads and (set at launch) the most shared memory a block may
-# have: no block that needs shared memory (GEMM, attention) fits beside it on its SM. Every thread
-# sleeps until the time is spent, on the GPU's nanosecond clock.
-_HOLD_SMS = r"""
-extern "C" __global__ void __launch_bounds__(1024) hold_sms(double seconds) {
-    extern __shared__ unsigned char held[];
-    (void)held;
-    unsigned long long start, now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-    const unsigned long long span = (unsigned long long)(seconds * 1e9);
-    do {
-        __nanosleep(200);
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    } while (now - start < span);
+# have: no block that needs shared memory (GEMM, attention) fits beside it on its SM. The launch has
+# one deadline: the first thread to run stamps ``start + seconds`` into a zeroed slot (compare-and-
+# swap), and every thread of every block sleeps until it, on the GPU's nanosecond clock, so blocks
+# that start late (compute held their SMs) end with the others instead of stretching the collective.
+# Plain PTX, loaded by the driver's JIT: no CUDA toolkit, compiler or Triton is needed.
+_HOLD_SMS = """
+.version 7.0
+.target sm_70
+.address_size 64
+
+.extern .shared .align 16 .b8 held[];
+
+.visible .entry hold_sms(.param .u64 slot_param, .param .f64 seconds_param)
+.maxntid 1024, 1, 1
+{
+    .reg .pred keep_waiting, first;
+    .reg .f64 seconds;
+    .reg .b64 slot, span, now, mine, seen, deadline, unset;
+
+    ld.param.u64 slot, [slot_param];
+    cvta.to.global.u64 slot, slot;
+    ld.param.f64 seconds, [seconds_param];
+    mul.f64 seconds, seconds, 0d41CDCD6500000000;  // 1e9: nanoseconds
+    cvt.rzi.u64.f64 span, seconds;
+    mov.u64 now, %globaltimer;
+    add.u64 mine, now, span;
+    mov.u64 unset, 0;
+    atom.global.cas.b64 seen, [slot], unset, mine;
+    setp.eq.u64 first, seen, unset;
+    selp.b64 deadline, mine, seen, first;
+WAIT:
+    nanosleep.u32 200;
+    mov.u64 now, %globaltimer;
+    setp.lt.u64 keep_waiting, now, deadline;
+    @keep_waiting bra WAIT;
+    ret;
 }
 """
 
 
 @functools.cache
 def _hold_kernel(device_index: int):
-    """The compiled SM-holding kernel (NVRTC, through torch) and the shared memory each block takes."""
+    """The SM-holding kernel, JIT-compiled by the driver, and the shared memory each block takes."""
+    from torch.cuda import _utils
+
+    if not hasattr(_utils, "_cuda_load_module"):
+        raise ProfileError(f"torch {torch.__version__} cannot load a PTX kernel (torch.cuda._utils._cuda_load_module): "
+                           "projecting on a GPU needs torch 2.8 or newer")
     with torch.cuda.device(device_index):
-        try:
-            kernel = torch.cuda._compile_kernel(_HOLD_SMS, "hold_sms")
-        except OSError as exc:  # torch looks for the CUDA toolkit's headers even when a kernel needs none
-            raise ProfileError(f"the kernel that holds a modelled collective's SMs did not compile ({exc}); "
-                               "set CUDA_HOME to a CUDA installation") from None
+        kernel = _utils._cuda_load_module(_HOLD_SMS, ["hold_sms"])["hold_sms"]
         shared = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
         kernel.set_shared_memory_config(shared)
     return kernel, shared
@@ -103,7 +127,8 @@ class _DeviceLink:
     collective starts once the current stream has produced its input, and waiting joins the
     current stream to it (no host sync). While it runs it holds ``sms`` SMs, as an NCCL kernel
     does with its channels: compute that overlaps it runs on the others. Works under CUDA-graph
-    capture (the link stream forks from and joins the capturing stream). Limits: its blocks
+    capture (the link stream forks from and joins the capturing stream; a replay zeroes the deadline's
+    slot again). Limits: its blocks
     sleep, so they take SMs but neither memory bandwidth nor issue slots as NCCL's copies do;
     elementwise blocks without shared memory can still use the rest of a held SM's threads; the
     clock's resolution (``%globaltimer``) is about a microsecond on some GPUs.
@@ -121,7 +146,9 @@ class _DeviceLink:
 
     def spend(self, seconds: float) -> _Joined:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        self.kernel(grid=(self.sms, 1, 1), block=(1024, 1, 1), args=[float(seconds)], shared_mem=self.shared,
+        with torch.cuda.stream(self.stream):  # the slot of this launch's deadline, zeroed on the link stream
+            slot = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.kernel(grid=(self.sms, 1, 1), block=(1024, 1, 1), args=[slot, float(seconds)], shared_mem=self.shared,
                     stream=self.stream)
         event = torch.cuda.Event()
         event.record(self.stream)
@@ -154,7 +181,10 @@ class ProjectingCommunicator(Communicator):
         if self.sms < 1:
             raise ProfileError(f"sms {self.sms} is invalid: at least one SM spends the modelled time")
         self.device = torch.device(self.device)
-        self._link = _DeviceLink(self.device, self.sms) if self.device.type == "cuda" else _HostLink()
+        if self.world == 1:  # no collective to model: no link, and no kernel to load
+            self._link = None
+        else:
+            self._link = _DeviceLink(self.device, self.sms) if self.device.type == "cuda" else _HostLink()
 
     def launch_mode(self) -> str:
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -17,6 +17,7 @@ import time
 import torch
 
 INTERVAL_S = 0.05
+ALL_LINKS = 0xFFFFFFFF  # an NVLink field's scope: UINT_MAX sums every link (nvml.h), a link index reads one
 _THROTTLE_REASONS = {  # NVML "clocks event reasons" bits (nvml.h)
     0x1: "gpu_idle", 0x2: "applications_clocks", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
     0x10: "sync_boost", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake",
@@ -73,8 +74,8 @@ class Sampler:
         util = _optional(nv.nvmlDeviceGetUtilizationRates, h)
         mem = _optional(nv.nvmlDeviceGetMemoryInfo, h)
         power = _optional(nv.nvmlDeviceGetPowerUsage, h)
-        nvlink = _optional(nv.nvmlDeviceGetFieldValues, h, [nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
-                                                            nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX])
+        nvlink = _optional(nv.nvmlDeviceGetFieldValues, h, [(nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, ALL_LINKS),
+                                                            (nv.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, ALL_LINKS)])
         nvlink_kib = [v.value.ullVal if v.nvmlReturn == 0 else None for v in nvlink] if nvlink else [None, None]
         return {"t": time.perf_counter() - self._start,
                 "power_w": power / 1e3 if power is not None else None,

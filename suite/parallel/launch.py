@@ -38,6 +38,21 @@ def under_torchrun() -> bool:
                                                   and "MASTER_ADDR" in os.environ)
 
 
+def local_ranks(tp: int) -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE (several nodes share the N ranks), else all N."""
+    return int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun() and "LOCAL_WORLD_SIZE" in os.environ else tp
+
+
+def choose_backend(tp: int, local: int, gpus: int, backend: str = "auto") -> str:
+    """NCCL when each of this node's ``local`` ranks of ``tp`` has its own of ``gpus`` GPUs, else gloo."""
+    if backend == "nccl" and local > gpus:
+        raise LaunchError(f"tp {tp} with NCCL needs {local} GPUs on this node but {gpus} are available; "
+                          "lower tp or use backend gloo to share GPUs")
+    if backend == "auto":
+        return "nccl" if local <= gpus else "gloo"
+    return backend
+
+
 def placement(tp: int, device: str, backend: str = "auto") -> str:
     """The process-group backend for ``tp`` ranks on ``device``; raises LaunchError if impossible."""
     if tp < 1:
@@ -48,13 +63,7 @@ def placement(tp: int, device: str, backend: str = "auto") -> str:
         return "gloo"
     if not torch.cuda.is_available():
         raise LaunchError("device cuda: no CUDA GPU is available; use device cpu")
-    gpus = torch.cuda.device_count()
-    if backend == "nccl" and tp > gpus:
-        raise LaunchError(f"tp {tp} with NCCL needs {tp} GPUs but {gpus} are available; "
-                          "lower tp or use backend gloo to share GPUs")
-    if backend == "auto":
-        return "nccl" if tp <= gpus else "gloo"
-    return backend
+    return choose_backend(tp, local_ranks(tp), torch.cuda.device_count(), backend)
 
 
 def _rank_device(device: str, local_rank: int) -> torch.device:
@@ -152,6 +161,31 @@ def launch(fn, tp: int, *args, device: str = "cpu", backend: str = "auto",
             if p.is_alive():
                 p.kill()
     return answer
+
+
+def control_group(seconds: float):
+    """A gloo group beside the collectives' own, whose calls give up after ``seconds`` (None on one rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=seconds))
+
+
+def agree(group, error: str | None) -> str | None:
+    """Every rank's outcome of a step, exchanged on ``group``: the lowest failing rank's error, or None.
+
+    Ranks that all reach this agree and go on together. A rank whose peers do not arrive within the
+    group's timeout (it failed alone while they wait inside a collective of the step) gets a
+    RankError and should end: its exit breaks its peers' collectives instead of leaving them to wait
+    for the collectives' own timeout.
+    """
+    if group is None:
+        return error
+    errors = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(errors, error, group=group)
+    except Exception:  # a peer is stuck in the step or gone
+        raise RankError(dist.get_rank(), error or "peers did not finish the step") from None
+    return next((e for e in errors if e), None)
 
 
 def is_main_rank() -> bool:

@@ -99,10 +99,11 @@ class Runner:
         prefill_logits = logits.float()
         out, kept = [nxt], []
         step = self._graphed_step(pad, max_len, nxt, width) if cuda_graph else None
+        positions = torch.arange(width, max_len, device=self.device)  # one copy, not one per token
         decode_clock = _Clock(self.device)
         decode_clock.mark()
         for i in range(max_new_tokens - 1):
-            pos = torch.tensor([width + i], device=self.device)
+            pos = positions[i:i + 1]
             logits = step(nxt, pos) if step else self._step(nxt, pos, pad, max_len)
             nxt = logits.argmax(-1)
             out.append(nxt)
@@ -130,7 +131,8 @@ class Runner:
                     self._step(tok, pos, pad, max_len)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: work of other threads (NCCL's watchdog) cannot invalidate the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self._step(tok, pos, pad, max_len)
             self._graph = (graph, tok, pos, pad, out)
         graph, tok, pos_buf, pad_buf, out = self._graph

@@ -43,4 +43,6 @@ def test_generate(benchmark, strategy, options, tp):
     benchmark.extra_info.update(scenario | {
         "usable_model": usable, "prefill_ms": measured(t.prefill_ms), "e2e_ms": measured(t.e2e_ms),
         "decode_ms_per_token": measured(t.decode_ms_per_token), "comm_fraction": measured(t.comm_fraction)})
-    assert len(t.e2e_ms) == rounds + warmup
+    assert len(t.e2e_ms) == len(t.prefill_ms) == rounds + warmup
+    assert len(t.decode_ms_per_token) == rounds + warmup and all(d > 0 for d in t.decode_ms_per_token)
+    assert all(0 < p < e for p, e in zip(t.prefill_ms, t.e2e_ms))  # a round's generation includes its prefill
