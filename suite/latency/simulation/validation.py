@@ -61,7 +61,7 @@ def validate_decode(published: dict, device_profile: str | None = None, intercon
     setting["device_profile"] = device_profile or setting["device_profile"]
     setting["interconnect"] = interconnect or setting["interconnect"]
     device, link = load_device(setting["device_profile"]), load_profile(setting["interconnect"])
-    simulator = Simulator(device, link, setting["fusion"])
+    simulator = Simulator(device, link, setting["kernels"])
     rows = []
     for cell in published["cells"]:
         source = resolve(f"random:{cell['preset']}")
