@@ -568,7 +568,7 @@ def test_published_tables_carry_their_sources():
 
     for name in DATASETS:
         table = load_published(name)
-        assert table["sources"] and table["left_out"] and table["measure"] and len(table["cells"]) >= 40
+        assert table["sources"] and table["left_out"] and table["measure"] and len(table["cells"]) >= 10
         assert {"preset", "tp", "prompt_len", "measured", "required"} <= set(table["cells"][0])
     table = load_published("gpt-fast-tp")
     assert "gpt-fast" in table["sources"][0] and len(table["cells"]) == 16
