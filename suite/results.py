@@ -93,6 +93,7 @@ class LatencyScenario(Scenario):
     dtype: str = "float32"
     device: str = "cpu"
     decode_mode: str = "eager"  # eager | cuda_graph
+    kernels: str = "eager"
     mode: str = "measured"  # measured | projected | simulated
     interconnect: str | None = None  # link profile (projected, simulated)
     device_profile: str | None = None  # device profile (simulated)

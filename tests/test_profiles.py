@@ -130,6 +130,22 @@ def test_the_multimem_kernels_cost_less_than_nccl_on_the_same_machine():
             assert 1e6 * multimem.seconds(coll, 8, 2**i * MB, "cuda_graph") < us
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_multimem_at_fewer_gpus_follows_the_stated_nvls_model(n):
+    """N = 2 and 4 from the N = 8 samples: per-GPU traffic B (1 + 1/N), so the time above the 1 MiB latency is
+    N = 8's times (1 + 1/N) / (9/8); the latency is L + 1 MiB (1 + 1/N) / W with L and W from two N = 8 samples."""
+    w = 9 / 8 * 512 * MB / 1956.93e-6
+    latency = 16.51e-6 - 9 / 8 * MB / w
+    multimem = load_profile("h100-nvswitch-multimem")
+
+    def t(gpus, size):
+        return multimem.seconds("all_reduce", gpus, size, "cuda_graph")
+    assert t(n, MB) == pytest.approx(latency + MB * (1 + 1 / n) / w, rel=0.001)
+    for size in (2 * MB, 16 * MB, 512 * MB):
+        assert t(n, size) - t(n, MB) == pytest.approx((t(8, size) - t(8, MB)) * (1 + 1 / n) / (9 / 8), rel=0.002)
+    assert t(n, 64 * KB) == t(n, MB)
+
+
 # ---------------------------------------------------------------- spdbench profile
 
 def test_profile_command_lists_every_modelled_point(capsys):

@@ -24,7 +24,7 @@ from suite.latency.bench import expand, run
 from suite.latency.device import DeviceProfile, DeviceProfileError, available_devices, load_device
 from suite.latency.interconnect import Profile
 from suite.latency.simulation import CostMode, SimulatedCommunicator, Simulator, Timeline, simulate_cells
-from suite.latency.simulation.costing import causal_share
+from suite.latency.simulation.costing import lower_right_share
 from suite.latency.simulation.validation import load_published, validate_gemm
 from suite.model.sharding import build_weightless_rank_model
 from suite.model.sources import resolve
@@ -94,11 +94,11 @@ def test_gemm_table_interpolates_in_log_rows_and_holds_beyond_the_ends():
 
 # ---------------------------------------------------------------- the cost of ops, by hand
 
-def run_ops(fn, device=None, fusion="eager", graph=False, link=None):
+def run_ops(fn, device=None, kernels="eager", graph=False, link=None):
     """``fn(cost)`` under a cost mode on a fresh clock; returns (clock, result)."""
     device = device or toy_device()
     clock = Timeline(device, link.sms if link else 0)
-    cost = CostMode(clock, fusion)
+    cost = CostMode(clock, kernels)
     with torch.no_grad(), cost.active():
         if graph:
             with clock.graph_replay():
@@ -138,7 +138,7 @@ def test_views_cost_nothing_and_elementwise_ops_cost_their_bytes():
     assert out.dtype == torch.float32 and clock.kernels == 2
     assert clock.end() == pytest.approx(2 * 0.5 * US + (2 + 3) * 2**20 / 1000e9)
     # torch.compile: one kernel reads x once and writes only what outlives the run
-    clock, _ = run_ops(ops, fusion="compiled")
+    clock, _ = run_ops(ops, kernels="compiled")
     assert clock.kernels == 1 and clock.end() == pytest.approx(0.5 * US + (1 + 2) * 2**20 / 1000e9)
 
 
@@ -154,19 +154,13 @@ def test_gather_and_scatter_move_only_what_they_index():
     assert clock.end() == pytest.approx(2 * 0.5 * US + (2 * (4096 + 2 * 8) + 2 * 4 * 2048) / 1000e9)
 
 
-@pytest.mark.parametrize("q_len, k_len, causal, share", [
-    (4, 4, True, 10 / 16),  # 1 + 2 + 3 + 4 of 16 pairs
-    (2, 4, True, 3 / 8),  # top-left: 1 + 2
-    (1, 4, False, 1.0),
+@pytest.mark.parametrize("q_len, k_len, share", [
+    (4, 4, 10 / 16),  # 1 + 2 + 3 + 4 of 16 pairs
+    (2, 4, (3 + 4) / 8),  # the last query sees every key
+    (1, 4, 1.0),  # decode
 ])
-def test_causal_share_by_hand(q_len, k_len, causal, share):
-    assert causal_share(q_len, k_len, causal, None) == pytest.approx(share)
-
-
-def test_lower_right_causal_share():
-    from torch.nn.attention.bias import causal_lower_right
-
-    assert causal_share(2, 4, False, causal_lower_right(2, 4)) == pytest.approx((3 + 4) / 8)
+def test_lower_right_causal_share_by_hand(q_len, k_len, share):
+    assert lower_right_share(q_len, k_len) == pytest.approx(share)
 
 
 def test_attention_is_one_fused_kernel_with_causal_flops():
@@ -178,6 +172,73 @@ def test_attention_is_one_fused_kernel_with_causal_flops():
     clock, out = run_ops(lambda c: F.scaled_dot_product_attention(q, q, q, is_causal=True))
     assert out.shape == q.shape and clock.kernels == 1
     assert clock.end() == pytest.approx(2 * US + max(flops / 50e12, nbytes / 1000e9))
+
+
+def test_merged_gemms_keep_the_activation_run_open():
+    # SwiGLU as the model issues it: gate GEMM, SiLU, up GEMM, product (x [64, 1024], W [1024, 4096], fp16)
+    def ops(cost):
+        x = meta(64, 1024)
+        return F.silu(x @ meta(1024, 4096)) * (x @ meta(1024, 4096))
+    gemm = (64 * 1024 + 1024 * 4096 + 64 * 4096) * 2 / 1000e9 + 2 * US  # bandwidth-bound, each
+    clock, _ = run_ops(ops)  # eager: two GEMMs, SiLU and the product apart (reads 1 and 2, writes 1 each)
+    assert clock.kernels == 4
+    assert clock.end() == pytest.approx(2 * gemm + 2 * 0.5 * US + (2 + 3) * 64 * 4096 * 2 / 1000e9)
+    # compiled: one GEMM over both weights (x read once), one kernel reads both halves and writes one
+    clock, _ = run_ops(ops, kernels="compiled")
+    merged = (64 * 1024 + 2 * 1024 * 4096 + 2 * 64 * 4096) * 2 / 1000e9 + 2 * US
+    assert clock.kernels == 2
+    assert clock.end() == pytest.approx(merged + 0.5 * US + 3 * 64 * 4096 * 2 / 1000e9)
+
+
+@pytest.mark.parametrize("kernels, kernels_issued, keys, kv_copy, mask", [
+    ("eager", 1, 1000, False, True),  # the whole static cache, a mask, GQA in the kernel
+    ("compiled", 1, 600, False, False),  # the filled part, no mask
+    ("vllm", 1, 600, False, False),
+    ("gpt-fast", 2, 1000, True, True),  # 1000 rounded up to 8 is 1000; K/V copied to the query heads first
+])
+def test_decode_attention_as_each_regime_runs_it(kernels, kernels_issued, keys, kv_copy, mask):
+    # one decode token, 2 rows x 8 query heads, 2 KV heads, head dim 128; the model passes the whole cache of
+    # 1000 slots; 600 are filled
+    q, k, allowed = meta(2, 8, 1, 128), meta(2, 2, 1000, 128), meta(1, 1000, dtype=torch.bool)
+
+    def ops(cost):
+        cost.start_step("decode", filled=600, cache_len=1000)
+        return F.scaled_dot_product_attention(q, k, k, attn_mask=allowed, enable_gqa=True)
+    clock, out = run_ops(ops, kernels=kernels)
+    assert out.shape == q.shape and clock.kernels == kernels_issued
+    shared_kv = 2 * 2 * 2 * keys * 128 * 2  # K and V of 2 rows x 2 heads
+    copy = (shared_kv + 4 * shared_kv) / 1000e9 + 0.5 * US if kv_copy else 0.0
+    nbytes = 2 * 2 * 8 * 128 * 2 + (4 * shared_kv if kv_copy else shared_kv) + (keys if mask else 0)
+    flops = 4 * 2 * 8 * keys * 128
+    assert clock.end() == pytest.approx(copy + 2 * US + max(flops / 50e12, nbytes / 1000e9))
+
+
+def test_static_cache_rounds_up_and_regimes_are_data():
+    from suite.latency.kernel_regime import KernelRegimeError, available_regimes, load_regime
+
+    assert {"eager", "compiled", "gpt-fast", "vllm"} <= set(available_regimes())
+    for name in available_regimes():
+        regime = load_regime(name)
+        assert regime.sources and regime.method
+    assert load_regime("gpt-fast").static_cache_len(1029) == 1032
+    assert load_regime("gpt-fast").launches == ("cuda_graph",)
+    with pytest.raises(KernelRegimeError, match="kernels 'fast'"):
+        load_regime("fast")
+
+
+def test_a_simulated_cell_runs_under_each_regime_its_launches_allow():
+    from suite.latency.simulation.cells import simulate_cell
+
+    cell = dict(model="random:tiny", strategy="tokenweave", tp=2, batch=2, prompt_len=16, new_tokens=4,
+                dtype="bfloat16", device="cuda", mode="simulated", device_profile="h100-sxm",
+                interconnect="h100-nvswitch-multimem")
+    eager, error = simulate_cell(LatencyScenario(**cell, kernels="eager"))
+    compiled, _ = simulate_cell(LatencyScenario(**cell, kernels="compiled"))
+    assert error is None and compiled["prefill_ms_median"] < eager["prefill_ms_median"]  # fewer, fused kernels
+    values, error = simulate_cell(LatencyScenario(**cell, kernels="gpt-fast"))
+    assert values is None and error == "kernels=gpt-fast runs its decode with cuda_graph launches, not decode_mode=eager"
+    values, error = simulate_cell(LatencyScenario(**cell, kernels="gpt-fast", decode_mode="cuda_graph"))
+    assert error is None and values["decode_ms_per_token_median"] > 0
 
 
 def test_reading_a_value_back_waits_for_the_device():
@@ -518,6 +579,12 @@ def test_devbench_bad_arguments_are_one_line(args, message, capsys):
 # ---------------------------------------------------------------- validation
 
 def test_published_tables_carry_their_sources():
+    from suite.latency.simulation.validation import DATASETS
+
+    for name in DATASETS:
+        table = load_published(name)
+        assert table["sources"] and table["left_out"] and table["measure"] and len(table["cells"]) >= 10
+        assert {"preset", "tp", "prompt_len", "measured", "required"} <= set(table["cells"][0])
     table = load_published("gpt-fast-tp")
     assert "gpt-fast" in table["sources"][0] and len(table["cells"]) == 16
     required = [(c["preset"], c["tp"]) for c in table["cells"] if c["required"]]
@@ -541,6 +608,15 @@ def test_validation_page_is_what_the_command_writes():
     command = doc.splitlines()[0].split("`")[1]
     assert command == "spdbench validate-simulation --write docs/validation.md"
     decode = validation.validate_decode(load_published("gpt-fast-tp"))
-    assert validation.markdown(decode, validate_gemm(load_published("vidur-gemm")), command) == doc
+    # the datasets beyond batch-1 decode: their first and last cells simulated again (all of them take minutes)
+    datasets = []
+    for name in validation.DATASETS:
+        table = load_published(name)
+        datasets.append(validation.validate_dataset(table | {"cells": [table["cells"][0], table["cells"][-1]]}))
+    page = validation.markdown(decode, validate_gemm(load_published("vidur-gemm")), datasets, command)
+    head = "## Beyond batch-1 decode"
+    assert page.split(head)[0] == doc.split(head)[0]
+    rows = [line for line in page.splitlines() if line.startswith("| llama")]
+    assert len(rows) == 2 * len(datasets) and all(row in doc.splitlines() for row in rows)
     assert decode["meets_bar"] == (decode["required"]["median_abs_error_pct"] <= 15
                                    and decode["required"]["worst_abs_error_pct"] <= 35)

@@ -35,9 +35,10 @@ STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "seqpar", "nocomm"]  # 
 ACCURACY_STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "nocomm"]  # seqpar computes what tokenweave does
 SPD_BUDGET = 50  # % of blocks with SPD: the least sensitive half
 # The simulated scenario: the ladder paper's (prompt 1024, 512 new tokens, decode in a CUDA graph),
-# at batch 1 (latency-bound decode) and 16 (a served batch), in half precision.
+# at batch 1 (latency-bound decode) and 16 (a served batch), in half precision, with the kernels a
+# deployment runs (compiled: fused, merged GEMMs, flash attention over the filled cache).
 SIMULATED = {"batch": [1, 16], "prompt_len": 1024, "new_tokens": 512, "dtype": "float16", "device": "cuda",
-             "decode_mode": "cuda_graph"}
+             "decode_mode": "cuda_graph", "kernels": "compiled"}
 LARGE_TP = [4, 8]
 # Measured on this machine: small, so that the check is quick.
 MEASURED = {"dtype": "float32", "device": "cpu", "decode_mode": "eager", "batch": 2, "prompt_len": 32,

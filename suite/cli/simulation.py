@@ -27,8 +27,9 @@ def cmd_validate(args, parser) -> int:
     published = validation.load_published(args.published)
     decode = validation.validate_decode(published, args.device_profile, args.interconnect)
     gemm = validation.validate_gemm(validation.load_published(args.kernels))
+    datasets = [validation.validate_dataset(validation.load_published(name)) for name in validation.DATASETS]
     if args.json:
-        print(json.dumps({"decode": decode, "gemm": gemm}, default=str))
+        print(json.dumps({"decode": decode, "gemm": gemm, "datasets": datasets}, default=str))
     else:
         import pandas as pd
 
@@ -43,9 +44,15 @@ def cmd_validate(args, parser) -> int:
         bar = decode["bar"]
         print(f"bar (median <= {bar['median_abs_error_pct']}%, worst <= {bar['worst_abs_error_pct']}%): "
               f"{'met' if decode['meets_bar'] else 'not met'}")
+        for data in datasets:
+            s = data["summary"]
+            print(f"{data['name']} ({data['measure']}, kernels {data['simulation']['kernels']}): {s['cells']} cells, "
+                  f"median |error| {s['median_abs_error_pct']:.1f}%, worst {s['worst_abs_error_pct']:.1f}% "
+                  f"(target {data['target']['median_abs_error_pct']}% / {data['target']['worst_abs_error_pct']}%): "
+                  f"{'met' if data['meets_target'] else 'not met'}")
     if args.write:
         path = Path(args.write)
-        path.write_text(validation.markdown(decode, gemm, command_line()))
+        path.write_text(validation.markdown(decode, gemm, datasets, command_line()))
         print(f"written {path}")
     return 0
 

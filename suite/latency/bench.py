@@ -12,6 +12,7 @@ each merged over the top level, whose cells are added together::
     dtype: bfloat16                  # float32 | bfloat16 | float16
     device: cuda                     # cpu | cuda
     decode_mode: cuda_graph          # eager | cuda_graph
+    kernels: compiled                # eager | compiled; simulated cells also gpt-fast | vllm
     mode: measured                   # measured | projected | simulated
     interconnect: null               # link profile (mode: projected or simulated)
     device_profile: null             # device profile (mode: simulated)
@@ -51,7 +52,7 @@ from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row, 
 MODES = ("measured", "projected", "simulated")
 DECODE_MODES = ("eager", "cuda_graph")
 _FIELDS = {f.name: f for f in dataclasses.fields(LatencyScenario)}
-AXES = ("model", "strategies", "tp", "batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode",
+AXES = ("model", "strategies", "tp", "batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode", "kernels",
         "interconnect", "device_profile")
 SCALARS = ("repetitions", "warmup", "mode", "backend", "timeout", "seed")
 

@@ -23,6 +23,14 @@ PRESETS: dict[str, dict] = {
     "llama3.1-8b": dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=131072,
                         rope_parameters=_LLAMA31_ROPE),
+    # Llama-3.1-70B and Llama-3.3-70B: Llama-3-70B's shapes with 128K context and llama3 RoPE scaling
+    # (their Hugging Face config.json files)
+    "llama3.1-70b": dict(_LLAMA3, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                         num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=131072,
+                         rope_parameters=_LLAMA31_ROPE),
+    "llama3.3-70b": dict(_LLAMA3, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                         num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=131072,
+                         rope_parameters=_LLAMA31_ROPE),
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, intermediate_size=1536, rms_norm_eps=1e-5,
                          max_position_embeddings=8192, tie_word_embeddings=True,

@@ -4,9 +4,11 @@ A cell is simulated the way the runner (``suite.parallel.runner``) runs it: a pr
 from the host (eager launches; time to first token), then decode steps of one token per row (eager
 launches, or, under ``decode_mode: cuda_graph``, two copies into the graph's inputs and one replay),
 each followed by the argmax; every step starts with host and device idle, as the runner's steps do (it synchronises with
-the device when it makes the step's position tensor). The runner's decode attends over the whole KV
-cache at every step (a mask hides the slots not yet written), so every decode step runs the same
-kernels on the same shapes: one simulated step stands for all of them, exactly.
+the device when it makes the step's position tensor). The cell's kernel regime (``kernels``) says which
+kernels run the ops. Every decode step runs the same kernels on the same shapes but the attention's key
+count: over the whole static cache it is the same at every step, over the filled part it grows by one
+per step and attention work is linear in it, so one step simulated at the mean filled length
+(prompt + new tokens / 2) stands for all of them.
 
 The forward context (masks, RoPE tables) is built by the model's own code on the host (the model without
 blocks and with a one-token vocabulary), priced as the device would run it, then moved to the meta device.
@@ -27,6 +29,7 @@ import torch
 from suite.errors import SpdbenchError
 from suite.latency.device import DeviceProfile, load_device
 from suite.latency.interconnect import Profile, load_profile
+from suite.latency.kernel_regime import KernelRegime, load_regime
 from suite.latency.projection import heaviest_rank
 from suite.latency.simulation.clock import Timeline
 from suite.latency.simulation.communicator import SimulatedCommunicator
@@ -86,10 +89,11 @@ def check_expressible(strategy: Strategy) -> None:
 class Simulator:
     """Simulates cells on one device profile and interconnect (the op shapes it learns are kept)."""
 
-    def __init__(self, device: DeviceProfile, link: Profile, fusion: str = "eager"):
+    def __init__(self, device: DeviceProfile, link: Profile, regime: KernelRegime | str = "eager"):
         self.device, self.link = device, link
         self.clock = Timeline(device, link.sms)
-        self.cost = CostMode(self.clock, fusion)
+        self.cost = CostMode(self.clock, regime)
+        self.regime = self.cost.regime
         self._models: dict = {}  # the last rank model: (model, dtype, tp, model key) -> (rank, shard)
         self._hosts: dict = {}  # (config, dtype) -> the model without blocks, on the host
         self._contexts: dict = {}  # (host, rows, slots, first slot, kv_len) -> (context, what it issued)
@@ -118,9 +122,9 @@ class Simulator:
         self._check_fits(memory, tp, batch)
         host = self._host(model)
 
-        def step(first: int, length: int, kv_len: int, graph: bool) -> Step:
+        def step(phase: str, first: int, length: int, kv_len: int, graph: bool) -> Step:
             tokens = torch.zeros(batch * length, dtype=torch.long, device="meta")
-            self.cost.start_step()
+            self.cost.start_step(phase, filled=first + length, cache_len=max_len)
             with torch.no_grad(), self.cost.active():
                 if graph:  # the runner first copies the step's tokens and position into the graph's inputs
                     for t in (tokens, tokens[:1]):
@@ -134,8 +138,9 @@ class Simulator:
             return Step(seconds, self.clock.exposed_communication(), self.clock.communication(), self.clock.kernels,
                         self.clock.peak)
 
-        prefill = step(0, prompt_len, prompt_len, graph=False)
-        decode = step(prompt_len, 1, max_len, decode_graph) if new_tokens > 1 else None
+        prefill = step("prefill", 0, prompt_len, prompt_len, graph=False)
+        middle = prompt_len + new_tokens // 2 - 1  # the slot whose step has the mean filled length
+        decode = step("decode", middle, 1, max_len, decode_graph) if new_tokens > 1 else None
         memory["activations"] = float(max(s.peak_bytes for s in (prefill, decode) if s))
         self._check_fits(memory, tp, batch)
         return Generation(batch, new_tokens, prefill, decode, memory)
@@ -197,9 +202,9 @@ def row_values(generation: Generation) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def _simulator(device_profile: str, interconnect: str) -> Simulator:
-    """One simulator per profiles in a process, so the op shapes it learns serve every cell."""
-    return Simulator(*load_profiles(device_profile, interconnect))
+def _simulator(device_profile: str, interconnect: str, kernels: str) -> Simulator:
+    """One simulator per profiles and kernel regime in a process, so the op shapes it learns serve every cell."""
+    return Simulator(*load_profiles(device_profile, interconnect), kernels)
 
 
 def simulate_cell(cell) -> tuple[dict | None, str | None]:
@@ -207,7 +212,10 @@ def simulate_cell(cell) -> tuple[dict | None, str | None]:
     try:
         strategy = bound_strategy(cell.strategy, cell.strategy_options, resolve(cell.model), cell.tp)
         check_expressible(strategy)
-        simulator = _simulator(cell.device_profile, cell.interconnect)
+        simulator = _simulator(cell.device_profile, cell.interconnect, cell.kernels)
+        if cell.decode_mode not in simulator.regime.launches:
+            return None, (f"kernels={cell.kernels} runs its decode with {' or '.join(simulator.regime.launches)} "
+                          f"launches, not decode_mode={cell.decode_mode}")
         rank, model = simulator.rank_model(cell.model, cell.dtype, cell.tp, strategy)
         generation = simulator.generation(model, strategy, cell.tp, rank, cell.batch, cell.prompt_len,
                                           cell.new_tokens, cell.decode_mode == "cuda_graph")
@@ -241,9 +249,11 @@ def simulate_cells(cells, workers: int | None = None):
 
 
 def check_cells(cells) -> None:
-    """Raise a one-line error for a simulated cell whose profiles are unknown or whose strategy the
-    simulation cannot express (before any cell runs)."""
+    """Raise a one-line error for a simulated cell whose profiles or kernel regime are unknown or whose
+    strategy the simulation cannot express (before any cell runs)."""
     for names in sorted({(c.device_profile, c.interconnect) for c in cells}):
         load_profiles(*names)
+    for name in sorted({c.kernels for c in cells}):
+        load_regime(name)
     for name, options in {(c.strategy, tuple(sorted(c.strategy_options.items()))) for c in cells}:
         check_expressible(make_strategy(name, dict(options)))

@@ -7,18 +7,22 @@ Every aten op the model and the strategy run passes through ``CostMode``:
 - matmuls (``mm``, ``addmm``, ``bmm``, ``baddbmm``) are GEMMs: FLOPs from ``torch.utils.flop_counter``'s
   registry, bytes from the operands' sizes, M = the output rows;
 - ``F.scaled_dot_product_attention`` is composite (it decomposes before a dispatch mode sees it), so a
-  function mode prices it as the one fused attention kernel a GPU runs: FLOPs from the flop counter's
-  SDPA formula, times the share of query/key pairs a causal mask allows; an explicit mask does not
+  function mode prices it as the attention kernel the regime runs (below): FLOPs from the flop counter's
+  SDPA formula, times the share of query/key pairs a causal kernel computes; an explicit mask does not
   shorten the work; its output has the [batch, length, heads, dim] layout fused kernels write;
 - everything else (pointwise ops, norms, reductions, indexing, copies) is an elementwise kernel
   costed by the bytes it reads and writes (a gather reads what it gathers, a scatter writes what it
   scatters, an input broadcast along a dimension is read once);
 - reading a value back to the host (``.item()``, ``bool(t)``) makes the host wait for the device.
 
-``fusion="eager"`` issues one kernel per op (PyTorch eager, and eager kernels captured in a CUDA
-graph). ``fusion="compiled"`` models torch.compile: each run of consecutive elementwise ops between two
-other kernels is one kernel that reads what it takes from outside the run and writes what outlives it,
-and back-to-back GEMMs that read the same input are one GEMM (a fused QKV projection).
+How ops become kernels is the cell's kernel regime (``suite.latency.kernel_regime``, data beside the
+device and interconnect profiles): ``elementwise: per_op`` issues one kernel per op (PyTorch eager, and
+eager kernels captured in a CUDA graph); ``elementwise: fused`` makes each run of consecutive elementwise
+ops between two other kernels one kernel that reads what it takes from outside the run and writes what
+outlives it (Inductor, or an implementation's hand-fused kernels); ``merged_gemms`` makes back-to-back
+GEMMs that read the same input one GEMM (a fused QKV projection). Attention is priced as the regime's
+kernel runs it, whatever the model's code passes: over the filled cache or the whole static cache, with
+the causal pairs skipped or an explicit mask read, and K/V shared by the query heads or copied to them.
 
 Tensors on the meta device carry no data, so their ops are not run: an op's outputs are made from
 the shapes it gave the first time it saw inputs of the same shapes (every layer repeats them).
@@ -32,17 +36,15 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from suite.errors import SpdbenchError
+from suite.latency.kernel_regime import KernelRegime, load_regime
 from suite.latency.simulation.clock import Buffer, Timeline
 
 aten = torch.ops.aten
-FUSIONS = ("eager", "compiled")
 GEMMS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
 GATHERS = {aten.embedding, aten.index_select, aten.index, aten.gather}
 SCATTERS = {aten.index_copy_, aten.index_copy, aten.index_put_, aten.index_put, aten.scatter_, aten.scatter,
@@ -117,39 +119,30 @@ def _plan(func) -> tuple[str, tuple[tuple[int, str], ...]]:
     return ("gemm" if packet in GEMMS else "elementwise"), written
 
 
-def causal_share(q_len: int, k_len: int, is_causal: bool, mask) -> float:
-    """Share of the query/key pairs a causal mask keeps (1.0 without one).
-
-    ``is_causal`` aligns the mask to the top left (query i sees keys 0..i); a ``CausalBias`` may align
-    it to the bottom right (the last query sees every key), as a chunk attending to a cached prefix does.
-    """
-    if isinstance(mask, CausalBias) and mask.variant == CausalVariant.LOWER_RIGHT:
-        hidden = max(q_len - k_len, 0)  # leading queries that see no key
-        seen = q_len - hidden  # the others see k_len - seen + 1 .. k_len keys
-        kept = seen * (k_len - seen) + seen * (seen + 1) / 2
-    elif is_causal or isinstance(mask, CausalBias):
-        within = min(q_len, k_len)  # queries past the last key see every key
-        kept = within * (within + 1) / 2 + (q_len - within) * k_len
-    else:
-        return 1.0
-    return kept / (q_len * k_len)
+def lower_right_share(q_len: int, k_len: int) -> float:
+    """Share of the pairs kept when the last of ``q_len`` queries sees all ``k_len`` keys (a chunk, or a
+    decode token, attending to the cache before it)."""
+    hidden = max(q_len - k_len, 0)  # leading queries that see no key
+    seen = q_len - hidden  # the others see k_len - seen + 1 .. k_len keys
+    return (seen * (k_len - seen) + seen * (seen + 1) / 2) / (q_len * k_len)
 
 
 class _Run:
-    """Elementwise ops waiting to become one fused kernel (``fusion="compiled"``)."""
+    """Elementwise ops waiting to become one fused kernel (``elementwise: fused``)."""
 
     def __init__(self):
         self.read, self.written, self.ready = 0, 0, 0.0
-        self.made: set[int] = set()  # ids of the buffers the run produced or wrote
+        self.waits: list[Buffer] = []  # outputs of the pending GEMM it reads (ready once that is issued)
+        self.made = weakref.WeakSet()  # the buffers the run produced or wrote (a dead one's id may be reused)
         self.outputs: list[weakref.ref] = []
         self.updated: list[Buffer] = []
 
 
 class _Gemm:
-    """A GEMM waiting for the next one, in case it reads the same input (``fusion="compiled"``)."""
+    """A GEMM waiting for the next one, in case it reads the same input (``merged_gemms``)."""
 
-    def __init__(self, source, flops, nbytes, rows, float32, ready, outputs):
-        self.source, self.flops, self.nbytes, self.rows = source, flops, nbytes, rows
+    def __init__(self, buffer, source, flops, nbytes, rows, float32, ready, outputs):
+        self.buffer, self.source, self.flops, self.nbytes, self.rows = buffer, source, flops, nbytes, rows
         self.float32, self.ready, self.outputs = float32, ready, outputs
 
 
@@ -167,11 +160,11 @@ class _Attention(TorchFunctionMode):
 class CostMode(TorchDispatchMode):
     """Prices every op on ``clock`` with its device profile (use ``with cost.active():``)."""
 
-    def __init__(self, clock: Timeline, fusion: str = "eager"):
+    def __init__(self, clock: Timeline, regime: KernelRegime | str = "eager"):
         super().__init__()
-        if fusion not in FUSIONS:
-            raise SpdbenchError(f"fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
-        self.clock, self.device, self.fusion = clock, clock.device, fusion
+        self.clock, self.device = clock, clock.device
+        self.regime = load_regime(regime) if isinstance(regime, str) else regime
+        self.phase, self.filled, self.cache_len = "prefill", None, None  # the step's attention (``step_keys``)
         self.buffers = WeakTensorKeyDictionary()  # tensor -> Buffer (views share their base's)
         self.paused = False
         self._plans: dict = {}  # op -> (kind, written arguments)
@@ -195,8 +188,11 @@ class CostMode(TorchDispatchMode):
         finally:
             self.paused = before
 
-    def start_step(self) -> None:
-        """A new step from idle: the clock restarts, and what earlier steps wrote is ready."""
+    def start_step(self, phase: str = "prefill", filled: int | None = None, cache_len: int | None = None) -> None:
+        """A new step from idle: the clock restarts, and what earlier steps wrote is ready. ``phase``
+        (prefill or decode) picks the regime's attention; ``filled`` and ``cache_len`` are the cache
+        positions written by the end of the step and the static cache's length (None: as the model passes)."""
+        self.phase, self.filled, self.cache_len = phase, filled, cache_len
         self.flush()
         self.clock.reset()
         for buffer in self.buffers.values():
@@ -295,23 +291,27 @@ class CostMode(TorchDispatchMode):
     def _price_gemm(self, packet, flops: float, args, out, inputs) -> None:
         nbytes = sum(map(tensor_bytes, inputs)) + tensor_bytes(out)
         rows, float32 = out.numel() // out.shape[-1], out.dtype == torch.float32
-        if self.fusion == "eager":
+        if not self.regime.merged_gemms:
+            self._flush_run()
             seconds = self.device.kernel_seconds("gemm", flops, nbytes, rows=rows, float32=float32)
             self._output(out, self.clock.kernel(seconds, self._latest(inputs)))
             return
-        self._flush_run()
         activation = args[1] if packet in (aten.addmm, aten.baddbmm) else args[0]
-        source = (id(self.buffers.get(activation)), tuple(activation.shape), activation.stride(),
-                  activation.storage_offset())
+        # the buffer itself, not its id: a buffer that died may leave its id to a new one
+        buffer = self.buffers.get(activation)
+        source = (tuple(activation.shape), activation.stride(), activation.storage_offset())
         pending = self._gemm
-        if pending is not None and pending.source == source and pending.rows == rows:  # one GEMM, wider
+        if (pending is not None and buffer is not None and pending.buffer is buffer and pending.source == source
+                and pending.rows == rows):  # one GEMM, wider
+            # (an elementwise run on the first GEMM's output, e.g. SiLU(gate) before up, stays open)
             pending.flops += flops
             pending.nbytes += nbytes - tensor_bytes(activation)
             pending.ready = max(pending.ready, self._latest(inputs))
             pending.outputs.append(self._output(out, math.inf))
             return
-        self._flush_gemm()
-        self._gemm = _Gemm(source, flops, nbytes, rows, float32, self._latest(inputs), [self._output(out, math.inf)])
+        self._flush_run()
+        self._gemm = _Gemm(buffer, source, flops, nbytes, rows, float32, self._latest(inputs),
+                           [self._output(out, math.inf)])
 
     def _flush_gemm(self) -> None:
         pending, self._gemm = self._gemm, None
@@ -328,7 +328,8 @@ class CostMode(TorchDispatchMode):
         """Bytes read and written: a gather reads what it gathers, a scatter and an overwrite read their
         source only; everything else reads its inputs and writes its outputs."""
         fresh = [t for t in outs if not any(t is w for w in written)]
-        if self.fusion == "eager":
+        if not self.regime.fused:
+            self._flush_gemm()
             if packet in GATHERS:
                 nbytes = 2 * sum(map(tensor_bytes, outs))
             elif packet in SCATTERS:
@@ -342,10 +343,11 @@ class CostMode(TorchDispatchMode):
             for t in written:
                 self._written_at(t, end)
             return
-        self._flush_gemm()
         run = self._run = self._run or _Run()
-        outside = [t for t in inputs if id(self.buffers.get(t)) not in run.made]
-        run.ready = max(run.ready, self._latest(outside))
+        outside = [t for t in inputs if self.buffers.get(t) not in run.made]
+        pending = self._gemm.outputs if self._gemm else []
+        run.waits += [b for b in map(self.buffers.get, outside) if any(b is p for p in pending)]
+        run.ready = max(run.ready, self._latest([t for t in outside if self.buffers.get(t) not in run.waits]))
         if packet in GATHERS:
             run.read += sum(map(tensor_bytes, outs)) if outside and outside[0] is inputs[0] else 0
         elif packet in SCATTERS or packet in OVERWRITES:
@@ -354,43 +356,62 @@ class CostMode(TorchDispatchMode):
             run.read += sum(map(tensor_bytes, outside))
         for t in fresh:
             buffer = self._output(t, math.inf)
-            run.made.add(id(buffer))
+            run.made.add(buffer)
             run.outputs.append(weakref.ref(buffer))
         for t in written:
             self._written_at(t, math.inf)
-            run.made.add(id(self.buffers[t]))
+            run.made.add(self.buffers[t])
             run.updated.append(self.buffers[t])
             run.written += sum(map(tensor_bytes, inputs[1:])) if packet in SCATTERS else tensor_bytes(t)
 
     def _flush_run(self) -> None:
+        """Issue the pending GEMM (it came first), then the run."""
+        self._flush_gemm()
         run, self._run = self._run, None
         if run is None:
             return
         alive = [b for b in (ref() for ref in run.outputs) if b is not None]
         nbytes = run.read + run.written + sum(b.nbytes for b in alive)
-        end = self.clock.kernel(self.device.kernel_seconds("elementwise", 0, nbytes), run.ready)
+        ready = max([run.ready, *(b.ready for b in run.waits)])
+        end = self.clock.kernel(self.device.kernel_seconds("elementwise", 0, nbytes), ready)
         for buffer in alive + run.updated:
             buffer.ready = end
 
     def flush(self) -> None:
         """Issue the kernels still waiting to be fused (before anything that orders work across streams)."""
         self._flush_run()
-        self._flush_gemm()
 
     # ---------------------------------------------------------------- attention
 
     def attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False):
-        """``F.scaled_dot_product_attention`` as one fused kernel; returns an output of the right shape."""
-        batch, heads, q_len, _ = query.shape
-        k_len = key.shape[-2]
+        """``F.scaled_dot_product_attention`` as the regime's attention kernel runs it; returns an output of
+        the right shape.
+
+        ``filled`` keys: the positions written so far, the causal pairs skipped (an explicit mask: read,
+        every pair computed); ``static_cache`` keys: every slot of the static cache. Repeated K/V heads
+        are one copy kernel (read the shared heads, write one per query head) before the attention."""
+        batch, heads, q_len, head_dim = query.shape
+        keys, mask = self.regime.attention[self.phase]
+        if keys == "filled":  # a prefill chunk passes its own keys; decode may pass the whole cache
+            k_len = min(self.filled or key.shape[-2], key.shape[-2])
+        else:
+            k_len = self.regime.static_cache_len(self.cache_len or key.shape[-2])
         out = query.new_empty((batch, q_len, heads, value.shape[-1])).transpose(1, 2)
-        share = causal_share(q_len, k_len, is_causal, attn_mask)
-        flops = sdpa_flop_count(query.shape, key.shape, value.shape) * share
-        mask = [attn_mask] if isinstance(attn_mask, torch.Tensor) and not isinstance(attn_mask, CausalBias) else []
-        nbytes = sum(map(tensor_bytes, [query, key, value, *mask, out]))
+        share = lower_right_share(q_len, k_len) if mask == "causal" else 1.0
+        kv_heads, size = key.shape[1], key.element_size()
+        kv_bytes = 2 * batch * kv_heads * k_len * head_dim * size
         self.flush()
+        ready = self.ready(query, key, value)
+        if self.regime.kv_heads == "repeated" and kv_heads != heads:
+            repeated = kv_bytes * heads // kv_heads
+            ready = self.clock.kernel(self.device.kernel_seconds("elementwise", 0, kv_bytes + repeated), ready)
+            kv_bytes = repeated
+        mask_bytes = q_len * k_len if mask == "explicit" else 0  # a boolean mask broadcast over rows and heads
+        flops = sdpa_flop_count((batch, heads, q_len, head_dim), (batch, heads, k_len, head_dim),
+                                (batch, heads, k_len, value.shape[-1])) * share
+        nbytes = 2 * tensor_bytes(query) + kv_bytes + mask_bytes
         end = self.clock.kernel(self.device.kernel_seconds("attention", flops, nbytes, keys=k_len,
-                                                           causal=share < 1), self.ready(query, key, value, *mask))
+                                                           causal=share < 1), ready)
         self.buffers[out].ready = end
         return out
