@@ -20,6 +20,7 @@ PROMPTS = [[5, 17, 42, 99, 3, 8, 200, 31, 7], [64, 12, 250], [1, 2, 3, 4, 5]]  #
 NEW_TOKENS = 24  # the cache of 33 slots is read through decode bounds 16, 32 and 33
 # split_multiple=2 cuts the prefill inside a row and every decode step (3 tokens -> 2 + 1) between rows
 EXACT = {"baseline": {}, "seqpar": {}, "tokenweave": {"split_min_tokens": "0", "split_multiple": "2"}}
+UNEVEN, UNEVEN_TP = "random:tiny-uneven", 2  # 9 heads on 2 ranks: 5 + 4, each rank reading KV groups unevenly
 # float32 with Inductor's reordered reductions: logits within 1e-4 of the largest logit, as eager's tests
 TOLERANCE = 1e-4
 
@@ -34,6 +35,9 @@ def _job(comm, device):
     for name, options in EXACT.items():
         gen = Runner(model, make_strategy(name, options), comm).generate(PROMPTS, NEW_TOKENS, keep_logits=True)
         out[name] = gen.tokens, gen.prefill_logits, gen.step_logits
+    if comm.world == UNEVEN_TP:
+        gen = load_runner(comm, device, UNEVEN, "baseline", kernels="compiled").generate(PROMPTS, NEW_TOKENS)
+        out["uneven"] = gen.tokens, gen.prefill_logits
     return out
 
 
@@ -57,6 +61,16 @@ def test_compiled_equals_hugging_face(tp_run, name):
     _, _, eager_steps = out["eager"]
     for i, (ours, ref) in enumerate(zip(steps, eager_steps)):  # decode over the bound, eager over the whole cache
         assert _close(ours, ref), f"{name} tp={tp} decode step {i}"
+
+
+def test_uneven_heads_compiled_equal_hugging_face(tp_run):
+    tp, out = tp_run
+    if tp != UNEVEN_TP:
+        pytest.skip(f"uneven heads are checked at tp={UNEVEN_TP}")
+    tokens, prefill = out["uneven"]
+    for b, prompt in enumerate(PROMPTS):
+        ref_tokens, ref_logits = hf_greedy(UNEVEN, prompt, NEW_TOKENS)
+        assert tokens[b] == ref_tokens and _close(prefill[b], ref_logits), f"prompt {b}"
 
 
 def test_decode_reads_a_power_of_two_bound_of_the_filled_cache():

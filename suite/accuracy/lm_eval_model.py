@@ -29,7 +29,7 @@ eval_logger = logging.getLogger(__name__)
 class _RankScorer:
     """One rank's model; every rank runs the same calls with the same batches."""
 
-    def __init__(self, comm, device, model, strategy, options, dtype, kernels):
+    def __init__(self, comm, device, model, strategy, options, dtype, kernels="eager"):
         from suite.parallel.runner import load_runner
 
         if not comm.carries_data:
