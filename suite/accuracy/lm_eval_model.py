@@ -98,8 +98,8 @@ class SpdbenchLM(TemplateLM):
         self.max_batch_tokens = int(max_batch_tokens)
         self.description = dict(model=model, tp=int(tp), strategy=strategy, strategy_options=self.strategy.options(),
                                 dtype=dtype, device=device, kernels=kernels)
-        self.pool = RankPool(_RankScorer, int(tp), model, strategy, options, dtype, kernels, device=device, backend=backend,
-                             timeout_s=float(timeout))
+        self.pool = RankPool(_RankScorer, int(tp), model, strategy, options, dtype, kernels, device=device,
+                             backend=backend, timeout_s=float(timeout))
 
     @property
     def eot_token_id(self) -> int:

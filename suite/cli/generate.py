@@ -36,8 +36,8 @@ def cmd_generate(args, parser) -> int:
     tokenizer = source.tokenizer()
     prompts = [tokenizer.encode(p) for p in args.prompt]
     gen = launching.launch(_generate_job, args.tp, args.model, name, options, args.dtype, prompts,
-                           args.max_new_tokens, args.cuda_graph, kernels_of(args), device=args.device, backend=args.backend,
-                           timeout_s=args.timeout)
+                           args.max_new_tokens, args.cuda_graph, kernels_of(args), device=args.device,
+                           backend=args.backend, timeout_s=args.timeout)
     if not launching.is_main_rank():
         return 0
     eos = getattr(tokenizer, "eos_token_id", None)
