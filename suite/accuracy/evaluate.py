@@ -54,8 +54,8 @@ def accuracy_rows(results: dict, scenario: dict, limits: dict, *, usable: bool, 
 
 
 def evaluate(model: str, tp: int, strategy: str, options: dict, names: list[str], limits: list[str], folder,
-             out: str | Path, command: str, *, dtype: str = "float32", device: str = "cpu", backend: str = "auto",
-             timeout: float = 300, batch_size: int = 32, max_length: int | None = None,
+             out: str | Path, command: str, *, dtype: str = "float32", device: str = "cpu", kernels: str = "eager",
+             backend: str = "auto", timeout: float = 300, batch_size: int = 32, max_length: int | None = None,
              bootstrap_iters: int = 1000) -> list[Row]:
     """Evaluate the tasks not yet in ``out`` and append their rows; returns every row of this
     configuration (re-running resumes). ``folder`` is the local data folder (None: the Hub)."""
@@ -75,7 +75,8 @@ def evaluate(model: str, tp: int, strategy: str, options: dict, names: list[str]
     todo = [t for t in names if t not in done]
     if todo:
         tasks, manager = task_configs(todo, folder)
-        lm = SpdbenchLM(model=model, tp=tp, strategy=strategy, dtype=dtype, device=device, backend=backend,
+        lm = SpdbenchLM(model=model, tp=tp, strategy=strategy, dtype=dtype, device=device, kernels=kernels,
+                        backend=backend,
                         timeout=timeout, batch_size=batch_size, max_length=max_length, **options)
         try:
             results = lm_eval.simple_evaluate(

@@ -29,12 +29,12 @@ eval_logger = logging.getLogger(__name__)
 class _RankScorer:
     """One rank's model; every rank runs the same calls with the same batches."""
 
-    def __init__(self, comm, device, model, strategy, options, dtype):
+    def __init__(self, comm, device, model, strategy, options, dtype, kernels="eager"):
         from suite.parallel.runner import load_runner
 
         if not comm.carries_data:
             raise SpdbenchError("accuracy needs real collectives; a projecting communicator only models their cost")
-        self.runner = load_runner(comm, device, model, strategy, options, dtype)
+        self.runner = load_runner(comm, device, model, strategy, options, dtype, kernels)
 
     @torch.inference_mode()
     def score(self, batch: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
@@ -61,15 +61,16 @@ class _RankScorer:
 
 @register_model("spdbench")
 class SpdbenchLM(TemplateLM):
-    """lm-eval model args: model, tp, strategy, spd_plan, dtype, device, backend, timeout, max_length,
+    """lm-eval model args: model, tp, strategy, spd_plan, dtype, device, kernels, backend, timeout, max_length,
     batch_size, max_batch_tokens; any other key=value is a strategy option."""
 
     def __init__(self, model: str = "smollm2-135m", tp: int = 1, strategy: str = "baseline",
                  spd_plan: str | None = None, dtype: str = "float32", device: str | None = "cpu",
+                 kernels: str = "eager",
                  backend: str = "auto", timeout: float = DEFAULT_TIMEOUT_S, max_length: int | None = None,
                  batch_size: int | str = 32, max_batch_size: int | None = None, max_batch_tokens: int = 4096,
                  **strategy_options):
-        from suite.defaults import DTYPE_NAMES
+        from suite.defaults import DTYPE_NAMES, KERNELS
         from suite.model.sharding import check_tp
         from suite.model.sources import resolve
         from suite.parallel.launch import placement
@@ -85,6 +86,8 @@ class SpdbenchLM(TemplateLM):
             device = "cpu"
         if dtype not in DTYPE_NAMES:
             raise SpdbenchError(f"dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPE_NAMES)}")
+        if kernels not in KERNELS:
+            raise SpdbenchError(f"kernels {kernels!r} is not supported; choose one of: {', '.join(KERNELS)}")
         placement(int(tp), device, backend)
         source = resolve(model)
         check_tp(source.config, int(tp))
@@ -94,9 +97,9 @@ class SpdbenchLM(TemplateLM):
         self.batch_size = int(max_batch_size or (32 if batch_size == "auto" else batch_size))
         self.max_batch_tokens = int(max_batch_tokens)
         self.description = dict(model=model, tp=int(tp), strategy=strategy, strategy_options=self.strategy.options(),
-                                dtype=dtype, device=device)
-        self.pool = RankPool(_RankScorer, int(tp), model, strategy, options, dtype, device=device, backend=backend,
-                             timeout_s=float(timeout))
+                                dtype=dtype, device=device, kernels=kernels)
+        self.pool = RankPool(_RankScorer, int(tp), model, strategy, options, dtype, kernels, device=device,
+                             backend=backend, timeout_s=float(timeout))
 
     @property
     def eot_token_id(self) -> int:

@@ -6,7 +6,7 @@ import shlex
 import sys
 import time
 
-from suite.cli.common import add_model_args, at_least, check_data_dir, check_model, strategy_options
+from suite.cli.common import add_model_args, at_least, check_data_dir, check_model, kernels_of, strategy_options
 from suite.errors import SpdbenchError
 
 
@@ -18,7 +18,7 @@ def canonical_command(args, strategy: str, options: dict) -> str:
     words += ["--tasks", args.tasks]
     for limit in args.limit:
         words += ["--limit", limit]
-    for option in ("data_dir", "max_length", "dtype", "device"):
+    for option in ("data_dir", "max_length", "dtype", "device", "kernels"):
         if getattr(args, option) is not None:
             words += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     return shlex.join(words + ["--out", str(args.out)])
@@ -44,7 +44,7 @@ def cmd_eval(args, parser) -> int:
     start = time.perf_counter()
     rows = evaluate(args.model, args.tp, strategy, options, names, args.limit, folder, args.out,
                     canonical_command(args, strategy, options), dtype=args.dtype, device=args.device,
-                    backend=args.backend, timeout=args.timeout, batch_size=args.batch_size,
+                    kernels=kernels_of(args), backend=args.backend, timeout=args.timeout, batch_size=args.batch_size,
                     max_length=args.max_length, bootstrap_iters=args.bootstrap_iters)
     print_model_warning(strategy_class(strategy), "score")
     for row in rows:

@@ -10,7 +10,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from suite.defaults import BACKENDS, DEFAULT_TIMEOUT_S, DEVICES, DTYPE_NAMES, EMBEDDED_MODEL
+from suite.defaults import BACKENDS, DEFAULT_TIMEOUT_S, DEVICES, DTYPE_NAMES, EMBEDDED_MODEL, KERNELS, default_kernels
 from suite.errors import SpdbenchError
 
 STRATEGY_ENTRY_POINTS = "spdbench.strategies"
@@ -29,6 +29,14 @@ def add_model_args(p: argparse.ArgumentParser, tp_default: int | None = 1) -> No
                    help="SPD plan file (implies --strategy spd; same as --strategy-opt plan=PLAN.json)")
     add_placement_args(p)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    p.add_argument("--kernels", choices=KERNELS,
+                   help="eager (op by op) or compiled (merged GEMMs, torch.compile, attention over the filled cache; "
+                        "see docs/kernels.md); default: compiled on cuda, eager on cpu")
+
+
+def kernels_of(args) -> str:
+    """The kernel mode asked for, or the device's default."""
+    return args.kernels or default_kernels(args.device)
 
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:

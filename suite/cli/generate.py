@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-from suite.cli.common import add_model_args, at_least, check_model, strategy_options
+from suite.cli.common import add_model_args, at_least, check_model, kernels_of, strategy_options
 
 
 def _generate_job(comm, device, model: str, strategy: str, options: dict, dtype: str, prompts: list[list[int]],
-                  max_new_tokens: int, cuda_graph: bool):
+                  max_new_tokens: int, cuda_graph: bool, kernels: str):
     from suite.parallel.runner import load_runner
 
-    runner = load_runner(comm, device, model, strategy, options, dtype)
+    runner = load_runner(comm, device, model, strategy, options, dtype, kernels)
     return runner.generate(prompts, max_new_tokens, cuda_graph=cuda_graph)
 
 
@@ -36,8 +36,8 @@ def cmd_generate(args, parser) -> int:
     tokenizer = source.tokenizer()
     prompts = [tokenizer.encode(p) for p in args.prompt]
     gen = launching.launch(_generate_job, args.tp, args.model, name, options, args.dtype, prompts,
-                           args.max_new_tokens, args.cuda_graph, device=args.device, backend=args.backend,
-                           timeout_s=args.timeout)
+                           args.max_new_tokens, args.cuda_graph, kernels_of(args), device=args.device,
+                           backend=args.backend, timeout_s=args.timeout)
     if not launching.is_main_rank():
         return 0
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -45,7 +45,8 @@ def cmd_generate(args, parser) -> int:
              for ids in gen.tokens]
     decode_ms = 1e3 * sum(gen.decode_s) / len(gen.decode_s) if gen.decode_s else None
     result = {"model": args.model, "strategy": name, "strategy_options": strategy.options(),
-              "tp": args.tp, "dtype": args.dtype, "device": args.device, "usable_model": strategy.usable,
+              "tp": args.tp, "dtype": args.dtype, "device": args.device, "kernels": kernels_of(args),
+              "usable_model": strategy.usable,
               "token_ids": gen.tokens, "text": texts, "prefill_ms": 1e3 * gen.prefill_s,
               "decode_ms_per_token": decode_ms}
     if args.json:

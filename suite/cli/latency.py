@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from suite.cli.common import (add_model_args, add_placement_args, at_least, check_model, command_line,
+from suite.cli.common import (add_model_args, add_placement_args, at_least, check_model, command_line, kernels_of,
                               strategy_options)
 from suite.defaults import BENCH_STORE as STORE_NAME
 from suite.errors import SpdbenchError
@@ -137,7 +137,7 @@ def cmd_validate(args, parser) -> int:
     profile.seconds("all_reduce", args.tp, 1, "cuda_graph" if args.cuda_graph else "eager")  # covers N
     cells = validate.cells(args.model, strategies, options, args.tp, args.batch, args.prompt_len, args.new_tokens,
                            args.repetitions, args.warmup, args.cuda_graph, args.dtype, args.device, args.backend,
-                           args.timeout)
+                           args.timeout, kernels_of(args))
     results = validate.validate(cells, profile, args.sms)
     if args.json:
         print(json.dumps(results))

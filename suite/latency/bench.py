@@ -12,7 +12,7 @@ each merged over the top level, whose cells are added together::
     dtype: bfloat16                  # float32 | bfloat16 | float16
     device: cuda                     # cpu | cuda
     decode_mode: cuda_graph          # eager | cuda_graph
-    kernels: compiled                # eager | compiled; simulated cells also gpt-fast | vllm
+    kernels: compiled                # eager | compiled (default: compiled on cuda, eager on cpu); simulated: also gpt-fast | vllm
     mode: measured                   # measured | projected | simulated
     interconnect: null               # link profile (mode: projected or simulated)
     device_profile: null             # device profile (mode: simulated)
@@ -44,7 +44,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from suite.defaults import BACKENDS, BENCH_STORE as STORE_NAME, DEVICES, DTYPE_NAMES
+from suite.defaults import BACKENDS, BENCH_STORE as STORE_NAME, DEVICES, DTYPE_NAMES, KERNELS, default_kernels
 from suite.errors import SpdbenchError
 from suite.latency.stats import Timings, summarise
 from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row, environment
@@ -52,8 +52,8 @@ from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row, 
 MODES = ("measured", "projected", "simulated")
 DECODE_MODES = ("eager", "cuda_graph")
 _FIELDS = {f.name: f for f in dataclasses.fields(LatencyScenario)}
-AXES = ("model", "strategies", "tp", "batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode", "kernels",
-        "interconnect", "device_profile")
+AXES = ("model", "strategies", "tp", "batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode",
+        "kernels", "interconnect", "device_profile")
 SCALARS = ("repetitions", "warmup", "mode", "backend", "timeout", "seed")
 
 
@@ -100,6 +100,8 @@ def expand(config: dict, where: str = "config") -> list[LatencyScenario]:
     for values in itertools.product(*axes.values()):
         cell = dict(zip(axes, values))
         name, options = cell.pop("strategies")
+        if "kernels" not in cell and merged.get("mode", "measured") != "simulated":
+            cell["kernels"] = default_kernels(cell.get("device", _FIELDS["device"].default))
         cells.append(LatencyScenario(strategy=name, strategy_options=options, **cell, **scalars))
     return cells
 
@@ -123,6 +125,8 @@ def check_settings(cell: LatencyScenario) -> str | None:
     for key, allowed in choices.items():
         if getattr(cell, key) not in allowed:
             return f"{key}={getattr(cell, key)!r}: choose one of {', '.join(allowed)}"
+    if cell.mode != "simulated" and cell.kernels not in KERNELS:  # simulated cells: the simulation checks it
+        return f"kernels={cell.kernels!r}: choose one of {', '.join(KERNELS)}"
     if cell.mode != "simulated" and cell.decode_mode == "cuda_graph" and cell.device != "cuda":
         return "decode_mode=cuda_graph needs device=cuda"
     if cell.mode in ("projected", "simulated") and not cell.interconnect:
@@ -230,7 +234,8 @@ def _unit_job(comm, device, cells, store_path, command, done, total):
             values, error = None, None
             try:
                 strategy = bound_strategy(cell.strategy, cell.strategy_options, models.source(cell.model), comm.world)
-                values = measure_cell(cell, models.runner(cell.model, cell.dtype, strategy, comm), comm, device)
+                values = measure_cell(cell, models.runner(cell.model, cell.dtype, strategy, comm, cell.kernels), comm,
+                                     device)
             except Exception as exc:
                 error = f"{exc.__class__.__name__}: {exc}"
             try:
@@ -252,7 +257,7 @@ def _units(cells: list[LatencyScenario]) -> list[list[LatencyScenario]]:
     from suite.parallel.strategy import make_strategy
 
     def model_order(c):
-        return c.model, c.dtype, make_strategy(c.strategy, c.strategy_options).model_key() or ""
+        return c.model, c.dtype, c.kernels, make_strategy(c.strategy, c.strategy_options).model_key() or ""
 
     units: dict = {}
     for c in cells:

@@ -255,7 +255,8 @@ def _device(name: str) -> torch.device:
 
 
 def projected_runner(model: str, strategy: str, options: dict | None, tp: int, profile: Profile,
-                     dtype: str = "float32", device: str = "cpu", sms: int | None = None, models=None):
+                     dtype: str = "float32", device: str = "cpu", sms: int | None = None, models=None,
+                     kernels: str = "eager"):
     """A Runner of the heaviest rank's shard under the strategy's own layout (an SPD plan's head
     grouping included), whose collectives are modelled on ``profile``; ``models`` (a ``ModelCache``)
     keeps a loaded shard for the next cell."""
@@ -269,7 +270,7 @@ def projected_runner(model: str, strategy: str, options: dict | None, tp: int, p
     chosen = bound_strategy(strategy, options, source, tp)
     rank = heaviest_rank(source.config, tp, chosen.layout(source.config, tp))
     comm = ProjectingCommunicator(rank=rank, world=tp, profile=profile, device=models.device, sms=sms)
-    return models.runner(model, dtype, chosen, comm)
+    return models.runner(model, dtype, chosen, comm, kernels)
 
 
 def project_cell(cell, runner) -> dict:
@@ -301,7 +302,7 @@ def project_cells(cells, sms: int | None = None):
     for cell in cells:
         try:
             runner = projected_runner(cell.model, cell.strategy, cell.strategy_options, cell.tp, profile, cell.dtype,
-                                      cell.device, sms, models)
+                                      cell.device, sms, models, cell.kernels)
             yield cell, project_cell(cell, runner), None
         except Exception as exc:  # this cell fails with its reason; the rest still run
             yield cell, None, f"{exc.__class__.__name__}: {exc}"

@@ -10,12 +10,13 @@ from suite.results import LatencyScenario
 
 def cells(model: str, strategies: list[str], options: dict, tp: int, batches: list[int], prompt_lens: list[int],
           new_tokens: int, repetitions: int, warmup: int, cuda_graph: bool, dtype: str = "float32",
-          device: str = "cpu", backend: str = "auto", timeout: float = 300) -> list[LatencyScenario]:
+          device: str = "cpu", backend: str = "auto", timeout: float = 300,
+          kernels: str = "eager") -> list[LatencyScenario]:
     """One measured cell per strategy x batch x prompt length."""
     return [LatencyScenario(model=model, strategy=name, strategy_options=options, tp=tp, batch=b, prompt_len=p,
                             new_tokens=new_tokens, repetitions=repetitions, warmup=warmup, dtype=dtype,
                             device=device, backend=backend, timeout=timeout,
-                            decode_mode="cuda_graph" if cuda_graph else "eager")
+                            decode_mode="cuda_graph" if cuda_graph else "eager", kernels=kernels)
             for name in strategies for b in batches for p in prompt_lens]
 
 
@@ -29,7 +30,7 @@ def _measured_job(comm, device, cells):
     models, out = ModelCache(device), []
     for cell in cells:
         strategy = bound_strategy(cell.strategy, cell.strategy_options, models.source(cell.model), comm.world)
-        runner = models.runner(cell.model, cell.dtype, strategy, comm)
+        runner = models.runner(cell.model, cell.dtype, strategy, comm, cell.kernels)
         timings = measure(runner, comm, prompts_for(cell, runner.model.config.vocab_size), cell.new_tokens,
                           cell.repetitions, cell.warmup, cuda_graph=cell.decode_mode == "cuda_graph")
         out.append(summarise(timings, cell.batch, cell.new_tokens))
@@ -46,10 +47,10 @@ def validate(cells: list[LatencyScenario], profile: Profile, sms: int | None = N
                                 timeout_s=first.timeout)
     results, runners = [], {}
     for cell, real in zip(cells, measured):
-        key = (cell.strategy, tuple(sorted(cell.strategy_options.items())))
+        key = (cell.strategy, tuple(sorted(cell.strategy_options.items())), cell.kernels)
         if key not in runners:
             runners[key] = projected_runner(cell.model, cell.strategy, cell.strategy_options, cell.tp, profile,
-                                            cell.dtype, cell.device, sms)
+                                            cell.dtype, cell.device, sms, kernels=cell.kernels)
         projected = project_cell(dataclasses.replace(cell, mode="projected"), runners[key])
         row = {"strategy": cell.strategy, "tp": cell.tp, "batch": cell.batch, "prompt_len": cell.prompt_len}
         for key_ in ("prefill_ms_median", "decode_ms_per_token_median"):

@@ -124,6 +124,18 @@ class ForwardContext:
         return ForwardContext(first), ForwardContext(second)
 
 
+def merged_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One linear layer whose output is the concatenation of ``parts``' outputs (one GEMM instead of several).
+    Each part's weight becomes a view of the merged weight: the values exist once."""
+    merged = torch.cat([p.weight for p in parts])
+    with torch.device("meta"):
+        linear = nn.Linear(merged.shape[1], merged.shape[0], bias=False)
+    linear.weight = nn.Parameter(merged, requires_grad=False)
+    for part, rows in zip(parts, merged.split([p.weight.shape[0] for p in parts])):
+        part.weight = nn.Parameter(rows, requires_grad=False)
+    return linear
+
+
 def head_dim(config: LlamaConfig) -> int:
     return config.head_dim or config.hidden_size // config.num_attention_heads
 
@@ -147,6 +159,14 @@ class Attention(nn.Module):
         self.register_buffer("kv_of_q", torch.tensor(kv_of_q, dtype=torch.long), persistent=False)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.qkv_proj: nn.Linear | None = None  # set by ``merge_projections``
+        self.project = self._project  # the q/k/v projection with RoPE; the compiled kernel mode replaces it
+        # Masked GQA attention with the query group folded into the query length (compiled kernel mode)
+        self.fold_groups = False
+
+    def merge_projections(self) -> None:
+        """One GEMM for q, k and v: their weights become row blocks (views) of one merged weight."""
+        self.qkv_proj = merged_linear([self.q_proj, self.k_proj, self.v_proj])
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (batch, self.n_kv, max_len, self.head_dim)
@@ -164,15 +184,22 @@ class Attention(nn.Module):
         scores = q @ k.index_select(1, self.kv_of_q).transpose(-1, -2) / self.head_dim ** 0.5
         return scores.masked_fill(~seg.allowed(), float("-inf")).softmax(-1)
 
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [tokens, dim], cos/sin [tokens, hd] -> q [tokens, n_q, hd], k and v [tokens, n_kv, hd]; RoPE on q, k."""
+        hd = self.head_dim
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split([self.n_q * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        q, k = apply_rotary_pos_emb(q.view(-1, self.n_q, hd), k.view(-1, self.n_kv, hd), cos, sin)
+        return q, k, v.view(-1, self.n_kv, hd)
+
     def _qkv(self, x: torch.Tensor, seg: Segment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [rows, n_q, length, hd] with RoPE; this segment's K/V written to the cache; the keys
         and values it attends to, [rows, n_kv, kv_len, hd]."""
         rows, length, hd = seg.n_rows, seg.length, self.head_dim
-        x = x.view(rows, length, -1)
-        q = self.q_proj(x).view(rows, length, self.n_q, hd).transpose(1, 2)
-        k = self.k_proj(x).view(rows, length, self.n_kv, hd).transpose(1, 2)
-        v = self.v_proj(x).view(rows, length, self.n_kv, hd).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, seg.cos, seg.sin)
+        q, k, v = self.project(x, seg.cos.reshape(-1, hd), seg.sin.reshape(-1, hd))
+        q, k, v = (t.view(rows, length, -1, hd).transpose(1, 2) for t in (q, k, v))
         k_cache, v_cache = self.k_cache[seg.rows], self.v_cache[seg.rows]
         k_cache.index_copy_(2, seg.slots, k)
         v_cache.index_copy_(2, seg.slots, v)
@@ -182,13 +209,28 @@ class Attention(nn.Module):
         rows, length, hd = seg.n_rows, seg.length, self.head_dim
         q, k, v = self._qkv(x, seg)
         mask, is_causal = seg.attention_mask()
-        if self.uniform_gqa:
+        if self.uniform_gqa and self.fold_groups and not seg.causal:
+            out = _folded_gqa(q, k, v, mask)
+        elif self.uniform_gqa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                  enable_gqa=self.n_kv != self.n_q)
         else:
             k, v = k.index_select(1, self.kv_of_q), v.index_select(1, self.kv_of_q)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(rows * length, self.n_q * hd))
+
+
+def _folded_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention of q [rows, n_q, length, hd] over K/V [rows, n_kv, kv_len, hd] (KV head j serving
+    query heads j*g .. j*g+g-1) without repeating K/V: each KV head's g query heads become g*length queries of
+    one head, the mask repeated over them (a [rows, 1, 1, kv_len] decode mask broadcasts as it is)."""
+    rows, n_q, length, hd = q.shape
+    n_kv = k.shape[1]
+    group = n_q // n_kv
+    if length > 1:
+        mask = mask.unsqueeze(2).expand(rows, 1, group, length, mask.shape[-1]).reshape(rows, 1, group * length, -1)
+    out = F.scaled_dot_product_attention(q.reshape(rows, n_kv, group * length, hd), k, v, attn_mask=mask)
+    return out.view(rows, n_q, length, hd)
 
 
 class MLP(nn.Module):
@@ -199,9 +241,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, ffn, bias=False)
         self.up_proj = nn.Linear(dim, ffn, bias=False)
         self.down_proj = nn.Linear(ffn, dim, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by ``merge_projections``
+
+    def merge_projections(self) -> None:
+        """One GEMM for gate and up: their weights become row blocks (views) of one merged weight."""
+        self.gate_up_proj = merged_linear([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -238,6 +288,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = LlamaRotaryEmbedding(config)
+        self.kernels = "eager"  # kernel mode (suite.model.kernels)
 
     def setup_cache(self, batch: int, max_len: int) -> None:
         p = self.embed_tokens.weight

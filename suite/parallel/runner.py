@@ -3,7 +3,9 @@
 A ``Runner`` binds a rank-local model to a strategy and a communicator. Prompts are left-padded
 into one batch; every rank runs the same batch. Decode can be captured in a CUDA graph (one
 replay per token), because an eager decode step at small batch is launch-bound and would hide
-every difference between strategies.
+every difference between strategies. In the ``compiled`` kernel mode a decode step attends over a
+power-of-two bound of the filled cache (at least ``KV_BOUND_MIN`` slots), one CUDA graph per bound; in
+``eager`` over the whole cache.
 """
 
 from __future__ import annotations
@@ -15,10 +17,22 @@ from dataclasses import dataclass, field
 import torch
 
 from suite.errors import SpdbenchError
+from suite.model.kernels import apply_kernels
 from suite.model.llama import Transformer
 from suite.model.sources import DTYPES, resolve
 from suite.parallel.comm import Communicator
 from suite.parallel.strategy import Strategy, bound_strategy
+
+
+KV_BOUND_MIN = 16  # the smallest cache bound a compiled decode step attends over
+
+
+def decode_kv_len(filled: int, max_len: int, kernels: str) -> int:
+    """Cache slots a decode step attends over when ``filled`` slots hold keys: the whole cache (eager), or the
+    next power of two (compiled), at least ``KV_BOUND_MIN`` and at most the cache (a few static shapes)."""
+    if kernels == "eager":
+        return max_len
+    return min(max_len, max(KV_BOUND_MIN, 1 << (filled - 1).bit_length()))
 
 
 @dataclass
@@ -57,7 +71,8 @@ class Runner:
         self.model, self.strategy, self.comm = model, strategy, comm
         self.device = model.embed_tokens.weight.device
         self._cache_shape: tuple[int, int] | None = None
-        self._graph = None
+        self._graphs: dict = {}  # kv_len -> (graph, token buffer, position buffer, output)
+        self._pad = None  # the left-pad buffer every graph reads
 
     def run_layers(self, layers, h, ctx):
         return self.strategy.run_layers(layers, h, self.comm, ctx)
@@ -73,7 +88,7 @@ class Runner:
         pad = torch.tensor([width - len(p) for p in prompts], device=self.device)
         if self._cache_shape != (len(prompts), max_len):
             self.model.setup_cache(len(prompts), max_len)
-            self._cache_shape, self._graph = (len(prompts), max_len), None
+            self._cache_shape, self._graphs, self._pad = (len(prompts), max_len), {}, None
         return tokens, pad
 
     @torch.inference_mode()
@@ -98,13 +113,15 @@ class Runner:
         clock.mark()
         prefill_logits = logits.float()
         out, kept = [nxt], []
-        step = self._graphed_step(pad, max_len, nxt, width) if cuda_graph else None
+        if cuda_graph:
+            self._graph_pad(pad)
         positions = torch.arange(width, max_len, device=self.device)  # one copy, not one per token
         decode_clock = _Clock(self.device)
         decode_clock.mark()
         for i in range(max_new_tokens - 1):
             pos = positions[i:i + 1]
-            logits = step(nxt, pos) if step else self._step(nxt, pos, pad, max_len)
+            kv_len = decode_kv_len(width + i + 1, max_len, self.model.kernels)
+            logits = self._replay(kv_len, nxt, pos) if cuda_graph else self._step(nxt, pos, pad, kv_len)
             nxt = logits.argmax(-1)
             out.append(nxt)
             if keep_logits:
@@ -113,51 +130,53 @@ class Runner:
         generated = torch.stack(out, dim=1).tolist()
         return Generation(generated, prefill_logits.cpu(), clock.intervals()[0], decode_clock.intervals(), kept)
 
-    def _step(self, tokens: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor, max_len: int) -> torch.Tensor:
-        ctx = self.model.context(pad, pos, max_len)
+    def _step(self, tokens: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor, kv_len: int) -> torch.Tensor:
+        ctx = self.model.context(pad, pos, kv_len)
         return self.model(tokens, ctx, self.run_layers, last_only=True)
 
-    def _graphed_step(self, pad, max_len, first_tokens, first_pos):
-        """Capture one decode step in a CUDA graph; returns a replaying step function."""
+    def _graph_pad(self, pad: torch.Tensor) -> None:
+        """This generation's left padding, in the buffer the decode graphs read."""
         if self.device.type != "cuda":
             raise SpdbenchError("CUDA-graph decode needs device cuda")
-        if self._graph is None:
-            tok, pos = first_tokens.clone(), torch.tensor([first_pos], device=self.device)
-            pad = pad.clone()
+        if self._pad is None:
+            self._pad = pad.clone()
+        self._pad.copy_(pad)
+
+    def _replay(self, kv_len: int, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step replayed from the CUDA graph of this cache bound (captured on first use)."""
+        if kv_len not in self._graphs:
+            tok, pos_buf = tokens.clone(), pos.clone()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up writes the same cache slot the first replay writes
-                    self._step(tok, pos, pad, max_len)
+                for _ in range(2):  # warm-up (and compilation) writes the same cache slot the replay writes
+                    self._step(tok, pos_buf, self._pad, kv_len)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: work of other threads (NCCL's watchdog) cannot invalidate the capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self._step(tok, pos, pad, max_len)
-            self._graph = (graph, tok, pos, pad, out)
-        graph, tok, pos_buf, pad_buf, out = self._graph
-        pad_buf.copy_(pad)
-
-        def replay(tokens, pos):
-            tok.copy_(tokens)
-            pos_buf.copy_(pos)
-            graph.replay()
-            return out
-        return replay
+                out = self._step(tok, pos_buf, self._pad, kv_len)
+            self._graphs[kv_len] = (graph, tok, pos_buf, out)
+        graph, tok, pos_buf, out = self._graphs[kv_len]
+        tok.copy_(tokens)
+        pos_buf.copy_(pos)
+        graph.replay()
+        return out
 
 
 def load_runner(comm: Communicator, device: torch.device, model: str, strategy: str,
-                options: dict | None = None, dtype: str = "float32") -> Runner:
-    """This rank's runner: its shard of ``model`` driven by ``strategy``."""
+                options: dict | None = None, dtype: str = "float32", kernels: str = "eager") -> Runner:
+    """This rank's runner: its shard of ``model`` driven by ``strategy``, in kernel mode ``kernels``."""
     source = resolve(model, device)
     chosen = bound_strategy(strategy, options, source, comm.world)
-    return Runner(chosen.load_model(source, comm.world, comm.rank, DTYPES[dtype], device), chosen, comm)
+    model = apply_kernels(chosen.load_model(source, comm.world, comm.rank, DTYPES[dtype], device), kernels)
+    return Runner(model, chosen, comm)
 
 
 class ModelCache:
     """The rank model of consecutive cells, rebuilt only when a cell needs another one.
 
-    Cells share a model when they have the same model, dtype and strategy ``model_key`` (every
+    Cells share a model when they have the same model, dtype, kernel mode and strategy ``model_key`` (every
     strategy that runs the plain shard shares it); the previous model is freed before the next
     is built.
     """
@@ -170,14 +189,16 @@ class ModelCache:
             self.sources[model] = resolve(model, self.device)
         return self.sources[model]
 
-    def runner(self, model: str, dtype: str, strategy: Strategy, comm: Communicator) -> Runner:
+    def runner(self, model: str, dtype: str, strategy: Strategy, comm: Communicator,
+               kernels: str = "eager") -> Runner:
         """A runner of ``strategy`` (bound to ``model`` and ``comm.world``) on rank ``comm.rank``."""
-        key = (model, dtype, strategy.model_key(), comm.rank)
+        key = (model, dtype, kernels, strategy.model_key(), comm.rank)
         if key != self.key:
             self.model = self.key = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.model = strategy.load_model(self.source(model), comm.world, comm.rank, DTYPES[dtype], self.device)
+            self.model = apply_kernels(strategy.load_model(self.source(model), comm.world, comm.rank, DTYPES[dtype],
+                                                           self.device), kernels)
             self.key = key
         return Runner(self.model, strategy, comm)

@@ -1,0 +1,48 @@
+"""Kernel modes of a rank model: ``eager`` runs the model math op by op as written; ``compiled`` runs it as a
+deployment does (docs/kernels.md).
+
+``compiled``, for every strategy alike (the strategies only call the blocks' modules):
+
+- q/k/v and gate/up are merged into one GEMM each (the sharded weights, concatenated: exact);
+- each module body between two syncs is compiled by Inductor (regional compilation: one compiled region per
+  module kind, shared by every block): RMSNorm, the q/k/v projection with RoPE, the SwiGLU MLP. The
+  strategies' schedules, collectives and residual adds stay their own Python code;
+- masked GQA attention folds each KV head's query group into the query length (no repeated K/V), and the
+  runner's decode reads a power-of-two bound of the filled cache instead of the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from suite.defaults import KERNELS
+from suite.errors import SpdbenchError
+from suite.model.llama import Transformer
+
+RECOMPILE_LIMIT = 64  # compiled variants of one region (shapes) before a run fails
+
+
+def apply_kernels(model: Transformer, kernels: str) -> Transformer:
+    """Put ``model`` in kernel mode ``kernels`` (once, after its weights are loaded)."""
+    if kernels not in KERNELS:
+        raise SpdbenchError(f"kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
+    if kernels == model.kernels:
+        return model
+    if model.kernels != "eager":
+        raise SpdbenchError(f"kernels: a {model.kernels} model cannot be turned {kernels}; load it again")
+    # Shapes that differ (prefill, decode, token-split halves, uneven shards) recompile a region a few times;
+    # past the limit torch would quietly run it eager: fail instead.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        attn.merge_projections()
+        mlp.merge_projections()
+        attn.project = torch.compile(attn._project, fullgraph=True)
+        attn.fold_groups = True
+        mlp.compile(fullgraph=True)
+        block.input_layernorm.compile(fullgraph=True)
+        block.post_attention_layernorm.compile(fullgraph=True)
+    model.norm.compile(fullgraph=True)
+    model.kernels = kernels
+    return model
