@@ -263,16 +263,23 @@ def test_fused_sync_is_one_communication_op():
 # ---------------------------------------------------------------- strategies on toys
 
 def toy_layers(n: int):
-    """Layers whose attention and MLP are one GEMM each: [2048, 1024] @ [1024, 1024] (fp16)."""
+    """Layers whose attention and MLP are one GEMM each: [2048, 1024] @ [1024, 1024] (fp16), no norms."""
     class Layer:
         def __init__(self):
             self.w = meta(1024, 1024)
+            self.input_layernorm = self.post_attention_layernorm = lambda h: h
+
+        def self_attn(self, u, ctx):
+            return u @ self.w
+
+        def mlp(self, u):
+            return u @ self.w
 
         def attn(self, h, ctx):
-            return h @ self.w
+            return self.self_attn(h, ctx)
 
         def ffn(self, h):
-            return h @ self.w
+            return self.mlp(h)
     return [Layer() for _ in range(n)]
 
 
@@ -411,7 +418,7 @@ def test_token_splitting_prefill_simulates_with_both_halves_causal():
     cell = LatencyScenario(model="random:llama3-70b", strategy="tokenweave", tp=8, batch=1, prompt_len=1024,
                            new_tokens=4, dtype="float16", decode_mode="cuda_graph", mode="simulated",
                            device_profile="h100-sxm", interconnect="h100-nvswitch")
-    assert bound_strategy("tokenweave", {}, resolve(cell.model), 8).split_point(1024) == 512
+    assert bound_strategy("tokenweave", {}, resolve(cell.model), 8).split_point(1024, 8) == 512
     ((_, values, error),) = simulate_cells([cell])
     assert error is None and values["prefill_ms_median"] > 0
 
