@@ -12,7 +12,7 @@ from suite.parallel.strategy import make_strategy
 from tests.helpers import hf_model
 from tests.test_spd import _rms, megatron_split, reference_partials
 
-NEW_TOKENS = 8
+NEW_TOKENS = 6
 # split_multiple=2 cuts the prefill inside a row and every decode step between rows
 TOKENWEAVE = {"split_min_tokens": "0", "split_multiple": "2"}
 # per model: SPD blocks (dropped and kept blocks side by side), prompts of different lengths (padded) for
@@ -34,14 +34,17 @@ def _job(comm, device, model, blocks, prompts, equal):
     rank_model = load_runner(comm, device, model, "baseline").model
     spd = {"blocks": blocks}
     configs = {"spd": ("spd", spd), "spd+tokenweave": ("spd+tokenweave", spd | TOKENWEAVE),
-               "spd+tokenweave fused": ("spd+tokenweave", spd | TOKENWEAVE | {"fused": "true"}),
-               "spd+ladder": ("spd+ladder", spd), "spd+ladder no ladder": ("spd+ladder", spd | {"layers": ""})}
+               "spd+ladder": ("spd+ladder", spd)}
+    if model == "random:tiny":  # the fused sync and the empty ladder set on the small model only
+        configs |= {"spd+tokenweave fused": ("spd+tokenweave", spd | TOKENWEAVE | {"fused": "true"}),
+                    "spd+ladder no ladder": ("spd+ladder", spd | {"layers": ""})}
     out = {}
     for key, (name, options) in configs.items():
         runner = Runner(rank_model, bound_strategy(name, options, source(model), comm.world), comm)
-        gen = runner.generate(prompts, NEW_TOKENS)
+        gen = runner.generate(prompts, NEW_TOKENS) if "ladder" not in key else None
         # numpy pickles by value (torch tensors would travel as shared memory of an exiting process)
-        out[key] = gen.tokens, gen.prefill_logits.float().numpy(), runner.logits(equal).float().numpy()
+        out[key] = (gen.tokens, gen.prefill_logits.float().numpy()) if gen else None, \
+            runner.logits(equal).float().numpy()
     return out
 
 
@@ -53,7 +56,8 @@ def composite_run(request):
     model, tp = request.param
     blocks, prompts, equal = CASES[model]
     out = launch(_job, tp, model, blocks, prompts, equal)
-    return model, tp, {k: (tokens, torch.from_numpy(p), torch.from_numpy(l)) for k, (tokens, p, l) in out.items()}
+    return model, tp, {k: (*((gen[0], torch.from_numpy(gen[1])) if gen else (None, None)), torch.from_numpy(logits))
+                       for k, (gen, logits) in out.items()}
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -103,6 +107,8 @@ def test_reference_without_spd_is_ladder_on_hugging_face_modules():
 @pytest.mark.parametrize("key", ["spd+tokenweave", "spd+tokenweave fused"])
 def test_spd_tokenweave_equals_spd(composite_run, key):
     model, tp, out = composite_run
+    if key not in out:
+        pytest.skip(f"{key} runs on random:tiny")
     tokens, prefill, logits = out[key]
     spd_tokens, spd_prefill, spd_logits = out["spd"]
     assert tokens == spd_tokens, f"{key} {model} tp={tp}: greedy tokens differ from spd"
@@ -120,6 +126,8 @@ def test_spd_ladder_equals_the_composed_reference(composite_run):
 
 def test_spd_ladder_without_ladder_layers_is_spd(composite_run):
     model, tp, out = composite_run
+    if "spd+ladder no ladder" not in out:
+        pytest.skip("runs on random:tiny")
     assert torch.equal(out["spd+ladder no ladder"][2], out["spd"][2])  # the very same all-reduce schedule
 
 

@@ -353,11 +353,13 @@ def cell(strategy="baseline", options=None, tp=2, **kw) -> LatencyScenario:
 
 
 def test_one_rank_has_no_communication_and_equals_nocomm():
-    (_, base, err1), (_, bound, err2) = simulate_cells([cell(tp=1), cell("nocomm", tp=1)])
-    assert err1 is None and err2 is None
+    (_, base, err1), (_, bound, err2), (_, weave, err3) = simulate_cells(
+        [cell(tp=1), cell("nocomm", tp=1), cell("tokenweave", {"split_min_tokens": 0}, tp=1)])
+    assert err1 is None and err2 is None and err3 is None
     assert base["comm_fraction"] == 0.0
     for key in ("prefill_ms_median", "decode_ms_per_token_median", "tokens_per_s"):
         assert base[key] == bound[key]
+        assert base[key] == weave[key]  # no sync to overlap: tokenweave does not split, it runs baseline's schedule
 
 
 def test_cells_of_every_strategy_give_complete_rows(tmp_path):
