@@ -62,9 +62,11 @@ def slower(cells: dict) -> str:
                         if l != link or (composite, plan) not in rows:
                             continue
                         ours = rows[composite, plan][key]
-                        worse = [(part, rows[part][key]) for part in (("spd", plan), (overlap, "")) if ours > rows[part][key]]
+                        worse = [(part[0], rows[part][key]) for part in (("spd", plan), (overlap, ""))
+                                 if ours > rows[part][key]]
                         if worse:
-                            found.append(f"{tp}x{b} ({ours:.1f} / " + ", ".join(f"{p[0]} {v:.1f}" for p, v in worse) + ")")
+                            parts = ", ".join(f"{name} {ms:.1f}" for name, ms in worse)
+                            found.append(f"{tp}x{b} ({ours:.1f} / {parts})")
                     total = sum(1 for (l, _, _), rows in cells.items() if l == link and (composite, plan) in rows)
                     lines.append(f"| {composite} | {link} | {step} | {PLANS[plan]} | "
                                  f"{len(found)} of {total}: {'; '.join(found) or '-'} |")
