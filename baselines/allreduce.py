@@ -2,6 +2,8 @@
 
     H   = X + AR(Y_i),  Y_i = o_proj_i(Attn_i(RMSNorm1(X)))
     out = H + AR(Z_i),  Z_i = MLP_i(RMSNorm2(H))
+
+Megatron's modules on the default schedule (``suite.parallel.strategy.all_reduce_each``).
 """
 
 from dataclasses import dataclass
@@ -12,8 +14,4 @@ from suite.parallel.strategy import Strategy, register
 @register("baseline")
 @dataclass
 class Baseline(Strategy):
-    def run_layers(self, layers, h, comm, ctx):
-        for layer in layers:
-            h = h + comm.all_reduce(layer.attn(h, ctx))
-            h = h + comm.all_reduce(layer.ffn(h))
-        return h
+    pass

@@ -13,7 +13,8 @@ async and waited just before the module after next reads the stream. Per ladder 
     m = MLP_l(RMSNorm2(r));  mlp_prev = AR(m, async)
 
 A non-ladder layer first flushes (waits and adds) the pending outputs; so does the end of the
-stack. This changes the model: pretrained weights without retraining lose accuracy.
+stack. This changes the model: pretrained weights without retraining lose accuracy. The schedule
+runs on the strategy's modules: ``spd+ladder`` defers the syncs an SPD plan leaves the same way.
 """
 
 from collections import deque
@@ -58,22 +59,23 @@ class Ladder(Strategy):
         return chosen
 
     def run_layers(self, layers, h, comm, ctx):
-        ladder = self.ladder_layers(len(layers))
-        pending = deque()  # async all-reduces of ladder outputs not yet in the stream, oldest first
+        return ladder_schedule(self.modules(layers), h, comm, ctx, self.ladder_layers(len(layers)))
 
-        def flush(h, keep):
-            while len(pending) > keep:
-                h = h + pending.popleft().wait()
-            return h
 
-        for i, layer in enumerate(layers):
-            if i not in ladder:
-                h = flush(h, 0)
-                h = h + comm.all_reduce(layer.attn(h, ctx))
-                h = h + comm.all_reduce(layer.ffn(h))
-                continue
-            h = flush(h, 1)  # add the module before last; the previous one stays in flight
-            pending.append(comm.all_reduce(layer.attn(h, ctx), async_op=True))
-            h = flush(h, 1)
-            pending.append(comm.all_reduce(layer.ffn(h), async_op=True))
-        return flush(h, 0)
+def ladder_schedule(modules, h, comm, ctx, ladder: set[int]):
+    """The modules' all-reduces, those of modules in ``ladder`` blocks waited one module late."""
+    pending = deque()  # async all-reduces of ladder outputs not yet in the stream, oldest first
+
+    def flush(h, keep):
+        while len(pending) > keep:
+            h = h + pending.popleft().wait()
+        return h
+
+    for module in modules:
+        if module.layer not in ladder:
+            h = flush(h, 0)
+            h = h + comm.all_reduce(module(h, ctx))
+            continue
+        h = flush(h, 1)  # add the module before last; the previous one stays in flight
+        pending.append(comm.all_reduce(module(h, ctx), async_op=True))
+    return flush(h, 0)

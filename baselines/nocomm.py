@@ -18,7 +18,6 @@ class NoComm(Strategy):
     usable = False
 
     def run_layers(self, layers, h, comm, ctx):
-        for layer in layers:
-            h = h + layer.attn(h, ctx)
-            h = h + layer.ffn(h)
+        for module in self.modules(layers):
+            h = h + module(h, ctx)
         return h

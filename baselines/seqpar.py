@@ -6,7 +6,8 @@ Between syncs the residual stream stays token-sharded: rank i holds its 1/N of t
     r_i = r_i + RS(Y)_i          # reduce-scatter: rank i gets the sum of its tokens
     U   = AG(RMSNorm_next(r_i))  # the norm runs on 1/N of the tokens, then all-gather
 
-and the next module runs on the normed full-width U (after the last module: U = AG(r_i)).
+and the next module runs on the normed full-width U (after the last module, or before a module
+that norms the residual stream itself as an SPD block does: U = AG(r_i)).
 Same math as the baseline's H = X + AR(Y); RMSNorm(H), up to summation order. ``seqpar``
 isolates the cost of this reordering from the overlap that ``tokenweave`` adds on top.
 
@@ -28,14 +29,10 @@ from suite.parallel.comm import split_sync
 from suite.parallel.strategy import Strategy, register
 
 
-def modules(layers):
-    """The 2L modules in order: (partial(U, ctx), the RMSNorm of the module after it, None after the last)."""
-    steps = []
-    for i, layer in enumerate(layers):
-        after_mlp = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
-        steps.append((lambda u, ctx, l=layer: l.self_attn(u, ctx), layer.post_attention_layernorm))
-        steps.append((lambda u, ctx, l=layer: l.mlp(u), after_mlp))
-    return steps
+def steps(modules):
+    """Each module's computation after its norm, with the norm of the module after it (None after
+    the last, or before a module that reads the residual stream itself: the all-gather carries it)."""
+    return [(m.run, after.norm if after else None) for m, after in zip(modules, [*modules[1:], None])]
 
 
 class ScatteredStream:
@@ -47,7 +44,7 @@ class ScatteredStream:
         self._sync = comm.fused_sync if fused else functools.partial(split_sync, comm)
         rows = -(-self.tokens // comm.world)
         self.residual = self._pad(h)[comm.rank * rows: (comm.rank + 1) * rows]
-        self.normed = norm(h)
+        self.normed = h if norm is None else norm(h)
         self.ready: torch.cuda.Event | None = None
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,14 +66,14 @@ class ScatteredStream:
             self.ready = None
 
 
-def fused_layers(layers, h, comm, ctx, fused: bool = False):
-    """The decoder stack with reduce-scatter/RMSNorm/all-gather syncs on one stream; returns the full
+def fused_layers(modules, h, comm, ctx, fused: bool = False):
+    """The modules with reduce-scatter/RMSNorm/all-gather syncs on one stream; returns the full
     residual stream."""
-    if not layers:
+    if not modules:
         return h
-    stream = ScatteredStream(h, ctx, layers[0].input_layernorm, comm, fused)
-    for module, norm in modules(layers):
-        stream.sync(module(stream.normed, ctx), norm)
+    stream = ScatteredStream(h, ctx, modules[0].norm, comm, fused)
+    for run, norm in steps(modules):
+        stream.sync(run(stream.normed, ctx), norm)
     return stream.normed
 
 
@@ -86,4 +83,4 @@ class SeqPar(Strategy):
     fused: bool = False  # each sync one comm.fused_sync (TokenWeave's fused kernel where one is modelled)
 
     def run_layers(self, layers, h, comm, ctx):
-        return fused_layers(layers, h, comm, ctx, self.fused)
+        return fused_layers(self.modules(layers), h, comm, ctx, self.fused)

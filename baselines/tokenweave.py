@@ -16,8 +16,13 @@ modelled communicator runs it as one collective, see ``baselines.seqpar``). Per 
     sync+RMSNorm of half 1 (MLP)             MLP half 2
 
 On CUDA the syncs run on a second stream and the compute stream waits (an event) only right
-before it reads a half's synced input; on CPU the same schedule runs sequentially. Below
-``split_min_tokens`` (decode batches) it does not split: fused syncs only, as ``seqpar``.
+before it reads a half's synced input; on CPU the same schedule runs sequentially.
+
+When it splits, as TokenWeave's code decides per world size and token count: only with
+communication to overlap (N > 1; at N = 1 it runs the baseline's schedule, nothing else), and
+only from ``split_min_tokens`` = 1024 tokens on, the smallest count TokenWeave's per-N configs
+split (below: decode batches, fused syncs only, as ``seqpar``). The schedule runs on the
+strategy's modules: ``spd+tokenweave`` overlaps the syncs an SPD plan leaves the same way.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from baselines.seqpar import ScatteredStream, fused_layers, modules
-from suite.parallel.strategy import Strategy, StrategyError, register
+from baselines.seqpar import ScatteredStream, fused_layers, steps
+from suite.parallel.strategy import Strategy, StrategyError, all_reduce_each, register
 
 
 @register("tokenweave")
@@ -44,21 +49,23 @@ class TokenWeave(Strategy):
         if self.split_min_tokens < 0:
             raise StrategyError(f"option split_min_tokens={self.split_min_tokens}: it must be at least 0")
 
-    def split_point(self, tokens: int) -> int | None:
-        """Size of the first half, or None when ``tokens`` are not split."""
-        if tokens < self.split_min_tokens:
+    def split_point(self, tokens: int, world: int) -> int | None:
+        """Size of the first half, or None when ``tokens`` are not split on ``world`` ranks."""
+        if world < 2 or tokens < self.split_min_tokens:
             return None
         at = -(-tokens // self.split_multiple) * self.split_multiple // 2 + self.split_offset
         return at if 0 < at < tokens else None
 
     def run_layers(self, layers, h, comm, ctx):
-        at = self.split_point(h.shape[0])
-        if at is None or not layers:
-            return fused_layers(layers, h, comm, ctx, self.fused)
-        norm = layers[0].input_layernorm
-        halves = [ScatteredStream(x, c, norm, comm, self.fused)
+        modules = self.modules(layers)
+        if comm.world == 1:  # nothing to overlap or to shard
+            return all_reduce_each(modules, h, comm, ctx)
+        at = self.split_point(h.shape[0], comm.world)
+        if at is None or not modules:
+            return fused_layers(modules, h, comm, ctx, self.fused)
+        halves = [ScatteredStream(x, c, modules[0].norm, comm, self.fused)
                   for x, c in zip(h.split([at, h.shape[0] - at]), ctx.split(at))]
-        for module, next_norm in modules(layers):
+        for module, next_norm in steps(modules):
             for half in halves:
                 half.wait_ready()  # compute waits for this half's previous sync only now
                 partial = module(half.normed, half.ctx)

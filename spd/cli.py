@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from suite.cli.common import add_placement_args, at_least, command_line
 from suite.defaults import DEVICES, EMBEDDED_MODEL
-from spd.settings import PAPER_TASKS
+from spd.settings import PAPER_TASKS, SPD_STRATEGIES
 from suite.errors import SpdbenchError
 
 
@@ -133,11 +133,12 @@ def cmd_sweep(args, parser) -> int:
     paths = sweep.plans(args.model, args.tp, args.sensitivity, budgets, _settings(args), args.out)
     if args.metric == "ppl":
         table = sweep.ppl_sweep(args.model, args.tp, paths, args.eval_samples, args.eval_seq_len, results,
-                                command_line(), device=args.device, backend=args.backend, timeout=args.timeout)
+                                command_line(), device=args.device, backend=args.backend, timeout=args.timeout,
+                                strategy=args.strategy)
     else:
         table = sweep.accuracy_sweep(args.model, args.tp, paths, tasks, args.limit, folder, results, command_line(),
                                      device=args.device, backend=args.backend, timeout=args.timeout,
-                                     batch_size=args.eval_batch_size)
+                                     batch_size=args.eval_batch_size, strategy=args.strategy)
     print(table.to_string())
     print(f"rows in {results}")
     return 0
@@ -193,6 +194,8 @@ def add_command(sub) -> None:
     p.add_argument("--metric", choices=["ppl", "accuracy"], default="ppl",
                    help="ppl: WikiText-2 test perplexity; accuracy: lm-eval tasks (the paper's figure)")
     p.add_argument("--budgets", default="0,25,50,75,100", help="percentages of SPD blocks")
+    p.add_argument("--strategy", choices=SPD_STRATEGIES, default="spd",
+                   help="run each plan as spd, or composed with ladder's or TokenWeave's schedule")
     p.add_argument("--eval-samples", type=int, default=16, help="ppl: WikiText-2 test windows (consecutive)")
     p.add_argument("--eval-seq-len", type=int, default=256, help="ppl: tokens per WikiText-2 window")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS),

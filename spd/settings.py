@@ -23,3 +23,5 @@ class DistillSettings:
 
 # The paper's zero-shot tasks with a local copy (SciQ has none).
 PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "lambada_openai", "piqa", "winogrande")
+# Strategies that run an SPD plan: on the default schedule, or composed with ladder's or TokenWeave's
+SPD_STRATEGIES = ("spd", "spd+ladder", "spd+tokenweave")

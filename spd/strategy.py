@@ -10,6 +10,10 @@ partial, and one all-reduce carries both partials:
 Other blocks run as the baseline (two syncs). Which blocks drop comes from a plan file
 (``plan=PLAN.json``, with distilled weights and head-grouped layouts) or, zero-shot, from
 ``blocks=all | last:K | i,j,...``.
+
+An SPD block is one synced module (it reads the residual stream X itself); the syncs run on the
+default schedule, each all-reduced before the next module reads the stream. The composites in
+``spd.composite`` run the same modules on ladder's or TokenWeave's schedule.
 """
 
 from __future__ import annotations
@@ -18,19 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spd.plan import OverlayWeights, Plan, PlanError, load_plan, parse_blocks
-from suite.parallel.strategy import Strategy, register
+from suite.parallel.strategy import Strategy, SyncedModule, all_reduce_each, megatron_modules, register
+
+
+def spd_modules(layers, drop: set[int]) -> list[SyncedModule]:
+    """The stack's synced modules: a block in ``drop`` is one, Y_i + MLP_i(RMSNorm2(X + Y_i)); others two."""
+    def dropped(x, ctx, layer):
+        y = layer.attn(x, ctx)
+        return y + layer.ffn(x + y)
+
+    return [m for i, layer in enumerate(layers)
+            for m in ([SyncedModule(i, None, lambda x, ctx, l=layer: dropped(x, ctx, l))] if i in drop
+                      else megatron_modules(i, layer))]
 
 
 def run_blocks(layers, h, comm, ctx, drop: set[int]):
     """The decoder stack with SPD on the block indices in ``drop`` and baseline TP elsewhere."""
-    for i, layer in enumerate(layers):
-        y = layer.attn(h, ctx)
-        if i in drop:
-            h = h + comm.all_reduce(y + layer.ffn(h + y))
-        else:
-            h = h + comm.all_reduce(y)
-            h = h + comm.all_reduce(layer.ffn(h))
-    return h
+    return all_reduce_each(spd_modules(layers, drop), h, comm, ctx)
 
 
 @register("spd")
@@ -44,7 +52,7 @@ class SPD(Strategy):
 
     def __post_init__(self):
         if bool(self.plan) == bool(self.blocks):
-            raise PlanError("strategy spd needs exactly one of the options plan=PLAN.json or "
+            raise PlanError(f"strategy {self.name} needs exactly one of the options plan=PLAN.json or "
                             "blocks=all|last:K|i,j,... (e.g. --spd-plan plan.json or --strategy-opt blocks=all)")
         self._plan: Plan | None = load_plan(self.plan) if self.plan else None
         self._drop: set[int] | None = None
@@ -80,7 +88,7 @@ class SPD(Strategy):
         variant = (self._plan.budget or {}).get("variant") if self._plan else "zs"
         return {"spd_variant": variant, "spd_blocks_pct": 100.0 * len(self._drop) / self._n_layers}
 
-    def run_layers(self, layers, h, comm, ctx):
+    def modules(self, layers):
         if self._drop is None:
-            raise PlanError("strategy spd is not bound to a model: call bind(source, tp) first")
-        return run_blocks(layers, h, comm, ctx, self._drop)
+            raise PlanError(f"strategy {self.name} is not bound to a model: call bind(source, tp) first")
+        return spd_modules(layers, self._drop)

@@ -10,7 +10,8 @@ distilling per budget. A 0% budget is the same model for every variant (no SPD b
 Metrics: ``ppl`` (WikiText-2 test perplexity on N ranks, rows of kind ``spd_ppl``) and
 ``accuracy`` (lm-eval tasks through the TP model on N ranks, ``suite.accuracy.evaluate``: rows of
 kind ``accuracy`` with ``spd_variant`` and ``spd_blocks_pct``, which the report draws as the
-paper's accuracy figure). Both resume: finished rows in the results file are not run again, and
+paper's accuracy figure). ``strategy`` runs every plan as ``spd`` or a composite (``spd+ladder``,
+``spd+tokenweave``): rows carry its name. Both resume: finished rows in the results file are not run again, and
 the distilled plans are reused when present.
 """
 
@@ -82,17 +83,17 @@ def _table(values: dict[tuple[int, str], float]) -> pd.DataFrame:
 
 def ppl_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], eval_samples: int, eval_seq_len: int,
               results: str | Path, command: str, *, device: str = "cpu", backend: str = "auto",
-              timeout: float = launching.DEFAULT_TIMEOUT_S) -> pd.DataFrame:
+              timeout: float = launching.DEFAULT_TIMEOUT_S, strategy: str = "spd") -> pd.DataFrame:
     """WikiText-2 test perplexity per budget (rows) and variant (columns); rows already in ``results`` are reused."""
     source = resolve(model)
     windows = wikitext2_windows(source, eval_samples, eval_seq_len)
-    scenarios = {key: PerplexityScenario(model=source.identity, strategy="spd", strategy_options={"plan": str(path)},
+    scenarios = {key: PerplexityScenario(model=source.identity, strategy=strategy, strategy_options={"plan": str(path)},
                                          tp=tp, dataset="wikitext2-test", tokens=windows.numel(), seq_len=eval_seq_len,
                                          budget_pct=key[0], spd_variant=key[1]) for key, path in paths.items()}
     store = ResultStore(results)
     done = {r["cell_id"]: r["ppl"] for r in store.rows() if r.get("kind") == "spd_ppl" and r.get("status") == "ok"}
     todo = [key for key in paths if scenarios[key].cell_id not in done]
-    ppl = launching.launch(ppl_job, tp, model, [("spd", {"plan": str(paths[k])}) for k in todo], windows, 8,
+    ppl = launching.launch(ppl_job, tp, model, [(strategy, {"plan": str(paths[k])}) for k in todo], windows, 8,
                            device=device, backend=backend, timeout_s=timeout) if todo else []
     env = environment()
     store.append(*[Row(scenario=scenarios[key], values={"ppl": value}, env=env, command=command)
@@ -102,7 +103,8 @@ def ppl_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], eval_samp
 
 def accuracy_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], tasks: list[str], limits: list[str],
                    folder, results: str | Path, command: str, *, device: str = "cpu", backend: str = "auto",
-                   timeout: float = launching.DEFAULT_TIMEOUT_S, batch_size: int = 32) -> pd.DataFrame:
+                   timeout: float = launching.DEFAULT_TIMEOUT_S, batch_size: int = 32,
+                   strategy: str = "spd") -> pd.DataFrame:
     """Mean accuracy over ``tasks`` (acc_norm where a task has it) per budget (rows) and variant (columns).
 
     Each plan is evaluated with lm-eval through the TP model (``suite.accuracy.evaluate``), which
@@ -111,7 +113,7 @@ def accuracy_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], task
 
     mean = {}
     for key, path in tqdm(paths.items(), desc="accuracy sweep (plans)"):
-        rows = evaluate(model, tp, "spd", {"plan": str(path)}, tasks, limits, folder, results, command,
+        rows = evaluate(model, tp, strategy, {"plan": str(path)}, tasks, limits, folder, results, command,
                         device=device, backend=backend, timeout=timeout, batch_size=batch_size)
         scores = {(r.scenario.task, r.scenario.metric): r.values["value"] for r in rows}
         mean[key] = sum(scores.get((t, "acc_norm"), scores.get((t, "acc"), float("nan"))) for t in tasks) / len(tasks)

@@ -79,9 +79,9 @@ def _valid(logits: torch.Tensor, b: int, prompt: list[int]) -> torch.Tensor:
 def test_prompts_straddle_the_token_split():
     lengths = [len(p) for p in prompts()]
     width, total = max(lengths), len(lengths) * max(lengths)
-    at = make_strategy("tokenweave", TOKENWEAVE).split_point(total)
+    at = make_strategy("tokenweave", TOKENWEAVE).split_point(total, 2)
     assert len(set(lengths)) == len(lengths) and at % width, "the split must cut a row in two"
-    assert make_strategy("tokenweave", TOKENWEAVE).split_point(len(lengths)) == 2  # decode steps split too
+    assert make_strategy("tokenweave", TOKENWEAVE).split_point(len(lengths), 2) == 2  # decode steps split too
 
 
 @pytest.mark.parametrize("name", ["seqpar", "tokenweave", "tokenweave fused"])
@@ -98,7 +98,7 @@ def test_fused_and_split_sync_equal_baseline(tp_run, name):
 def test_split_causal_prefill_equals_baseline(tp_run):
     tp, out = tp_run
     width = len(unpadded()[0])
-    assert make_strategy("tokenweave", TOKENWEAVE).split_point(3 * width) % width, "the split must cut a row"
+    assert make_strategy("tokenweave", TOKENWEAVE).split_point(3 * width, 2) % width, "the split must cut a row"
     assert _close(out["tokenweave causal"], out["baseline causal"]), f"tp={tp}"
 
 
@@ -107,10 +107,13 @@ def test_split_point_is_tokenweaves():
     for offset in (0, 32, -64):
         tokenweave = make_strategy("tokenweave", {"split_offset": str(offset)})
         for tokens in range(1024, 20000, 7):
-            assert tokenweave.split_point(tokens) == ((tokens + 255) & ~255) // 2 + offset
-    assert make_strategy("tokenweave").split_point(1100) == 640  # half of 1100 rounded to 256 would be 512
-    assert make_strategy("tokenweave").split_point(1023) is None  # below split_min_tokens: no split
-    assert make_strategy("tokenweave", {"split_multiple": "3", "split_min_tokens": "0"}).split_point(10) == 6
+            assert tokenweave.split_point(tokens, 2) == ((tokens + 255) & ~255) // 2 + offset
+    assert make_strategy("tokenweave").split_point(1100, 2) == 640  # half of 1100 rounded to 256 would be 512
+    assert make_strategy("tokenweave").split_point(1023, 2) is None  # below split_min_tokens: no split
+    assert make_strategy("tokenweave", {"split_multiple": "3", "split_min_tokens": "0"}).split_point(10, 2) == 6
+    for world in (2, 4, 8):  # TokenWeave splits only where there is a sync to overlap
+        assert make_strategy("tokenweave").split_point(4096, world) == 2048
+    assert make_strategy("tokenweave").split_point(4096, 1) is None
 
 
 class _SDPACalls(TorchFunctionMode):
@@ -128,29 +131,34 @@ class _SDPACalls(TorchFunctionMode):
 
 
 def test_both_halves_of_a_split_take_the_causal_path():
-    """A causal prefill cut inside a row: every segment stays causal without a mask; the part of the cut
-    row after the split attends with SDPA's lower-right causal bias, the rest with is_causal."""
-    from suite.parallel.comm import Communicator
-    from suite.parallel.runner import Runner, load_runner
+    """A causal prefill cut inside a row (N = 2: TokenWeave splits only with a sync to overlap): every
+    segment stays causal without a mask; the part of the cut row after the split attends with SDPA's
+    lower-right causal bias, the rest with is_causal."""
+    from suite.parallel.comm import LocalGroup
+    from suite.parallel.runner import load_runner
 
-    model = load_runner(Communicator(), torch.device("cpu"), "random:tiny-uneven", "baseline").model
     tokens = [[5, 6, 7, 8, 9, 10, 11, 12]] * 3  # 24 tokens, cut after 12: row 1 is split 4 + 4
+
+    def rank(comm, _):
+        baseline = load_runner(comm, torch.device("cpu"), "random:tiny-uneven", "baseline")
+        split = load_runner(comm, torch.device("cpu"), "random:tiny-uneven", "tokenweave", TOKENWEAVE)
+        with _SDPACalls() as calls:  # the mode is per thread: this rank's calls
+            logits = split.logits(tokens)
+        return baseline.model, calls.calls, logits, baseline.logits(tokens)
+
+    model, calls, logits, base_logits = LocalGroup(2).run(rank, [None, None])[0]
     ctx = model.context(torch.zeros(3, dtype=torch.long), torch.arange(8), 8)
-    halves = ctx.split(make_strategy("tokenweave", TOKENWEAVE).split_point(24))
+    halves = ctx.split(make_strategy("tokenweave", TOKENWEAVE).split_point(24, 2))
     assert [[(s.n_rows, s.length, s.kv_len) for s in half.segments] for half in halves] == [
         [(1, 8, 8), (1, 4, 4)], [(1, 4, 8), (1, 8, 8)]]
     assert all(s.causal and s.mask is None for half in halves for s in half.segments)
-    baseline = Runner(model, make_strategy("baseline"), Communicator())
-    split = Runner(model, make_strategy("tokenweave", TOKENWEAVE), Communicator())
-    with _SDPACalls() as calls:
-        logits = split.logits(tokens)
     layers = model.config.num_hidden_layers
-    assert len(calls.calls) == 4 * layers
-    causal = [c for c in calls.calls if c[0] is None and c[1] and c[2] == c[3]]
-    lower_right = [c for c in calls.calls if isinstance(c[0], CausalBias) and not c[1]]
+    assert len(calls) == 4 * layers
+    causal = [c for c in calls if c[0] is None and c[1] and c[2] == c[3]]
+    lower_right = [c for c in calls if isinstance(c[0], CausalBias) and not c[1]]
     assert len(causal) == 3 * layers and len(lower_right) == layers
     assert all(c[0].variant == CausalVariant.LOWER_RIGHT and (c[2], c[3]) == (4, 8) for c in lower_right)
-    assert _close(logits, baseline.logits(tokens))
+    assert _close(logits, base_logits)
     padded = model.context(torch.tensor([0, 2, 0]), torch.arange(8), 8)  # padding needs the mask
     assert not padded.segments[0].causal and padded.segments[0].mask.shape == (3, 1, 8, 8)
 

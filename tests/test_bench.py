@@ -77,7 +77,7 @@ def test_cli_rejects_a_malformed_matrix_in_one_line(tmp_path, capsys):
 
 
 def test_shipped_configs_expand():
-    assert len(load_config(REPO / "configs/cpu-smoke.yaml")) == 6 * 3
+    assert len(load_config(REPO / "configs/cpu-smoke.yaml")) == 8 * 3
     ladder = load_config(REPO / "configs/gpu-ladder.yaml")
     assert {c.decode_mode for c in ladder} == {"cuda_graph"} and {c.batch for c in ladder} == {1, 4, 16, 64}
     weave = load_config(REPO / "configs/gpu-tokenweave.yaml")

@@ -48,13 +48,13 @@ def two_runs(tmp_path_factory):
 def test_second_run_adds_no_rows(two_runs):
     out, _, after_first, second = two_runs
     assert set(after_first) == {"accuracy.jsonl", "bench.jsonl", "spd.jsonl"}
-    # 2 N x 6 strategies latency cells; 2 N x 5 strategies x (acc, acc_norm) of piqa; 2 blocks' sensitivity at N=2
-    # and its stability at two budgets
-    assert {name: len(rows) for name, rows in after_first.items()} == {"bench.jsonl": 12, "accuracy.jsonl": 20,
+    # 2 N x 8 strategies (the composites too) latency cells; 2 N x 6 strategies x (acc, acc_norm) of piqa; 2 blocks'
+    # sensitivity at N=2 and its stability at two budgets
+    assert {name: len(rows) for name, rows in after_first.items()} == {"bench.jsonl": 16, "accuracy.jsonl": 24,
                                                                          "spd.jsonl": 4}
     assert sorted(r["kind"] for r in after_first["spd.jsonl"]) == ["spd_sensitivity"] * 2 + ["spd_stability"] * 2
     assert rows_per_file(out) == after_first
-    assert "12 of 12 cells already finished" in second.stderr
+    assert "16 of 16 cells already finished" in second.stderr
 
 
 def test_every_row_names_the_step_that_wrote_it(two_runs):
@@ -63,7 +63,7 @@ def test_every_row_names_the_step_that_wrote_it(two_runs):
     assert commands["bench.jsonl"] == {f"spdbench bench --config {out}/measured.yaml --out {out}"}
     assert commands["spd.jsonl"] == {f"spdbench spd sensitivity --model random:tiny --tp 2 --samples 1 --seq-len 16 "
                                      f"--out {out}/spd/sensitivity-tp2.json --results {out}/spd.jsonl"}
-    assert len(commands["accuracy.jsonl"]) == 10 and all(c.startswith("spdbench eval --model random:tiny --tp ")
+    assert len(commands["accuracy.jsonl"]) == 12 and all(c.startswith("spdbench eval --model random:tiny --tp ")
                                                          for c in commands["accuracy.jsonl"])
     identities = {json.dumps(r["model_identity"], sort_keys=True) for rows in after_first.values() for r in rows}
     assert {json.loads(i)["variant"] for i in identities} == {"random weights, real shape"}
@@ -75,7 +75,7 @@ def test_output_holds_no_warnings_and_names_every_step(two_runs):
         text = run.stdout + run.stderr
         assert "warning" not in text.lower() and "warn(" not in text, text[-3000:]
         assert [line.split("]")[0] for line in run.stdout.splitlines() if line.startswith("[")] == \
-            [f"[{i}/14" for i in range(1, 15)]
+            [f"[{i}/16" for i in range(1, 17)]
     assert "note: ladder changes the model" in first.stdout and "note: nocomm is a latency bound" in first.stdout
 
 
@@ -104,14 +104,16 @@ def test_simulated_step_asks_for_the_same_strategies_and_plans(tmp_path):
     small = [c for c in cells if c.model == "smollm2-135m"]
     assert {(c.tp, c.strategy) for c in small} == {(n, s) for n in (1, 2, 4) for s in STRATEGIES}
     for c in small:  # every usable strategy's accuracy is measured with the options it is simulated with
-        if c.strategy != "seqpar":
+        if c.strategy not in ("seqpar", "spd+tokenweave"):  # they compute what tokenweave and spd do
             options = tuple(f"{k}={v}" for k, v in c.strategy_options.items())
             assert (str(c.tp), c.strategy, options) in evals
-    assert {(c.tp, c.strategy_options.get("plan")) for c in small if c.strategy == "spd"} == {
-        (1, None), (2, plans[0]), (4, plans[1])}  # at N = 1 SPD is the baseline: blocks=all
+    for name in ("spd", "spd+ladder", "spd+tokenweave"):  # the composites run the same plans
+        assert {(c.tp, c.strategy_options.get("plan")) for c in small if c.strategy == name} == {
+            (1, None), (2, plans[0]), (4, plans[1])}  # at N = 1 SPD is the baseline: blocks=all
     large = [c for c in cells if c.model == "random:llama3-70b"]
     assert sorted({c.tp for c in large}) == LARGE_TP
     # SPD on the same share (50%) of Llama-3-70B's 80 blocks
-    assert {c.strategy_options.get("blocks") for c in large if c.strategy == "spd"} == {"last:40"}
+    assert {(c.strategy, c.strategy_options.get("blocks")) for c in large if c.strategy.startswith("spd")} == {
+        ("spd", "last:40"), ("spd+ladder", "last:40"), ("spd+tokenweave", "last:40")}
     assert {(c.batch, c.prompt_len, c.new_tokens, c.decode_mode) for c in cells} == {
         (1, 1024, 512, "cuda_graph"), (16, 1024, 512, "cuda_graph")}

@@ -259,6 +259,14 @@ COUNTS = [  # (strategy, options, prefill, decode step): every module synced onc
     ("tokenweave", SPLIT, {"reduce_scatter": 4 * L, "all_gather": 4 * L},
      {"reduce_scatter": 2 * L, "all_gather": 2 * L}),
     ("tokenweave", SPLIT | {"fused": "true"}, {FUSED_SYNC: 4 * L}, {FUSED_SYNC: 2 * L}),
+    # composites: the 2L - 1 syncs SPD on one block leaves, on ladder's or TokenWeave's schedule
+    ("spd+ladder", {"blocks": "last:1"}, {"all_reduce": 2 * L - 1}, {"all_reduce": 2 * L - 1}),
+    ("spd+tokenweave", {"blocks": "last:1"}, {"reduce_scatter": 2 * L - 1, "all_gather": 2 * L - 1},
+     {"reduce_scatter": 2 * L - 1, "all_gather": 2 * L - 1}),
+    ("spd+tokenweave", {"blocks": "all"} | SPLIT, {"reduce_scatter": 2 * L, "all_gather": 2 * L},
+     {"reduce_scatter": L, "all_gather": L}),
+    ("spd+tokenweave", {"blocks": "last:1", "fused": "true"} | SPLIT, {FUSED_SYNC: 2 * (2 * L - 1)},
+     {FUSED_SYNC: 2 * L - 1}),
     ("nocomm", {}, {}, {}),
 ]
 
@@ -321,7 +329,8 @@ def test_projected_fused_tokenweave_pays_one_fused_sync_per_sync_point():
 # ---------------------------------------------------------------- projected cells of every strategy
 
 STRATEGY_OPTIONS = {"spd": {"blocks": "all"}, "tokenweave": {"split_min_tokens": "0"},
-                    "ladder": {"layers": "all"}}
+                    "ladder": {"layers": "all"}, "spd+ladder": {"blocks": "all"},
+                    "spd+tokenweave": {"blocks": "all", "split_min_tokens": "0"}}
 COST_US = 20000  # every collective costs 20 ms: more than the tiny model's compute, even on a busy CPU
 
 
@@ -357,7 +366,7 @@ def projected_rows(tmp_path_factory):
 def test_a_projected_cell_runs_for_every_strategy(projected_rows):
     rows, _ = projected_rows
     assert set(rows) == set(available())
-    assert {"baseline", "ladder", "nocomm", "seqpar", "spd", "tokenweave"} <= set(rows)  # all of them exist now
+    assert {"baseline", "ladder", "nocomm", "seqpar", "spd", "tokenweave", "spd+ladder", "spd+tokenweave"} <= set(rows)
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row["error"])
         assert row["provenance"] == "projected" and row["interconnect"].endswith("flat.yaml")

@@ -324,16 +324,23 @@ def test_fused_sync_is_one_communication_op():
 # ---------------------------------------------------------------- strategies on toys
 
 def toy_layers(n: int):
-    """Layers whose attention and MLP are one GEMM each: [2048, 1024] @ [1024, 1024] (fp16)."""
+    """Layers whose attention and MLP are one GEMM each: [2048, 1024] @ [1024, 1024] (fp16), no norms."""
     class Layer:
         def __init__(self):
             self.w = meta(1024, 1024)
+            self.input_layernorm = self.post_attention_layernorm = lambda h: h
+
+        def self_attn(self, u, ctx):
+            return u @ self.w
+
+        def mlp(self, u):
+            return u @ self.w
 
         def attn(self, h, ctx):
-            return h @ self.w
+            return self.self_attn(h, ctx)
 
         def ffn(self, h):
-            return h @ self.w
+            return self.mlp(h)
     return [Layer() for _ in range(n)]
 
 
@@ -407,11 +414,13 @@ def cell(strategy="baseline", options=None, tp=2, **kw) -> LatencyScenario:
 
 
 def test_one_rank_has_no_communication_and_equals_nocomm():
-    (_, base, err1), (_, bound, err2) = simulate_cells([cell(tp=1), cell("nocomm", tp=1)])
-    assert err1 is None and err2 is None
+    (_, base, err1), (_, bound, err2), (_, weave, err3) = simulate_cells(
+        [cell(tp=1), cell("nocomm", tp=1), cell("tokenweave", {"split_min_tokens": 0}, tp=1)])
+    assert err1 is None and err2 is None and err3 is None
     assert base["comm_fraction"] == 0.0
     for key in ("prefill_ms_median", "decode_ms_per_token_median", "tokens_per_s"):
         assert base[key] == bound[key]
+        assert base[key] == weave[key]  # no sync to overlap: tokenweave does not split, it runs baseline's schedule
 
 
 def test_cells_of_every_strategy_give_complete_rows(tmp_path):
@@ -482,7 +491,7 @@ def test_token_splitting_prefill_simulates_with_both_halves_causal(monkeypatch):
     cell = LatencyScenario(model="random:llama3-70b", strategy="tokenweave", tp=8, batch=1, prompt_len=1024,
                            new_tokens=4, dtype="float16", decode_mode="cuda_graph", mode="simulated",
                            device_profile="h100-sxm", interconnect="h100-nvswitch")
-    assert bound_strategy("tokenweave", {}, resolve(cell.model), 8).split_point(1024) == 512
+    assert bound_strategy("tokenweave", {}, resolve(cell.model), 8).split_point(1024, 8) == 512
     ((_, values, error),) = simulate_cells([cell])
     assert error is None and values["prefill_ms_median"] > 0
     first_half = torch.ones(512, 512).tril().mean().item()

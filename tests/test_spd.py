@@ -53,32 +53,42 @@ def _rms(x, g, eps):
     return g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def reference_block(w, config, layer: int, x, cos, sin, heads, ffns, spd: bool):
-    """Block ``layer`` of the N-shard model on ``x`` [batch, tokens, hidden], weights ``w(name)``:
-    ``heads``/``ffns`` per rank; SPD or baseline TP."""
-    hd, n_q, n_kv, (b, t, _) = config.head_dim, config.num_attention_heads, config.num_key_value_heads, x.shape
+def reference_partials(w, config, layer: int, cos, sin, heads, ffns):
+    """Block ``layer``'s per-rank partial outputs, weights ``w(name)``, ``heads``/``ffns`` per rank:
+    ``attention(x)`` -> [Y_i] (causal, on ``x`` [batch, tokens, hidden]) and ``mlp(h, i)`` -> Z_i."""
+    hd, n_q, n_kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     rms = functools.partial(_rms, eps=config.rms_norm_eps)
     p = f"model.layers.{layer}."
-    u = rms(x, w(p + "input_layernorm.weight"))
-    q = (u @ w(p + "self_attn.q_proj.weight").T).view(b, t, n_q, hd).transpose(1, 2)
-    k = (u @ w(p + "self_attn.k_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
-    v = (u @ w(p + "self_attn.v_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k, v = k.repeat_interleave(n_q // n_kv, 1), v.repeat_interleave(n_q // n_kv, 1)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, t, hd]
-    wo = w(p + "self_attn.o_proj.weight")
-    ys = [sum(o[:, h] @ wo[:, h * hd:(h + 1) * hd].T for h in hs) for hs in heads]
 
-    def mlp(h, ffn):
-        a, z = ffn
+    def attention(x):
+        b, t, _ = x.shape
+        u = rms(x, w(p + "input_layernorm.weight"))
+        q = (u @ w(p + "self_attn.q_proj.weight").T).view(b, t, n_q, hd).transpose(1, 2)
+        k = (u @ w(p + "self_attn.k_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
+        v = (u @ w(p + "self_attn.v_proj.weight").T).view(b, t, n_kv, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = k.repeat_interleave(n_q // n_kv, 1), v.repeat_interleave(n_q // n_kv, 1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, t, hd]
+        wo = w(p + "self_attn.o_proj.weight")
+        return [sum(o[:, h] @ wo[:, h * hd:(h + 1) * hd].T for h in hs) for hs in heads]
+
+    def mlp(h, rank):
+        a, z = ffns[rank]
         u2 = rms(h, w(p + "post_attention_layernorm.weight"))
         return (F.silu(u2 @ w(p + "mlp.gate_proj.weight")[a:z].T) * (u2 @ w(p + "mlp.up_proj.weight")[a:z].T)) \
             @ w(p + "mlp.down_proj.weight")[:, a:z].T
 
+    return attention, mlp
+
+
+def reference_block(w, config, layer: int, x, cos, sin, heads, ffns, spd: bool):
+    """Block ``layer`` of the N-shard model on ``x`` [batch, tokens, hidden]: SPD or baseline TP."""
+    attention, mlp = reference_partials(w, config, layer, cos, sin, heads, ffns)
+    ys = attention(x)
     if spd:  # SPD: MLP shard i sees X + Y_i; one sync carries Y_i + Z_i
-        return x + sum(y + mlp(x + y, f) for y, f in zip(ys, ffns))
+        return x + sum(y + mlp(x + y, i) for i, y in enumerate(ys))
     h = x + sum(ys)
-    return h + sum(mlp(h, f) for f in ffns)
+    return h + sum(mlp(h, i) for i in range(len(ffns)))
 
 
 def megatron_split(config, tp: int):

@@ -26,7 +26,8 @@ def add_model_args(p: argparse.ArgumentParser, tp_default: int | None = 1) -> No
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. layers=last:16, split_min_tokens=0)")
     p.add_argument("--spd-plan", metavar="PLAN.json",
-                   help="SPD plan file (implies --strategy spd; same as --strategy-opt plan=PLAN.json)")
+                   help="SPD plan file (implies --strategy spd unless spd+ladder or spd+tokenweave is named; "
+                        "same as --strategy-opt plan=PLAN.json)")
     add_placement_args(p)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.add_argument("--kernels", choices=KERNELS,
@@ -51,10 +52,10 @@ def strategy_options(args) -> tuple[str, dict[str, str]]:
     """The strategy and its options from --strategy, --strategy-opt and --spd-plan (names and files checked)."""
     options = parse_options(args.strategy_opt)
     name = args.strategy
-    if args.spd_plan:  # implies --strategy spd
-        if name not in ("baseline", "spd"):
-            raise SpdbenchError(f"spd_plan needs strategy spd, not {name}")
-        name, options = "spd", options | {"plan": args.spd_plan}
+    if args.spd_plan:  # implies --strategy spd unless a composite of it (spd+ladder, spd+tokenweave) is named
+        if name not in ("baseline", "spd") and not name.startswith("spd+"):
+            raise SpdbenchError(f"spd_plan needs strategy spd, spd+ladder or spd+tokenweave, not {name}")
+        name, options = "spd" if name == "baseline" else name, options | {"plan": args.spd_plan}
     for strategy in name.split(","):  # validate-projection takes a list
         check_strategy(strategy)
     if options.get("plan") and not Path(options["plan"]).is_file():

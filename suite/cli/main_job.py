@@ -31,8 +31,10 @@ import yaml
 from suite.cli.common import at_least, check_model
 from suite.errors import SpdbenchError
 
-STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "seqpar", "nocomm"]  # each with its default options
-ACCURACY_STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "nocomm"]  # seqpar computes what tokenweave does
+SPD_STRATEGIES = ["spd", "spd+ladder", "spd+tokenweave"]  # each runs the same SPD plan
+STRATEGIES = ["baseline", *SPD_STRATEGIES, "ladder", "tokenweave", "seqpar", "nocomm"]  # others: default options
+# seqpar computes what tokenweave does, spd+tokenweave what spd does
+ACCURACY_STRATEGIES = ["baseline", "spd", "spd+ladder", "ladder", "tokenweave", "nocomm"]
 SPD_BUDGET = 50  # % of blocks with SPD: the least sensitive half
 # The simulated scenario: the ladder paper's (prompt 1024, 512 new tokens, decode in a CUDA graph),
 # at batch 1 (latency-bound decode) and 16 (a served batch), in half precision, with the kernels a
@@ -50,7 +52,7 @@ def _spd_options(tp: int, plans: dict[int, Path]) -> dict[str, str]:
 
 
 def _strategies(tp: int, plans: dict[int, Path]) -> list[dict]:
-    return [{"name": s, "options": _spd_options(tp, plans) if s == "spd" else {}} for s in STRATEGIES]
+    return [{"name": s, "options": _spd_options(tp, plans) if s in SPD_STRATEGIES else {}} for s in STRATEGIES]
 
 
 def measured_matrix(model: str, tps: list[int], plans: dict[int, Path]) -> dict:
@@ -65,9 +67,9 @@ def simulated_matrix(model: str, tps: list[int], plans: dict[int, Path], system:
     device_profile, interconnect = system
     matrices = [{"model": model, "tp": tp, "strategies": _strategies(tp, plans)} for tp in tps]
     if large:
-        spd = {"name": "spd", "options": {"blocks": f"last:{large_spd_blocks}"}}
-        matrices.append({"model": large, "tp": LARGE_TP,
-                         "strategies": [spd if s == "spd" else {"name": s, "options": {}} for s in STRATEGIES]})
+        spd = {"blocks": f"last:{large_spd_blocks}"}
+        matrices.append({"model": large, "tp": LARGE_TP, "strategies": [
+            {"name": s, "options": spd if s in SPD_STRATEGIES else {}} for s in STRATEGIES]})
     return {"mode": "simulated", "device_profile": device_profile, "interconnect": interconnect, **SIMULATED,
             "matrices": matrices}
 
@@ -114,7 +116,7 @@ def steps_of(args) -> list[list[str]]:
     steps.append(["bench", "--config", _write(out / "measured.yaml", measured), "--out", str(out)])
     for tp in args.tp:
         for name in ACCURACY_STRATEGIES:
-            options = [w for k, v in (_spd_options(tp, plans) if name == "spd" else {}).items()
+            options = [w for k, v in (_spd_options(tp, plans) if name in SPD_STRATEGIES else {}).items()
                        for w in ("--strategy-opt", f"{k}={v}")]
             steps.append(["eval", "--model", args.model, "--tp", str(tp), "--strategy", name, *options,
                           "--tasks", args.tasks, "--limit", str(args.limit), "--out", str(out / "accuracy.jsonl")])

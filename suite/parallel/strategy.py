@@ -4,6 +4,12 @@ A strategy owns the schedule and nothing else: given the rank-local blocks (whos
 ``ffn`` return partial outputs), the residual stream ``h`` (flat ``[tokens, hidden]``), a
 communicator and the forward context, it returns the residual stream after the last block.
 
+A strategy splits into two orthogonal choices: ``modules(layers)``, the stack as modules each of
+whose partial outputs one sync completes (Megatron's attention and MLP of every block, unless a
+strategy merges some, as SPD does), and ``run_layers``, the schedule of those syncs (by default
+each all-reduced before the next module reads the stream). A composite strategy inherits one of
+each (``spd+ladder``: SPD's modules on ladder's schedule).
+
 Lifecycle: ``make_strategy(name, options)`` checks the options; ``bind(source, tp)`` checks the
 strategy against a model and N and keeps what it needs from them (an SPD plan's blocks); then
 ``load_model`` builds a rank's shard from the strategy's ``layout`` and ``weights`` (the plain
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from importlib.metadata import entry_points
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -36,15 +42,46 @@ class StrategyError(SpdbenchError):
     """Unknown strategy or bad strategy option."""
 
 
+@dataclasses.dataclass(frozen=True)
+class SyncedModule:
+    """A module whose partial output one sync completes: ``partial = run(norm(x), ctx)`` on the
+    residual stream ``x``; with ``norm`` None, ``run`` reads the residual stream itself."""
+    layer: int  # the block it belongs to
+    norm: Callable | None
+    run: Callable
+
+    def __call__(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.run(h if self.norm is None else self.norm(h), ctx)
+
+
+def megatron_modules(index: int, layer: Block) -> list[SyncedModule]:
+    """Block ``index`` as Megatron syncs it: the attention, then the MLP."""
+    return [SyncedModule(index, layer.input_layernorm, layer.self_attn),
+            SyncedModule(index, layer.post_attention_layernorm, lambda u, ctx: layer.mlp(u))]
+
+
+def all_reduce_each(modules: list[SyncedModule], h: torch.Tensor, comm: Communicator,
+                    ctx: ForwardContext) -> torch.Tensor:
+    """x_k = x_{k-1} + AR(m_k(x_{k-1})): every sync completes before the next module reads the stream."""
+    for module in modules:
+        h = h + comm.all_reduce(module(h, ctx))
+    return h
+
+
 class Strategy:
     name: ClassVar[str]
     exact: ClassVar[bool] = True  # logits equal the single-device model up to summation order
     usable: ClassVar[bool] = True  # False: a latency bound whose outputs are not a model
     changes_model: ClassVar[bool] = False  # True: a different model than the pretrained one (no retraining here)
 
+    def modules(self, layers: list[Block]) -> list[SyncedModule]:
+        """The decoder stack as synced modules, in order."""
+        return [m for i, layer in enumerate(layers) for m in megatron_modules(i, layer)]
+
     def run_layers(self, layers: list[Block], h: torch.Tensor, comm: Communicator,
                    ctx: ForwardContext) -> torch.Tensor:
-        raise NotImplementedError
+        """The residual stream after the stack: the schedule of the modules' syncs."""
+        return all_reduce_each(self.modules(layers), h, comm, ctx)
 
     def bind(self, source: ModelSource, tp: int) -> None:
         """Check the strategy against the model and N, keeping what it needs of them; raises StrategyError."""
