@@ -34,6 +34,9 @@ from suite.errors import SpdbenchError
 STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "seqpar", "nocomm"]  # each with its default options
 ACCURACY_STRATEGIES = ["baseline", "spd", "ladder", "tokenweave", "nocomm"]  # seqpar computes what tokenweave does
 SPD_BUDGET = 50  # % of blocks with SPD: the least sensitive half
+SWEEP_BUDGETS = "0,25,50,75,100"  # the SPD perplexity curve (zero-shot) at the largest N
+# WikiText-2 test perplexity per strategy x N: 2048 tokens, in windows enough for a paired standard error
+PPL_SAMPLES, PPL_SEQ_LEN = 16, 128
 # The simulated scenario: the ladder paper's (prompt 1024, 512 new tokens, decode in a CUDA graph),
 # at batch 1 (latency-bound decode) and 16 (a served batch), in half precision.
 SIMULATED = {"batch": [1, 16], "prompt_len": 1024, "new_tokens": 512, "dtype": "float16", "device": "cuda",
@@ -48,8 +51,13 @@ def _spd_options(tp: int, plans: dict[int, Path]) -> dict[str, str]:
     return {"plan": str(plans[tp])} if tp in plans else {"blocks": "all"}
 
 
+def _options(name: str, tp: int, plans: dict[int, Path]) -> dict[str, str]:
+    """SPD and its composites (``spd+...``) run the plan of N; the others their defaults."""
+    return _spd_options(tp, plans) if name == "spd" or name.startswith("spd+") else {}
+
+
 def _strategies(tp: int, plans: dict[int, Path]) -> list[dict]:
-    return [{"name": s, "options": _spd_options(tp, plans) if s == "spd" else {}} for s in STRATEGIES]
+    return [{"name": s, "options": _options(s, tp, plans)} for s in STRATEGIES]
 
 
 def measured_matrix(model: str, tps: list[int], plans: dict[int, Path]) -> dict:
@@ -112,9 +120,21 @@ def steps_of(args) -> list[list[str]]:
     measured = measured_matrix(args.model, args.tp, plans)
     steps.append(["bench", "--config", _write(out / "measured.yaml", measured), "--out", str(out)])
     for tp in args.tp:
+        configs = [name + "".join(f":{k}={v}" for k, v in _options(name, tp, plans).items())
+                   for name in ACCURACY_STRATEGIES if name != "nocomm"]  # nocomm is no model to score
+        steps.append(["spd", "ppl", "--model", args.model, "--tp", str(tp),
+                      *[w for c in configs for w in ("--strategy", c)], "--samples", str(PPL_SAMPLES),
+                      "--seq-len", str(PPL_SEQ_LEN), "--out", str(out / "perplexity.jsonl")])
+    if plans:
+        tp = max(plans)
+        steps.append(["spd", "sweep", "--model", args.model, "--tp", str(tp), "--sensitivity",
+                      str(out / "spd" / f"sensitivity-tp{tp}.json"), "--metric", "ppl", "--variants", "zs",
+                      "--budgets", SWEEP_BUDGETS, "--eval-samples", str(PPL_SAMPLES), "--eval-seq-len",
+                      str(PPL_SEQ_LEN), "--out", str(out / "spd" / f"sweep-tp{tp}"), "--results",
+                      str(out / "spd.jsonl")])
+    for tp in args.tp:
         for name in ACCURACY_STRATEGIES:
-            options = [w for k, v in (_spd_options(tp, plans) if name == "spd" else {}).items()
-                       for w in ("--strategy-opt", f"{k}={v}")]
+            options = [w for k, v in _options(name, tp, plans).items() for w in ("--strategy-opt", f"{k}={v}")]
             steps.append(["eval", "--model", args.model, "--tp", str(tp), "--strategy", name, *options,
                           "--tasks", args.tasks, "--limit", str(args.limit), "--out", str(out / "accuracy.jsonl")])
     return [*steps, report]
@@ -142,13 +162,16 @@ def cmd_run(args, parser) -> int:
     if not [t for t in args.tasks.split(",") if t.strip()]:
         raise SpdbenchError("tasks is empty: name at least one task, e.g. --tasks piqa,arc_easy")
     steps = steps_of(args)
-    start, failed = time.monotonic(), []
+    start, failed, took = time.monotonic(), [], []
     for i, step in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {shlex.join(['spdbench', *step])}", flush=True)
+        began = time.monotonic()
         try:
             code = main(["-v", *step] if getattr(args, "verbose", False) else step)
         except SystemExit as exc:  # a step's bad-input exit
             code = exc.code
+        took.append((i, " ".join(step[:2] if step[0] == "spd" else step[:1]), time.monotonic() - began))
+        print(f"[{i}/{len(steps)}] {took[-1][2]:.0f} s", flush=True)
         if code == EXIT_USAGE:
             print(f"spdbench run: step {i} stopped on bad input (exit {code}); fix it and re-run to resume")
             return code
@@ -157,6 +180,7 @@ def cmd_run(args, parser) -> int:
             print(f"spdbench run: step {i} failed (exit {code}); the job goes on, the report shows what failed")
     report = Path(args.out) / "report.html"
     print(f"done in {time.monotonic() - start:.0f} s; report: {report}")
+    print("seconds per step: " + ", ".join(f"{i} {what} {t:.0f}" for i, what, t in took))
     if failed:
         print(f"spdbench run: step{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed; "
               "re-run the same command to retry (finished work is kept)")
