@@ -112,7 +112,8 @@ def _png(fig) -> str:
 
 
 def heatmaps(best: pd.DataFrame) -> list[dict]:
-    """Per model and batch (and any other key that varies): systems x N, one panel per phase, the best method and its speedup in each cell."""
+    """Per model and batch (and any other key that varies): systems x N, one panel per phase, the best
+    method and its speedup in each cell."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,8 +151,8 @@ table{border-collapse:collapse;font-size:.8rem}th,td{border:1px solid #ccc;paddi
 th{background:#f2f4f7}.caption{color:#555;font-size:.88rem}img{max-width:100%}td.na{color:#888;font-style:italic}
 </style></head><body>
 <h1>Which method wins where (simulated, not measured)</h1>
-<p class="caption">{{ n_rows }} simulated latency rows from <code>{{ source }}</code>. Every cell runs each strategy's own
-  schedule on weightless tensors on a virtual clock, with the named device and interconnect profiles; SPD and its
+<p class="caption">{{ n_rows }} simulated latency rows from <code>{{ source }}</code>. Every cell runs each
+  strategy's own schedule on weightless tensors on a virtual clock, with the named device and interconnect profiles; SPD and its
   composites drop the attention sync on the last half of the blocks (which blocks does not change the simulated cost:
   every block has the same shape). Speedup = t_baseline / t_best in the same cell; the no-communication bound never
   wins; "baseline" means no method beats it. {{ scenario }}</p>

@@ -29,6 +29,9 @@ def cmd_report(args, parser) -> int:
     return 1 if failed else 0
 
 
+NOT_CHOICES = ("nocomm", "seqpar")  # a latency bound, and tokenweave's sync without its overlap: no one's pick
+
+
 def cmd_atlas(args, parser) -> int:
     from importlib.metadata import entry_points
 
@@ -43,7 +46,7 @@ def cmd_atlas(args, parser) -> int:
     for model in models:
         check_model(model)
     strategies = args.strategies or sorted(e.name for e in entry_points(group="spdbench.strategies")
-                                           if e.name != "nocomm")
+                                           if e.name not in NOT_CHOICES)
     for name in strategies:
         check_strategy(name)
     extra = {}
@@ -80,7 +83,8 @@ def add_atlas(sub) -> None:
     p.add_argument("--systems", nargs="+", help=f"systems (default: all: {', '.join(SYSTEMS)})")
     p.add_argument("--tp", type=int, nargs="+", help="N to keep (default: each system's: 2 4 8 in a node, 16 over two)")
     p.add_argument("--batch", type=int, nargs="+", help=f"batch sizes (default: {' '.join(map(str, BATCHES))})")
-    p.add_argument("--strategies", nargs="+", help="strategies (default: every installed one but nocomm)")
+    p.add_argument("--strategies", nargs="+", help="strategies (default: every installed one but nocomm, a bound, "
+                                                   "and seqpar, an analysis of tokenweave)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further bench matrix key for every cell, repeatable (YAML value)")
     p.set_defaults(handler=cmd_atlas)

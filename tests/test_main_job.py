@@ -47,12 +47,15 @@ def two_runs(tmp_path_factory):
 
 def test_second_run_adds_no_rows(two_runs):
     out, _, after_first, second = two_runs
-    assert set(after_first) == {"accuracy.jsonl", "bench.jsonl", "spd.jsonl"}
-    # 2 N x 6 strategies latency cells; 2 N x 5 strategies x (acc, acc_norm) of piqa; 2 blocks' sensitivity at N=2
-    # and its stability at two budgets
-    assert {name: len(rows) for name, rows in after_first.items()} == {"bench.jsonl": 12, "accuracy.jsonl": 20,
-                                                                         "spd.jsonl": 4}
-    assert sorted(r["kind"] for r in after_first["spd.jsonl"]) == ["spd_sensitivity"] * 2 + ["spd_stability"] * 2
+    assert set(after_first) == {"accuracy.jsonl", "bench.jsonl", "perplexity.jsonl", "spd.jsonl"}
+    # 2 N x 6 strategies latency cells; at N=2 (the N with communication) 5 strategies x (acc, acc_norm) of piqa
+    # and the perplexity of the 4 usable ones; 2 blocks' sensitivity at N=2, its stability at two budgets, and the
+    # zero-shot perplexity sweep at 0/25/50/75/100% of the blocks
+    assert {name: len(rows) for name, rows in after_first.items()} == {
+        "bench.jsonl": 12, "accuracy.jsonl": 10, "perplexity.jsonl": 4, "spd.jsonl": 9}
+    assert sorted(r["kind"] for r in after_first["spd.jsonl"]) == \
+        ["spd_ppl"] * 5 + ["spd_sensitivity"] * 2 + ["spd_stability"] * 2
+    assert sorted(r["budget_pct"] for r in after_first["spd.jsonl"] if r["kind"] == "spd_ppl") == [0, 25, 50, 75, 100]
     assert rows_per_file(out) == after_first
     assert "12 of 12 cells already finished" in second.stderr
 
@@ -61,9 +64,16 @@ def test_every_row_names_the_step_that_wrote_it(two_runs):
     out, _, after_first, _ = two_runs
     commands = {name: {r["command"] for r in rows} for name, rows in after_first.items()}
     assert commands["bench.jsonl"] == {f"spdbench bench --config {out}/measured.yaml --out {out}"}
-    assert commands["spd.jsonl"] == {f"spdbench spd sensitivity --model random:tiny --tp 2 --samples 1 --seq-len 16 "
-                                     f"--out {out}/spd/sensitivity-tp2.json --results {out}/spd.jsonl"}
-    assert len(commands["accuracy.jsonl"]) == 10 and all(c.startswith("spdbench eval --model random:tiny --tp ")
+    assert commands["spd.jsonl"] == {
+        f"spdbench spd sensitivity --model random:tiny --tp 2 --samples 1 --seq-len 16 "
+        f"--out {out}/spd/sensitivity-tp2.json --results {out}/spd.jsonl",
+        f"spdbench spd sweep --model random:tiny --tp 2 --sensitivity {out}/spd/sensitivity-tp2.json --metric ppl "
+        f"--variants zs --budgets 0,25,50,75,100 --eval-samples 16 --eval-seq-len 128 --out {out}/spd/sweep-tp2 "
+        f"--results {out}/spd.jsonl"}
+    assert commands["perplexity.jsonl"] == {
+        f"spdbench spd ppl --model random:tiny --tp 2 --strategy baseline --strategy spd:plan={out}/spd/plan-tp2.json "
+        f"--strategy ladder --strategy tokenweave --samples 16 --seq-len 128 --out {out}/perplexity.jsonl"}
+    assert len(commands["accuracy.jsonl"]) == 5 and all(c.startswith("spdbench eval --model random:tiny --tp ")
                                                          for c in commands["accuracy.jsonl"])
     identities = {json.dumps(r["model_identity"], sort_keys=True) for rows in after_first.values() for r in rows}
     assert {json.loads(i)["variant"] for i in identities} == {"random weights, real shape"}
@@ -75,7 +85,8 @@ def test_output_holds_no_warnings_and_names_every_step(two_runs):
         text = run.stdout + run.stderr
         assert "warning" not in text.lower() and "warn(" not in text, text[-3000:]
         assert [line.split("]")[0] for line in run.stdout.splitlines() if line.startswith("[")] == \
-            [f"[{i}/14" for i in range(1, 15)]
+            [f"[{i}/11" for i in range(1, 12) for _ in range(2)]  # each step: its command, then its time
+        assert "seconds per step: 1 spd sensitivity " in run.stdout
     assert "note: ladder changes the model" in first.stdout and "note: nocomm is a latency bound" in first.stdout
 
 
@@ -103,8 +114,8 @@ def test_simulated_step_asks_for_the_same_strategies_and_plans(tmp_path):
              for s in steps if s[0] == "eval"}
     small = [c for c in cells if c.model == "smollm2-135m"]
     assert {(c.tp, c.strategy) for c in small} == {(n, s) for n in (1, 2, 4) for s in STRATEGIES}
-    for c in small:  # every usable strategy's accuracy is measured with the options it is simulated with
-        if c.strategy != "seqpar":
+    for c in small:  # every usable strategy's accuracy is measured with the options it is simulated with (N > 1)
+        if c.strategy != "seqpar" and c.tp > 1:
             options = tuple(f"{k}={v}" for k, v in c.strategy_options.items())
             assert (str(c.tp), c.strategy, options) in evals
     assert {(c.tp, c.strategy_options.get("plan")) for c in small if c.strategy == "spd"} == {

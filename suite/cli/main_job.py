@@ -9,10 +9,16 @@ commands printed before they start:
    strategy with the same SPD plans at the model's shape, and at a large preset's shape
    (``--large-model``, N = 4 and 8), where SPD drops the same share of blocks (the last ones:
    every block has the same shape, so which blocks does not change the simulated latency);
-3. the latency matrix measured on this machine: a check that every strategy runs end to end
-   (on a CPU the N ranks share the cores, so it does not rank strategies);
-4. a small accuracy pass (lm-eval tasks with ``--limit``), every strategy x N;
-5. the report of everything under ``--out``.
+3. the latency matrix measured on this machine, one repetition: a check that every strategy runs
+   end to end (on a CPU the N ranks share the cores, so it does not rank strategies);
+4. WikiText-2 test perplexity per usable strategy at each N > 1 (2048 tokens through the same TP
+   code path; the report pairs the windows for a standard error of the change), and the zero-shot
+   SPD perplexity sweep over 0/25/50/75/100% of the blocks at the largest N;
+5. a small task-accuracy pass (lm-eval tasks with ``--limit``), every usable strategy at each N > 1
+   (accuracy costs matter where there is a sync to drop; the exact baseline's does not depend on N);
+6. the report of everything under ``--out``, its summary first.
+
+Each step's time is printed after it, and all of them at the end.
 
 Every step writes under ``--out`` and resumes from it: finished cells and tasks are skipped, so a
 second run adds no rows. A step that ends with failed cells does not stop the job (the report
@@ -42,9 +48,10 @@ PPL_SAMPLES, PPL_SEQ_LEN = 16, 128
 SIMULATED = {"batch": [1, 16], "prompt_len": 1024, "new_tokens": 512, "dtype": "float16", "device": "cuda",
              "decode_mode": "cuda_graph"}
 LARGE_TP = [4, 8]
-# Measured on this machine: small, so that the check is quick.
+# Measured on this machine: a check that every strategy runs, so one small repetition (on a CPU the
+# timings rank nothing; more repetitions would only cost time).
 MEASURED = {"dtype": "float32", "device": "cpu", "decode_mode": "eager", "batch": 2, "prompt_len": 32,
-            "new_tokens": 8, "repetitions": 3, "warmup": 1}
+            "new_tokens": 8, "repetitions": 1, "warmup": 0}
 
 
 def _spd_options(tp: int, plans: dict[int, Path]) -> dict[str, str]:
@@ -119,7 +126,8 @@ def steps_of(args) -> list[list[str]]:
         steps.append(["bench", "--config", _write(out / "simulated.yaml", matrix), "--out", str(out)])
     measured = measured_matrix(args.model, args.tp, plans)
     steps.append(["bench", "--config", _write(out / "measured.yaml", measured), "--out", str(out)])
-    for tp in args.tp:
+    communicating = [tp for tp in args.tp if tp > 1] or args.tp  # accuracy costs matter where there is a sync
+    for tp in communicating:
         configs = [name + "".join(f":{k}={v}" for k, v in _options(name, tp, plans).items())
                    for name in ACCURACY_STRATEGIES if name != "nocomm"]  # nocomm is no model to score
         steps.append(["spd", "ppl", "--model", args.model, "--tp", str(tp),
@@ -132,7 +140,7 @@ def steps_of(args) -> list[list[str]]:
                       "--budgets", SWEEP_BUDGETS, "--eval-samples", str(PPL_SAMPLES), "--eval-seq-len",
                       str(PPL_SEQ_LEN), "--out", str(out / "spd" / f"sweep-tp{tp}"), "--results",
                       str(out / "spd.jsonl")])
-    for tp in args.tp:
+    for tp in communicating:
         for name in ACCURACY_STRATEGIES:
             options = [w for k, v in _options(name, tp, plans).items() for w in ("--strategy-opt", f"{k}={v}")]
             steps.append(["eval", "--model", args.model, "--tp", str(tp), "--strategy", name, *options,
