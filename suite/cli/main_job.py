@@ -9,8 +9,9 @@ commands printed before they start:
    strategy with the same SPD plans at the model's shape, and at a large preset's shape
    (``--large-model``, N = 4 and 8), where SPD drops the same share of blocks (the last ones:
    every block has the same shape, so which blocks does not change the simulated latency);
-3. the latency matrix measured on this machine, one repetition: a check that every strategy runs
-   end to end (on a CPU the N ranks share the cores, so it does not rank strategies);
+3. the latency matrix measured on this machine at the largest N, one repetition: a check that every
+   strategy runs end to end, decode included (on a CPU the N ranks share the cores, so it ranks
+   nothing, and more N or repetitions would only cost time);
 4. WikiText-2 test perplexity per usable strategy at each N > 1 (2048 tokens through the same TP
    code path; the report pairs the windows for a standard error of the change), and the zero-shot
    SPD perplexity sweep over 0/25/50/75/100% of the blocks at the largest N;
@@ -124,7 +125,7 @@ def steps_of(args) -> list[list[str]]:
         matrix = simulated_matrix(args.model, args.tp, plans, system, large,
                                   _spd_blocks(large, SPD_BUDGET) if large else 0)
         steps.append(["bench", "--config", _write(out / "simulated.yaml", matrix), "--out", str(out)])
-    measured = measured_matrix(args.model, args.tp, plans)
+    measured = measured_matrix(args.model, [max(args.tp)], plans)  # the check needs one N: the most ranks
     steps.append(["bench", "--config", _write(out / "measured.yaml", measured), "--out", str(out)])
     communicating = [tp for tp in args.tp if tp > 1] or args.tp  # accuracy costs matter where there is a sync
     for tp in communicating:
