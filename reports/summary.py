@@ -139,6 +139,10 @@ def scenarios(lat: pd.DataFrame, acc_changes: dict, ppl: dict, fills, anchors: d
         return out
     base_e2e = lat.scenario.map(lat[lat.strategy == REFERENCE].groupby("scenario")["e2e_ms_median"].median())
     lat = lat.assign(e2e_speedup=base_e2e / pd.to_numeric(lat.e2e_ms_median, errors="coerce"))
+    order = {setting: i for i, setting in enumerate(SETTINGS)}
+    lat = lat.assign(setting_order=lat.setting.map(order)).sort_values(
+        ["setting_order", "model", "device_profile", "interconnect", "tp", *SCENARIO],
+        key=lambda c: c if pd.api.types.is_numeric_dtype(c) else c.map(str))  # model, then N, then batch
     for key, g in lat.groupby("scenario", sort=False):
         g = g.sort_values("e2e_speedup", ascending=False, na_position="last")
         model, tp = g.model.iloc[0], g.tp.iloc[0]
