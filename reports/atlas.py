@@ -9,7 +9,8 @@ simulated (a virtual clock with the named device and interconnect profiles), not
     best(cell, phase) = argmax over usable strategies s of t_baseline(phase) / t_s(phase)
 
 A cell whose baseline row failed (e.g. the model does not fit on N devices) has no best method and
-says why. The no-communication bound (not a usable model) never wins.
+says why. The no-communication bound (not a usable model) never wins. Latency alone cannot say what
+a method costs in accuracy, so a fourth panel keeps to the exact methods (``reports.summary.EXACT``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jinja2
 import pandas as pd
 
 from reports.cells import REFERENCE, missing
+from reports.summary import EXACT
 
 # name -> (device profile, interconnect, N): the shipped systems. H200 SXM uses the same NVLink 4 /
 # NVSwitch fabric as H100 SXM, hence the same interconnect profile.
@@ -29,7 +31,7 @@ SYSTEMS = {
     "a100-nvlink": ("a100-sxm-80gb", "a100-nvlink", [2, 4, 8]),
     "a100-pcie-nop2p": ("a100-sxm-80gb", "pcie-nop2p", [2, 4, 8]),
     "h100-nvswitch": ("h100-sxm", "h100-nvswitch", [2, 4, 8]),
-    "h100-multimem": ("h100-sxm", "h100-nvswitch-multimem", [2, 4, 8]),
+    "h100-multimem": ("h100-sxm", "h100-nvswitch-multimem", [8]),  # the profile covers N = 8
     "h200-nvswitch": ("h200", "h100-nvswitch", [2, 4, 8]),
     "h100-ib-2node": ("h100-sxm", "ib-2node", [16]),
 }
@@ -40,7 +42,8 @@ SPD_SHARE = 0.5  # SPD (and its composites) drop the attention sync in the last 
 SCENARIO = {"prompt_len": 1024, "new_tokens": 512, "dtype": "float16", "device": "cuda", "decode_mode": "cuda_graph",
             "mode": "simulated", "repetitions": 1, "warmup": 0}
 PHASES = {"e2e": ("e2e_ms_median", "end to end"), "prefill": ("prefill_ms_median", "prefill"),
-          "decode": ("decode_ms_per_token_median", "decode")}
+          "decode": ("decode_ms_per_token_median", "decode"),
+          "e2e_exact": ("e2e_ms_median", "end to end, exact methods only")}
 
 
 def strategy_entry(name: str, layers: int) -> dict | str:
@@ -92,7 +95,8 @@ def best_cells(rows: list[dict]) -> pd.DataFrame:
                                else "no baseline row")
             else:
                 speedups = {(r.strategy, r.options): base[column].iloc[0] / r[column]
-                            for _, r in usable.iterrows() if not missing(r[column]) and r[column] > 0}
+                            for _, r in usable.iterrows() if not missing(r[column]) and r[column] > 0
+                            and (not phase.endswith("_exact") or r.strategy in EXACT)}
                 winner = max(speedups, key=speedups.get, default=None)
                 if winner is None or speedups[winner] <= 1:
                     cell |= {"best": REFERENCE, "speedup": 1.0}
@@ -155,7 +159,8 @@ th{background:#f2f4f7}.caption{color:#555;font-size:.88rem}img{max-width:100%}td
   strategy's own schedule on weightless tensors on a virtual clock, with the named device and interconnect profiles; SPD and its
   composites drop the attention sync on the last half of the blocks (which blocks does not change the simulated cost:
   every block has the same shape). Speedup = t_baseline / t_best in the same cell; the no-communication bound never
-  wins; "baseline" means no method beats it. {{ scenario }}</p>
+  wins; "baseline" means no method beats it. Only the last panel is free of accuracy cost: ladder and SPD change the
+  model (see a report's perplexity table for what that costs without retraining). {{ scenario }}</p>
 {% for f in figures %}<h2>{{ f.title }}</h2><img alt="{{ f.title }}" src="data:image/png;base64,{{ f.png }}">
 {% else %}<p>No simulated rows.</p>{% endfor %}
 <h2>Every cell</h2>
