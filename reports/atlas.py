@@ -158,8 +158,9 @@ th{background:#f2f4f7}.caption{color:#555;font-size:.88rem}img{max-width:100%}td
 <p class="caption">{{ n_rows }} simulated latency rows from <code>{{ source }}</code>. Every cell runs each
   strategy's own schedule on weightless tensors on a virtual clock, with the named device and interconnect
   profiles; SPD and its composites drop the attention sync on the last half of the blocks (which blocks does
-  not change the simulated cost: every block has the same shape). Speedup = t_baseline / t_best in the same cell; the no-communication bound never
-  wins; "baseline" means no method beats it. Only the last panel is free of accuracy cost: ladder and SPD change the
+  not change the simulated cost: every block has the same shape). Speedup = t_baseline / t_best in the same
+  cell; the no-communication bound never wins; "baseline" means no method beats it. Only the last panel is
+  free of accuracy cost: ladder and SPD change the
   model (see a report's perplexity table for what that costs without retraining). {{ scenario }}</p>
 {% for f in figures %}<h2>{{ f.title }}</h2><img alt="{{ f.title }}" src="data:image/png;base64,{{ f.png }}">
 {% else %}<p>No simulated rows.</p>{% endfor %}

@@ -48,9 +48,9 @@ def two_runs(tmp_path_factory):
 def test_second_run_adds_no_rows(two_runs):
     out, _, after_first, second = two_runs
     assert set(after_first) == {"accuracy.jsonl", "bench.jsonl", "perplexity.jsonl", "spd.jsonl"}
-    # 6 strategies' latency cells at the largest N (2); at N=2 (the N with communication) 5 strategies x (acc, acc_norm) of piqa
-    # and the perplexity of the 4 usable ones; 2 blocks' sensitivity at N=2, its stability at two budgets, and the
-    # zero-shot perplexity sweep at 0/25/50/75/100% of the blocks
+    # 6 strategies' latency cells at the largest N (2); at N=2 (the N with communication) 5 strategies x
+    # (acc, acc_norm) of piqa and the perplexity of the 4 usable ones; 2 blocks' sensitivity at N=2, its
+    # stability at two budgets, and the zero-shot perplexity sweep at 0/25/50/75/100% of the blocks
     assert {name: len(rows) for name, rows in after_first.items()} == {
         "bench.jsonl": 6, "accuracy.jsonl": 10, "perplexity.jsonl": 4, "spd.jsonl": 9}
     assert sorted(r["kind"] for r in after_first["spd.jsonl"]) == \

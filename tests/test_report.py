@@ -248,9 +248,11 @@ def test_every_na_that_a_command_fills_links_to_it(html):
             in html)
     assert "n/a: random weights: accuracy says nothing" in html  # nothing to run for a random-weight model
     facts = ("N=1 has no communication", "not a usable model", "nocomm within", "random weights", "CPU run",
-             "projected rows have no power", "no strategy with a measured accuracy", "simulated rows have no power",  # nothing to run: the reason is the whole answer
+             # nothing to run: the reason is the whole answer
+             "projected rows have no power", "no strategy with a measured accuracy", "simulated rows have no power",
              "not recorded by the rows&#39; spdbench version (re-run the command to record it)")
-    fillable = ("no accuracy rows", "no perplexity rows", "not evaluated", "no nocomm row", "no baseline row", "baseline-nocomm gap")
+    fillable = ("no accuracy rows", "no perplexity rows", "not evaluated", "no nocomm row", "no baseline row",
+                "baseline-nocomm gap")
     cells = re.findall(r'<td class="na">n/a: ([^<]*)(<a href="#fill-\d+">)?', html)
     assert len(cells) > 50
     for reason, link in cells:
