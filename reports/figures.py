@@ -253,3 +253,24 @@ def all_figures(lat: pd.DataFrame, acc: pd.DataFrame) -> list[dict]:
     latency rows that rank strategies (no CPU rows), ``acc`` the accuracy summary."""
     sns.set_theme(style="whitegrid", context="notebook")
     return [latency_vs_n(lat), speedup_bars(lat), pareto(lat), accuracy_change(acc), power_timelines(lat)]
+
+
+def headlines(scenarios: list[dict]) -> list[str]:
+    """Per summary scenario: its usable strategies' end-to-end speedups as bars (hatched: not exact), as PNG."""
+    pngs = []
+    for s in scenarios:
+        data = s["figure_data"]
+        if not data:
+            pngs.append("")
+            continue
+        fig, ax = plt.subplots(figsize=(4.2, 0.28 * len(data) + 0.8))
+        names = [name for name, _, _ in data][::-1]
+        values = [value for _, value, _ in data][::-1]
+        bars = ax.barh(names, values, color=["#4c72b0" if exact else "#dd8452" for *_, exact in data][::-1])
+        for bar, (_, _, exact) in zip(bars, data[::-1]):
+            bar.set_hatch("" if exact else "//")
+        ax.axvline(1, color="grey", linewidth=0.8)
+        ax.set_xlabel("end-to-end speedup over baseline (blue: exact; hatched: changes the model)", fontsize=7)
+        ax.tick_params(labelsize=7)
+        pngs.append(_png(fig))
+    return pngs

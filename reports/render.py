@@ -12,6 +12,8 @@ Derived columns, per scenario (model, provenance, profiles, N, batch, prompt, dt
 
     speedup     = t_baseline / t_strategy
     bound share = (t_baseline - t_strategy) / (t_baseline - t_nocomm)   # 100%: the no-comm bound
+                  n/a where the gap t_baseline - t_nocomm is within the baseline's p10-p90 spread or
+                  under BOUND_MIN_GAP of t_baseline: a ratio is not computed from noise
     d accuracy  = mean over tasks of (acc_strategy - acc_baseline), in percentage points (pp)
     its s.e.    = sqrt(sum over tasks of (se_strategy^2 + se_baseline^2)) / tasks
 
@@ -35,20 +37,18 @@ import pandas as pd
 from markupsafe import Markup
 
 from reports import figures, spd
+from reports import summary as answers
+from reports.cells import BOUND, GROUP, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, missing as _missing, na
 from suite.errors import SpdbenchError
 from suite.results import SCENARIOS, ResultStore, Row
 
-SCENARIO = ["batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode", "kernels"]
-SCENARIO_LABELS = {"batch": "batch", "prompt_len": "prompt", "new_tokens": "new tokens", "dtype": "dtype",
-                   "device": "device", "decode_mode": "decode", "kernels": "kernels"}
-GROUP = ["model", "provenance", "device_profile", "interconnect", "tp", *SCENARIO]
 ACCURACY_CONFIG = ["strategy", "options", "tp", "spd_variant", "spd_blocks_pct"]  # one row of the accuracy table
-REFERENCE = "baseline"
-BOUND = "nocomm"
 NOISE_SE = 2  # a change under this many standard errors is within noise
+# A share of the no-communication bound needs a bound: a baseline-nocomm gap under this fraction of the
+# baseline's time (or within the baseline's p10-p90 spread) resolves no share. Under 10%, the share multiplies
+# any error of either time (a simulation's model error, a measurement's spread) more than tenfold.
+BOUND_MIN_GAP = 0.10
 CPU_CAVEAT = "ranks share the CPU's cores; this does not rank strategies"
-# How latency rows were obtained, in the order the page shows them; the CPU's last and apart.
-SETTINGS = {"simulated": "simulated", "gpu": "measured on GPUs", "projected": "projected", "cpu": "measured on the CPU"}
 
 
 class ReportError(SpdbenchError):
@@ -108,21 +108,6 @@ def load(paths) -> Results:
 
 
 # ---------------------------------------------------------------- cells
-
-
-@dataclass
-class Cell:
-    text: str
-    css: str = ""  # "na" for n/a cells, "ref" for links to commands and environments
-    links: tuple = ()  # (text, href) pairs shown after the text
-
-
-def na(reason: str) -> Cell:
-    return Cell(f"n/a: {reason}", "na")
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def number(value, fmt: str, reason: str) -> Cell | str:
@@ -198,13 +183,27 @@ def latency_table(lat: pd.DataFrame, acc_delta: dict) -> pd.DataFrame:
         noise = lat.scenario.map((lat[f"{stat}_p90"] - lat[f"{stat}_p10"])[is_base].groupby(lat.scenario).median())
         lat[f"{phase}_speedup"] = base / t
         lat[f"{phase}_bound_share"] = (base - t) / (base - low)
-        lat[f"{phase}_bound_in_noise"] = (base - low) <= noise.fillna(0)  # the bound is not resolved
+        gap = base - low
+        lat[f"{phase}_bound_unresolved"] = [bound_unresolved(g, b, n) for g, b, n in zip(gap, base, noise)]
         lat[f"{phase}_has_base"], lat[f"{phase}_has_bound"] = base.notna(), low.notna()
     lat["acc_delta"] = [acc_delta.get((r.model, r.strategy, r.options, r.tp)) for r in lat.itertuples()]
     order = {REFERENCE: 0, BOUND: 2}
     lat["order"] = lat.strategy.map(lambda s: order.get(s, 1))
     return lat.sort_values(["order", "strategy", "options", "tp", *SCENARIO],
                            key=lambda c: c if pd.api.types.is_numeric_dtype(c) else c.map(str))
+
+
+def bound_unresolved(gap: float, base: float, noise: float) -> str | None:
+    """Why the baseline-nocomm ``gap`` resolves no share of the bound (None: it does). ``noise``: the
+    baseline's p10-p90 spread."""
+    if _missing(gap) or _missing(base):
+        return None  # a missing row, said elsewhere
+    if not _missing(noise) and gap <= noise:
+        return "noise"
+    if gap < BOUND_MIN_GAP * base:
+        return (f"nocomm within {100 * BOUND_MIN_GAP:.0f}% of the baseline ({gap:.3g} of {base:.3g} ms): "
+                "no bound to share")
+    return None
 
 
 def headline_accuracy(acc: pd.DataFrame) -> pd.DataFrame:
@@ -278,7 +277,7 @@ class Fills:
         self.tasks = {m: ",".join(sorted(set(g.task))) for m, g in acc.groupby("model")}
         self.limits = {m: _plain(g["limit"].iloc[0]) for m, g in acc.groupby("model")}
 
-    def _store(self, kind: str, default: str) -> str:
+    def store(self, kind: str, default: str) -> str:
         return (self.stores.get(kind) or [default])[0]
 
     def add(self, what: str, command: str) -> tuple:
@@ -294,7 +293,7 @@ class Fills:
             words += ["--strategy-opt", f"{key}={value}"]
         limit = self.limits.get(model)
         words += ["--tasks", task or self.tasks.get(model, "piqa,arc_easy"), *(["--limit", limit] if limit else [])]
-        return shlex.join(words + ["--out", self._store("accuracy", "accuracy.jsonl")])
+        return shlex.join(words + ["--out", self.store("accuracy", "accuracy.jsonl")])
 
     def accuracy(self, r) -> Cell:
         where = f"{r.strategy}{f' ({r.options})' if r.options else ''} at N={r.tp}"
@@ -407,10 +406,13 @@ def _relative_cells(r, phase: str, fills: Fills) -> list:
         share = fills.matrix("no nocomm row for this scenario", "add the strategy nocomm to the matrix and re-run",
                              r.command)
     else:
-        value = getattr(r, f"{phase}_bound_share")
-        if _missing(value) or math.isinf(value) or getattr(r, f"{phase}_bound_in_noise"):
+        value, unresolved = getattr(r, f"{phase}_bound_share"), getattr(r, f"{phase}_bound_unresolved")
+        unresolved = unresolved if isinstance(unresolved, str) else None  # a table cell: None or NaN when resolved
+        if unresolved == "noise":
             share = fills.matrix("baseline-nocomm gap within the p10-p90 noise", "raise repetitions in the matrix "
                                  "and re-run", r.command)
+        elif unresolved or _missing(value):
+            share = na(unresolved or "no timing")
         else:
             share = f"{100 * value:.0f}%"
     return [speedup, share]
@@ -463,8 +465,9 @@ def latency_sections(lat: pd.DataFrame, refs: Refs, fills: Fills) -> list[dict]:
                 row += [*_relative_cells(r, "prefill", fills), *_relative_cells(r, "decode", fills),
                         _accuracy_cell(r, fills)]
             body.append(row + [_energy_cell(r), refs.cell(r.command, r.env)])
-        sections.append({"setting": setting, "device_profile": None if device_profile == "-" else device_profile,
-                         "interconnect": None if link == "-" else link,
+        sections.append({"id": f"latency-{len(sections) + 1}", "setting": setting,
+                         "device_profile": None if device_profile == "-" else device_profile,
+                         "interconnect": None if link == "-" else link, "model": model,
                          "title": _title(setting, model, device_profile, link),
                          "caption": [", ".join(fixed), *_shared_reasons(header, body)], "header": header,
                          "rows": body})
@@ -590,6 +593,10 @@ def render(results: Results, title: str = "spdbench report", checks: list[tuple[
     summary, deltas = accuracy_deltas(acc) if not acc.empty else (acc, {})
     lat = latency_table(lat, deltas) if not lat.empty else lat.assign(setting=None)
     latency = latency_sections(lat, refs, fills) if not lat.empty else []
+    strategy_ppl = frame(rows, "perplexity")
+    ppl_changes = answers.ppl_changes(strategy_ppl)
+    anchors = {(s["setting"], s["device_profile"], s["interconnect"], s["model"]): s["id"] for s in latency}
+    scenarios = answers.scenarios(lat, deltas, ppl_changes, fills, anchors) if not lat.empty else []
     failed = [r for r in rows if r.get("status") == "failed"]
     kinds = pd.Series([r.get("kind") for r in rows], dtype=object).value_counts().to_dict()
     env = jinja2.Environment(loader=jinja2.PackageLoader("reports", "templates"),
@@ -600,6 +607,9 @@ def render(results: Results, title: str = "spdbench report", checks: list[tuple[
         models=models_table(rows), settings=SETTINGS, cpu_caveat=CPU_CAVEAT,
         latency={s: [t for t in latency if t["setting"] == s] for s in SETTINGS},
         accuracy=accuracy_section(acc, refs, fills), noise_se=NOISE_SE,
+        scenarios=scenarios, budgets=answers.budget_labels(),
+        perplexity=answers.ppl_table(strategy_ppl, ppl_changes, refs),
+        headlines=figures.headlines(scenarios),
         sensitivity=simple_table(sens, [c for c in ["model", "tp", "block", "sensitivity", "ppl", "calib", "samples",
                                                     "seq_len"] if c in sens], refs) if not sens.empty else None,
         spd_ppl=simple_table(ppl, [c for c in ["model", "tp", "spd_variant", "budget_pct", "ppl", "dataset", "tokens"]

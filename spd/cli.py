@@ -1,9 +1,11 @@
-"""``spdbench spd ...``: sensitivity analysis, plans, B2B distillation and the budget sweeps."""
+"""``spdbench spd ...``: sensitivity analysis, plans, B2B distillation, the budget sweeps and strategy perplexity."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from suite.cli.common import add_placement_args, at_least, command_line
-from suite.defaults import DEVICES, EMBEDDED_MODEL
+from suite.defaults import DEVICES, DTYPE_NAMES, EMBEDDED_MODEL
 from spd.settings import PAPER_TASKS, SPD_STRATEGIES
 from suite.errors import SpdbenchError
 
@@ -130,7 +132,12 @@ def cmd_sweep(args, parser) -> int:
 
         parse_limits(args.limit, tasks)  # bad limits fail before the distillation
         folder = data_dir(args.data_dir)
-    paths = sweep.plans(args.model, args.tp, args.sensitivity, budgets, _settings(args), args.out)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    from spd.plan import VARIANTS
+
+    if not variants or set(variants) - set(VARIANTS):
+        raise SpdbenchError(f"variants {args.variants!r}: choose among {', '.join(VARIANTS)} (comma-separated)")
+    paths = sweep.plans(args.model, args.tp, args.sensitivity, budgets, _settings(args), args.out, variants)
     if args.metric == "ppl":
         table = sweep.ppl_sweep(args.model, args.tp, paths, args.eval_samples, args.eval_seq_len, results,
                                 command_line(), device=args.device, backend=args.backend, timeout=args.timeout,
@@ -141,6 +148,33 @@ def cmd_sweep(args, parser) -> int:
                                      batch_size=args.eval_batch_size, strategy=args.strategy)
     print(table.to_string())
     print(f"rows in {results}")
+    return 0
+
+
+def parse_strategy(text: str) -> tuple[str, dict[str, str]]:
+    """``spd:plan=p.json,x=1`` -> ``("spd", {"plan": "p.json", "x": "1"})``, name and plan file checked."""
+    from suite.cli.common import check_strategy, parse_options
+
+    name, _, options = text.partition(":")
+    check_strategy(name)
+    parsed = parse_options([o for o in options.split(",") if o])
+    if parsed.get("plan") and not Path(parsed["plan"]).is_file():
+        raise SpdbenchError(f"strategy {text}: plan {parsed['plan']} is no file; make one with 'spdbench spd plan'")
+    return name, parsed
+
+
+def cmd_ppl(args, parser) -> int:
+    at_least(1, tp=args.tp, samples=args.samples, seq_len=args.seq_len)
+    configs = [parse_strategy(s) for s in args.strategy or ["baseline"]]
+    from spd.ppl import strategy_ppl
+    from suite.parallel import launch as launching
+
+    launching.placement(args.tp, args.device, args.backend)
+    for name, options, ppl in strategy_ppl(args.model, args.tp, configs, args.samples, args.seq_len, args.out,
+                                           command_line(), dtype=args.dtype, device=args.device,
+                                           backend=args.backend, timeout=args.timeout):
+        print(f"{name}{' ' + str(options) if options else ''} N={args.tp}: perplexity {ppl:.3f}")
+    print(f"rows in {args.out}")
     return 0
 
 
@@ -184,6 +218,17 @@ def add_command(sub) -> None:
     p.add_argument("--out", required=True, help="folder for plan.json and weights.safetensors")
     p.set_defaults(handler=cmd_distill)
 
+    p = cmds.add_parser("ppl", help="WikiText-2 test perplexity of strategies through the TP model (resumable)")
+    _model_args(p)
+    add_placement_args(p)
+    p.add_argument("--strategy", action="append", metavar="NAME[:KEY=VALUE,...]",
+                   help="a strategy and its options, repeatable (e.g. spd:plan=plan.json); default baseline")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    p.add_argument("--samples", type=int, default=16, help="WikiText-2 test windows (consecutive)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    p.add_argument("--out", required=True, help="JSONL results file the perplexity rows are appended to")
+    p.set_defaults(handler=cmd_ppl)
+
     p = cmds.add_parser("sweep", help="perplexity or lm-eval accuracy for SPD budgets x {zs, zs+b2b, zs+b2b+hg} "
                                       "(resumable)")
     _model_args(p)
@@ -196,6 +241,8 @@ def add_command(sub) -> None:
     p.add_argument("--budgets", default="0,25,50,75,100", help="percentages of SPD blocks")
     p.add_argument("--strategy", choices=SPD_STRATEGIES, default="spd",
                    help="run each plan as spd, or composed with ladder's or TokenWeave's schedule")
+    p.add_argument("--variants", default="zs,zs+b2b,zs+b2b+hg",
+                   help="plan variants, comma-separated (zs alone needs no distillation)")
     p.add_argument("--eval-samples", type=int, default=16, help="ppl: WikiText-2 test windows (consecutive)")
     p.add_argument("--eval-seq-len", type=int, default=256, help="ppl: tokens per WikiText-2 window")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS),

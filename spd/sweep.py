@@ -55,18 +55,19 @@ def _distilled(state, out: Path, settings, model: str) -> dict[str, Path]:
 
 
 def plans(model: str, tp: int, sensitivity: str | Path, budgets: list[int], settings,
-          out: str | Path) -> dict[tuple[int, str], Path]:
-    """The plan of every (budget, variant), distilling the 100% plans first (once); a 0% budget only as zs."""
+          out: str | Path, variants: tuple[str, ...] = VARIANTS) -> dict[tuple[int, str], Path]:
+    """The plan of every (budget, variant), distilling the 100% plans first (once, where a variant
+    distils); a 0% budget only as zs."""
     state = load_sensitivity(sensitivity)
     source = resolve(model)
     if (state["model"], state["tp"]) != (source.identity, tp):
         raise PlanError(f"{sensitivity} is for {state['model']} at N={state['tp']}, "
                         f"not {source.identity} at N={tp}")
     out = Path(out)
-    full = _distilled(state, out, settings, model)
+    full = _distilled(state, out, settings, model) if set(variants) - {"zs"} else {}
     paths = {}
     for b in budgets:
-        for variant in VARIANTS if b else ("zs",):
+        for variant in variants if b else ("zs",):
             if variant == "zs":
                 paths[b, variant] = make_plan(state, f"{b}%", variant="zs").save(out / "zs" / f"plan-{b}.json")
             else:
@@ -77,8 +78,10 @@ def plans(model: str, tp: int, sensitivity: str | Path, budgets: list[int], sett
 
 def _table(values: dict[tuple[int, str], float]) -> pd.DataFrame:
     """Budget (rows) x variant (columns); the 0% budget's one model fills every variant."""
-    values = values | {(0, v): values[0, "zs"] for v in VARIANTS if (0, "zs") in values}
-    return pd.Series(values).rename_axis(["budget_pct", "spd_variant"]).unstack()[list(VARIANTS)]
+    variants = {v for _, v in values}
+    values = values | {(0, v): values[0, "zs"] for v in variants if (0, "zs") in values}
+    return pd.Series(values).rename_axis(["budget_pct", "spd_variant"]).unstack()[[v for v in VARIANTS
+                                                                                  if v in variants]]
 
 
 def ppl_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], eval_samples: int, eval_seq_len: int,

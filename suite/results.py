@@ -168,6 +168,19 @@ class PerplexityScenario(Scenario):
 
 
 @dataclass(frozen=True, kw_only=True)
+class StrategyPerplexityScenario(Scenario):
+    """Perplexity of a strategy on evaluation text through the TP model, with each window's summed
+    negative log-likelihood (``window_nll``: the report pairs them with the baseline's for a standard error)."""
+
+    kind = "perplexity"
+    values = ("ppl", "window_nll")
+    dtype: str = "float32"
+    dataset: str = ""
+    tokens: int = 0
+    seq_len: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class StabilityScenario(Scenario):
     """How stable a sensitivity analysis is: a bootstrap over its calibration windows, for one budget.
 
@@ -188,7 +201,7 @@ class StabilityScenario(Scenario):
 
 SCENARIOS: dict[str, type[Scenario]] = {"latency": LatencyScenario, "accuracy": AccuracyScenario,
                                         "spd_sensitivity": SensitivityScenario, "spd_ppl": PerplexityScenario,
-                                        "spd_stability": StabilityScenario}
+                                        "spd_stability": StabilityScenario, "perplexity": StrategyPerplexityScenario}
 
 
 def _scenario_class(data: dict) -> type[Scenario]:

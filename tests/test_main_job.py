@@ -47,23 +47,33 @@ def two_runs(tmp_path_factory):
 
 def test_second_run_adds_no_rows(two_runs):
     out, _, after_first, second = two_runs
-    assert set(after_first) == {"accuracy.jsonl", "bench.jsonl", "spd.jsonl"}
-    # 2 N x 8 strategies (the composites too) latency cells; 2 N x 6 strategies x (acc, acc_norm) of piqa; 2 blocks'
-    # sensitivity at N=2 and its stability at two budgets
-    assert {name: len(rows) for name, rows in after_first.items()} == {"bench.jsonl": 16, "accuracy.jsonl": 24,
-                                                                         "spd.jsonl": 4}
-    assert sorted(r["kind"] for r in after_first["spd.jsonl"]) == ["spd_sensitivity"] * 2 + ["spd_stability"] * 2
+    assert set(after_first) == {"accuracy.jsonl", "bench.jsonl", "perplexity.jsonl", "spd.jsonl"}
+    # 8 strategies' latency cells (the composites too) at the largest N (2); at N=2 (the N with communication)
+    # 6 strategies x (acc, acc_norm) of piqa and the perplexity of the 5 usable ones; 2 blocks' sensitivity at
+    # N=2, its stability at two budgets, and the zero-shot perplexity sweep at 0/25/50/75/100% of the blocks
+    assert {name: len(rows) for name, rows in after_first.items()} == {
+        "bench.jsonl": 8, "accuracy.jsonl": 12, "perplexity.jsonl": 5, "spd.jsonl": 9}
+    assert sorted(r["kind"] for r in after_first["spd.jsonl"]) == \
+        ["spd_ppl"] * 5 + ["spd_sensitivity"] * 2 + ["spd_stability"] * 2
+    assert sorted(r["budget_pct"] for r in after_first["spd.jsonl"] if r["kind"] == "spd_ppl") == [0, 25, 50, 75, 100]
     assert rows_per_file(out) == after_first
-    assert "16 of 16 cells already finished" in second.stderr
+    assert "8 of 8 cells already finished" in second.stderr
 
 
 def test_every_row_names_the_step_that_wrote_it(two_runs):
     out, _, after_first, _ = two_runs
     commands = {name: {r["command"] for r in rows} for name, rows in after_first.items()}
     assert commands["bench.jsonl"] == {f"spdbench bench --config {out}/measured.yaml --out {out}"}
-    assert commands["spd.jsonl"] == {f"spdbench spd sensitivity --model random:tiny --tp 2 --samples 1 --seq-len 16 "
-                                     f"--out {out}/spd/sensitivity-tp2.json --results {out}/spd.jsonl"}
-    assert len(commands["accuracy.jsonl"]) == 12 and all(c.startswith("spdbench eval --model random:tiny --tp ")
+    assert commands["spd.jsonl"] == {
+        f"spdbench spd sensitivity --model random:tiny --tp 2 --samples 1 --seq-len 16 "
+        f"--out {out}/spd/sensitivity-tp2.json --results {out}/spd.jsonl",
+        f"spdbench spd sweep --model random:tiny --tp 2 --sensitivity {out}/spd/sensitivity-tp2.json --metric ppl "
+        f"--variants zs --budgets 0,25,50,75,100 --eval-samples 16 --eval-seq-len 128 --out {out}/spd/sweep-tp2 "
+        f"--results {out}/spd.jsonl"}
+    assert commands["perplexity.jsonl"] == {
+        f"spdbench spd ppl --model random:tiny --tp 2 --strategy baseline --strategy spd:plan={out}/spd/plan-tp2.json "
+        f"--strategy spd+ladder:plan={out}/spd/plan-tp2.json --strategy ladder --strategy tokenweave --samples 16 --seq-len 128 --out {out}/perplexity.jsonl"}
+    assert len(commands["accuracy.jsonl"]) == 6 and all(c.startswith("spdbench eval --model random:tiny --tp ")
                                                          for c in commands["accuracy.jsonl"])
     identities = {json.dumps(r["model_identity"], sort_keys=True) for rows in after_first.values() for r in rows}
     assert {json.loads(i)["variant"] for i in identities} == {"random weights, real shape"}
@@ -75,7 +85,8 @@ def test_output_holds_no_warnings_and_names_every_step(two_runs):
         text = run.stdout + run.stderr
         assert "warning" not in text.lower() and "warn(" not in text, text[-3000:]
         assert [line.split("]")[0] for line in run.stdout.splitlines() if line.startswith("[")] == \
-            [f"[{i}/16" for i in range(1, 17)]
+            [f"[{i}/12" for i in range(1, 13) for _ in range(2)]  # each step: its command, then its time
+        assert "seconds per step: 1 spd sensitivity " in run.stdout
     assert "note: ladder changes the model" in first.stdout and "note: nocomm is a latency bound" in first.stdout
 
 
@@ -103,8 +114,8 @@ def test_simulated_step_asks_for_the_same_strategies_and_plans(tmp_path):
              for s in steps if s[0] == "eval"}
     small = [c for c in cells if c.model == "smollm2-135m"]
     assert {(c.tp, c.strategy) for c in small} == {(n, s) for n in (1, 2, 4) for s in STRATEGIES}
-    for c in small:  # every usable strategy's accuracy is measured with the options it is simulated with
-        if c.strategy not in ("seqpar", "spd+tokenweave"):  # they compute what tokenweave and spd do
+    for c in small:  # every usable strategy's accuracy is measured with the options it is simulated with (N > 1)
+        if c.strategy not in ("seqpar", "spd+tokenweave") and c.tp > 1:  # they compute what tokenweave, spd do
             options = tuple(f"{k}={v}" for k, v in c.strategy_options.items())
             assert (str(c.tp), c.strategy, options) in evals
     for name in ("spd", "spd+ladder", "spd+tokenweave"):  # the composites run the same plans

@@ -107,18 +107,18 @@ def test_simulated_measured_and_projected_are_separate(html):
     for model in ("smollm2-135m", "random:llama3-70b"):
         assert f"{model} - simulated, device h100-sxm, interconnect h100-nvswitch" in simulated
     assert "h100-sxm" not in measured and "h100-sxm" not in projected
-    assert "random:llama3-8b</h3>" in measured and "smollm2-135m</h3>" not in measured  # GPU rows only
+    assert "</span> random:llama3-8b (" in measured and "</span> smollm2-135m (" not in measured  # GPU rows only
 
 
 def test_cpu_latency_is_a_caveated_pipeline_check_without_rankings(html):
     cpu = section(html, "cpu", "benchmarks")
     assert "Not a comparison: ranks share the CPU&#39;s cores; this does not rank strategies." in cpu
-    assert "smollm2-135m</h3>" in cpu and 'class="summary cpu"' in cpu
+    assert "</span> smollm2-135m (" in cpu and 'class="summary cpu"' in cpu
     header = cpu.split("<thead>")[1].split("</thead>")[0]
     assert "prefill ms" in header and "speedup" not in header and "bound" not in header and "accuracy" not in header
     ranked = html.split('id="figures"')[0]  # the latency sections that rank strategies
     assert ranked.count("smollm2-135m - simulated") == 1  # the model's rankings come from its simulated rows only
-    assert "smollm2-135m</h3>" not in ranked
+    assert "</span> smollm2-135m (" not in ranked
 
 
 def test_only_cpu_rows_give_no_ranking_figures(tmp_path):
@@ -163,8 +163,10 @@ def test_summary_marks_nocomm_and_gives_na_reasons(html):
 
 
 def test_figures_are_real_images(html):
+    summary, figures_on = html.split('id="summary"')[1].split('id="models"')[0], html.split('id="figures"')[1]
+    assert len(pngs(figures_on)) == 8  # every figure kind has rows in the fixture
+    assert len(pngs(summary)) == summary.count('<h3 id="scenario-') > 0  # one headline figure per scenario
     images = pngs(html)
-    assert len(images) == 8  # every figure kind has rows in the fixture
     for im in images:
         assert im.width > 200 and im.height > 150
         lo, hi = im.convert("L").getextrema()
@@ -211,6 +213,30 @@ def test_speedup_bound_share_and_accuracy_change_follow_their_definitions(proven
     assert spd.acc_delta.se_pp == pytest.approx(expected_se)
 
 
+def test_no_share_of_the_bound_from_a_gap_the_inputs_do_not_resolve():
+    """A nocomm 5% under the baseline (simulated: no spread) and one inside the baseline's p10-p90 spread
+    (measured) give no share; a 20% gap outside the spread does. Times written here by hand."""
+    rows = [r for r in fixture_rows() if r["kind"] == "latency" and r["status"] == "ok" and r["tp"] == 4
+            and r["model"] == "smollm2-135m" and r["strategy"] in ("baseline", "nocomm", "spd")]
+    for r in rows:
+        simulated = r["provenance"] == "simulated"
+        base, spread = 10.0, 0.0 if simulated else 3.0
+        t = {"baseline": base, "nocomm": base * (0.95 if simulated else 0.8), "spd": base * 0.99}[r["strategy"]]
+        r |= {"decode_ms_per_token_median": t, "decode_ms_per_token_p10": t - spread / 2,
+              "decode_ms_per_token_p90": t + spread / 2, "prefill_ms_median": t * 10,
+              "prefill_ms_p10": t * 10, "prefill_ms_p90": t * 10}
+    table = render.latency_table(render.frame(rows, "latency"), {})
+    spd = table[table.strategy == "spd"].set_index("provenance")
+    assert spd.loc["simulated", "decode_bound_unresolved"].startswith("nocomm within 10% of the baseline")
+    assert spd.loc["measured", "decode_bound_unresolved"] == "noise"
+    assert render.bound_unresolved(2.0, 10.0, 0.5) is None  # a 20% gap outside the spread: a share
+    assert render.bound_unresolved(0.25, 5.4, 0.0).startswith("nocomm within 10%")  # the 0.25 ms of -2534%
+    page = render.render(render.Results(rows=rows))
+    assert "n/a: nocomm within 10% of the baseline (0.5 of 10 ms): no bound to share" in page
+    assert spd.loc["simulated", "prefill_bound_unresolved"].startswith("nocomm within 10%")
+    assert not isinstance(spd.loc["measured", "prefill_bound_unresolved"], str)  # 20% gap, no spread: a share
+
+
 def test_accuracy_changes_carry_standard_errors_and_say_within_noise(html):
     simulated = section(html, "simulated", "measured")
     # fixture, ladder: -6.15 pp at N=4 and -5.51 pp at N=2, each with s.e. 2.84 pp (worked out by hand from the
@@ -233,10 +259,12 @@ def test_every_na_that_a_command_fills_links_to_it(html):
     assert (f'n/a: no accuracy rows for this strategy with these options at N=1 <a href="#fill-{n}">fill {n}</a>'
             in html)
     assert "n/a: random weights: accuracy says nothing" in html  # nothing to run for a random-weight model
-    facts = ("N=1 has no communication", "not a usable model", "random weights", "CPU run", "projected rows have no "
-             "power", "simulated rows have no power",  # nothing to run: the reason is the whole answer
+    facts = ("N=1 has no communication", "not a usable model", "nocomm within", "random weights", "CPU run",
+             # nothing to run: the reason is the whole answer
+             "projected rows have no power", "no strategy with a measured accuracy", "simulated rows have no power",
              "not recorded by the rows&#39; spdbench version (re-run the command to record it)")
-    fillable = ("no accuracy rows", "not evaluated", "no nocomm row", "no baseline row", "baseline-nocomm gap")
+    fillable = ("no accuracy rows", "no perplexity rows", "not evaluated", "no nocomm row", "no baseline row",
+                "baseline-nocomm gap")
     cells = re.findall(r'<td class="na">n/a: ([^<]*)(<a href="#fill-\d+">)?', html)
     assert len(cells) > 50
     for reason, link in cells:
@@ -275,7 +303,7 @@ def test_missing_kinds_of_rows_do_not_break_the_page(tmp_path):
     assert "No accuracy rows in the results" in text
     assert "n/a: no spd_sensitivity rows in the results" in text
     assert "n/a: no nocomm row for this scenario" in text
-    assert len(pngs(text)) == 3  # latency, speedup, power; the rest say what is missing
+    assert len(pngs(text.split('id="figures"')[1])) == 3  # latency, speedup, power; the rest say what is missing
     blank = render.render(render.load([empty]))
     assert "No latency rows measured on GPUs in the results." in blank and len(pngs(blank)) == 0
     assert json.loads(raw_json(blank)) == []

@@ -9,10 +9,17 @@ commands printed before they start:
    strategy with the same SPD plans at the model's shape, and at a large preset's shape
    (``--large-model``, N = 4 and 8), where SPD drops the same share of blocks (the last ones:
    every block has the same shape, so which blocks does not change the simulated latency);
-3. the latency matrix measured on this machine: a check that every strategy runs end to end
-   (on a CPU the N ranks share the cores, so it does not rank strategies);
-4. a small accuracy pass (lm-eval tasks with ``--limit``), every strategy x N;
-5. the report of everything under ``--out``.
+3. the latency matrix measured on this machine at the largest N, one repetition: a check that every
+   strategy runs end to end, decode included (on a CPU the N ranks share the cores, so it ranks
+   nothing, and more N or repetitions would only cost time);
+4. WikiText-2 test perplexity per usable strategy at each N > 1 (2048 tokens through the same TP
+   code path; the report pairs the windows for a standard error of the change), and the zero-shot
+   SPD perplexity sweep over 0/25/50/75/100% of the blocks at the largest N;
+5. a small task-accuracy pass (lm-eval tasks with ``--limit``), every usable strategy at each N > 1
+   (accuracy costs matter where there is a sync to drop; the exact baseline's does not depend on N);
+6. the report of everything under ``--out``, its summary first.
+
+Each step's time is printed after it, and all of them at the end.
 
 Every step writes under ``--out`` and resumes from it: finished cells and tasks are skipped, so a
 second run adds no rows. A step that ends with failed cells does not stop the job (the report
@@ -36,23 +43,32 @@ STRATEGIES = ["baseline", *SPD_STRATEGIES, "ladder", "tokenweave", "seqpar", "no
 # seqpar computes what tokenweave does, spd+tokenweave what spd does
 ACCURACY_STRATEGIES = ["baseline", "spd", "spd+ladder", "ladder", "tokenweave", "nocomm"]
 SPD_BUDGET = 50  # % of blocks with SPD: the least sensitive half
+SWEEP_BUDGETS = "0,25,50,75,100"  # the SPD perplexity curve (zero-shot) at the largest N
+# WikiText-2 test perplexity per strategy x N: 2048 tokens, in windows enough for a paired standard error
+PPL_SAMPLES, PPL_SEQ_LEN = 16, 128
 # The simulated scenario: the ladder paper's (prompt 1024, 512 new tokens, decode in a CUDA graph),
 # at batch 1 (latency-bound decode) and 16 (a served batch), in half precision, with the kernels a
 # deployment runs (compiled: fused, merged GEMMs, flash attention over the filled cache).
 SIMULATED = {"batch": [1, 16], "prompt_len": 1024, "new_tokens": 512, "dtype": "float16", "device": "cuda",
              "decode_mode": "cuda_graph", "kernels": "compiled"}
 LARGE_TP = [4, 8]
-# Measured on this machine: small, so that the check is quick.
+# Measured on this machine: a check that every strategy runs, so one small repetition (on a CPU the
+# timings rank nothing; more repetitions would only cost time).
 MEASURED = {"dtype": "float32", "device": "cpu", "decode_mode": "eager", "batch": 2, "prompt_len": 32,
-            "new_tokens": 8, "repetitions": 3, "warmup": 1}
+            "new_tokens": 8, "repetitions": 1, "warmup": 0}
 
 
 def _spd_options(tp: int, plans: dict[int, Path]) -> dict[str, str]:
     return {"plan": str(plans[tp])} if tp in plans else {"blocks": "all"}
 
 
+def _options(name: str, tp: int, plans: dict[int, Path]) -> dict[str, str]:
+    """SPD and its composites (``spd+...``) run the plan of N; the others their defaults."""
+    return _spd_options(tp, plans) if name == "spd" or name.startswith("spd+") else {}
+
+
 def _strategies(tp: int, plans: dict[int, Path]) -> list[dict]:
-    return [{"name": s, "options": _spd_options(tp, plans) if s in SPD_STRATEGIES else {}} for s in STRATEGIES]
+    return [{"name": s, "options": _options(s, tp, plans)} for s in STRATEGIES]
 
 
 def measured_matrix(model: str, tps: list[int], plans: dict[int, Path]) -> dict:
@@ -112,12 +128,25 @@ def steps_of(args) -> list[list[str]]:
         matrix = simulated_matrix(args.model, args.tp, plans, system, large,
                                   _spd_blocks(large, SPD_BUDGET) if large else 0)
         steps.append(["bench", "--config", _write(out / "simulated.yaml", matrix), "--out", str(out)])
-    measured = measured_matrix(args.model, args.tp, plans)
+    measured = measured_matrix(args.model, [max(args.tp)], plans)  # the check needs one N: the most ranks
     steps.append(["bench", "--config", _write(out / "measured.yaml", measured), "--out", str(out)])
-    for tp in args.tp:
+    communicating = [tp for tp in args.tp if tp > 1] or args.tp  # accuracy costs matter where there is a sync
+    for tp in communicating:
+        configs = [name + "".join(f":{k}={v}" for k, v in _options(name, tp, plans).items())
+                   for name in ACCURACY_STRATEGIES if name != "nocomm"]  # nocomm is no model to score
+        steps.append(["spd", "ppl", "--model", args.model, "--tp", str(tp),
+                      *[w for c in configs for w in ("--strategy", c)], "--samples", str(PPL_SAMPLES),
+                      "--seq-len", str(PPL_SEQ_LEN), "--out", str(out / "perplexity.jsonl")])
+    if plans:
+        tp = max(plans)
+        steps.append(["spd", "sweep", "--model", args.model, "--tp", str(tp), "--sensitivity",
+                      str(out / "spd" / f"sensitivity-tp{tp}.json"), "--metric", "ppl", "--variants", "zs",
+                      "--budgets", SWEEP_BUDGETS, "--eval-samples", str(PPL_SAMPLES), "--eval-seq-len",
+                      str(PPL_SEQ_LEN), "--out", str(out / "spd" / f"sweep-tp{tp}"), "--results",
+                      str(out / "spd.jsonl")])
+    for tp in communicating:
         for name in ACCURACY_STRATEGIES:
-            options = [w for k, v in (_spd_options(tp, plans) if name in SPD_STRATEGIES else {}).items()
-                       for w in ("--strategy-opt", f"{k}={v}")]
+            options = [w for k, v in _options(name, tp, plans).items() for w in ("--strategy-opt", f"{k}={v}")]
             steps.append(["eval", "--model", args.model, "--tp", str(tp), "--strategy", name, *options,
                           "--tasks", args.tasks, "--limit", str(args.limit), "--out", str(out / "accuracy.jsonl")])
     return [*steps, report]
@@ -145,13 +174,16 @@ def cmd_run(args, parser) -> int:
     if not [t for t in args.tasks.split(",") if t.strip()]:
         raise SpdbenchError("tasks is empty: name at least one task, e.g. --tasks piqa,arc_easy")
     steps = steps_of(args)
-    start, failed = time.monotonic(), []
+    start, failed, took = time.monotonic(), [], []
     for i, step in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {shlex.join(['spdbench', *step])}", flush=True)
+        began = time.monotonic()
         try:
             code = main(["-v", *step] if getattr(args, "verbose", False) else step)
         except SystemExit as exc:  # a step's bad-input exit
             code = exc.code
+        took.append((i, " ".join(step[:2] if step[0] == "spd" else step[:1]), time.monotonic() - began))
+        print(f"[{i}/{len(steps)}] {took[-1][2]:.0f} s", flush=True)
         if code == EXIT_USAGE:
             print(f"spdbench run: step {i} stopped on bad input (exit {code}); fix it and re-run to resume")
             return code
@@ -160,6 +192,7 @@ def cmd_run(args, parser) -> int:
             print(f"spdbench run: step {i} failed (exit {code}); the job goes on, the report shows what failed")
     report = Path(args.out) / "report.html"
     print(f"done in {time.monotonic() - start:.0f} s; report: {report}")
+    print("seconds per step: " + ", ".join(f"{i} {what} {t:.0f}" for i, what, t in took))
     if failed:
         print(f"spdbench run: step{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed; "
               "re-run the same command to retry (finished work is kept)")

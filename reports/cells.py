@@ -1,0 +1,31 @@
+"""The page's shared vocabulary: table cells, n/a with its reason, the reference strategies and the
+scenario fields a latency row is compared within."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SCENARIO = ["batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode", "kernels"]
+SCENARIO_LABELS = {"batch": "batch", "prompt_len": "prompt", "new_tokens": "new tokens", "dtype": "dtype",
+                   "device": "device", "decode_mode": "decode", "kernels": "kernels"}
+GROUP = ["model", "provenance", "device_profile", "interconnect", "tp", *SCENARIO]
+REFERENCE = "baseline"
+BOUND = "nocomm"
+# How latency rows were obtained, in the order the page shows them; the CPU's last and apart.
+SETTINGS = {"simulated": "simulated", "gpu": "measured on GPUs", "projected": "projected", "cpu": "measured on the CPU"}
+
+
+@dataclass
+class Cell:
+    text: str
+    css: str = ""  # "na" for n/a cells, "ref" for links to commands and environments
+    links: tuple = ()  # (text, href) pairs shown after the text
+
+
+def na(reason: str) -> Cell:
+    return Cell(f"n/a: {reason}", "na")
+
+
+def missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
