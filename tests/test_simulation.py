@@ -482,12 +482,12 @@ def test_token_splitting_prefill_simulates_with_both_halves_causal(monkeypatch):
     mask keeps, counted here on the masks themselves."""
     from suite.latency.simulation import costing
 
-    costed, share = [], costing.causal_share
+    costed, share = [], costing.lower_right_share
 
-    def recorded(q_len, k_len, is_causal, mask):
-        costed.append((q_len, k_len, share(q_len, k_len, is_causal, mask)))
+    def recorded(q_len, k_len):
+        costed.append((q_len, k_len, share(q_len, k_len)))
         return costed[-1][2]
-    monkeypatch.setattr(costing, "causal_share", recorded)
+    monkeypatch.setattr(costing, "lower_right_share", recorded)
     cell = LatencyScenario(model="random:llama3-70b", strategy="tokenweave", tp=8, batch=1, prompt_len=1024,
                            new_tokens=4, dtype="float16", decode_mode="cuda_graph", mode="simulated",
                            device_profile="h100-sxm", interconnect="h100-nvswitch")
