@@ -78,9 +78,9 @@ def _failing_job(comm, device, fail_rank):
     runner = load_runner(comm, device, "random:tiny", "baseline")
     layers = runner.model.layers
     if comm.rank == fail_rank:  # raise inside the second block's attention, after one all-reduce
-        def boom(h, ctx):
+        def boom(*args):
             raise RuntimeError("injected failure")
-        layers[1].attn = boom
+        layers[1].self_attn.forward = boom
     return runner.generate([[1, 2, 3]], 4).tokens
 
 
