@@ -17,7 +17,6 @@ COMPOSITES = {"spd+ladder": "ladder", "spd+tokenweave": "tokenweave"}
 SPD_OPTIONS = ("plan", "blocks")
 STEPS = {"prefill": "prefill_ms", "decode step": "decode_ms_per_token", "end to end": "e2e_ms"}
 SYSTEM = ["setting", "model", "device_profile", "interconnect"]
-WHY = "docs/composition.md"
 
 
 def parts(strategy: str, options: dict | None) -> list[tuple[str, dict]]:

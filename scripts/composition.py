@@ -4,8 +4,9 @@
     python scripts/composition.py out/composition/bench.jsonl            # the tables
     python scripts/composition.py --clock h100-sxm h100-nvswitch 8 16     # one cell on the virtual clock
 
-The tables: each strategy's end-to-end speedup over baseline per system and N (batch 16), and every
-cell (system, N, batch, step, plan) where a composite is slower than one of its parts. ``--clock``
+The tables: each strategy's end-to-end speedup over baseline per system and N (batch 16; "-": no row,
+e.g. it does not fit), and every comparison a composite loses against one of its parts at the same plan
+(``reports/composition.py``, the report's section of the same name). ``--clock
 simulates one cell's prefill and decode step per strategy and prints where the time goes: compute
 busy (any kernel running), link busy, and exposed communication (a collective in flight while no
 kernel runs: compute waiting on it).
@@ -34,7 +35,7 @@ def speedups(lat, batch: int) -> str:
         cells = []
         for name in SHOWN:
             runs = g[g.strategy == name].sort_values("options", key=lambda o: o.map(len), ascending=False)
-            cells.append(" / ".join(f"{base[r.scenario] / r.e2e_ms_median:.2f}x" for r in runs.itertuples()))
+            cells.append(" / ".join(f"{base[r.scenario] / r.e2e_ms_median:.2f}x" for r in runs.itertuples()) or "-")
         rows.append([link, tp, *cells])
     return markdown(["system", "N", *SHOWN], rows)
 
