@@ -36,7 +36,7 @@ import jinja2
 import pandas as pd
 from markupsafe import Markup
 
-from reports import figures, spd
+from reports import composition, figures, spd
 from reports import summary as answers
 from reports.cells import BOUND, GROUP, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, missing as _missing, na
 from suite.errors import SpdbenchError
@@ -608,6 +608,7 @@ def render(results: Results, title: str = "spdbench report", checks: list[tuple[
         latency={s: [t for t in latency if t["setting"] == s] for s in SETTINGS},
         accuracy=accuracy_section(acc, refs, fills), noise_se=NOISE_SE,
         scenarios=scenarios, budgets=answers.budget_labels(),
+        composition=composition.slower(lat) if not lat.empty else [],
         perplexity=answers.ppl_table(strategy_ppl, ppl_changes, refs),
         headlines=figures.headlines(scenarios),
         sensitivity=simple_table(sens, [c for c in ["model", "tp", "block", "sensitivity", "ppl", "calib", "samples",
