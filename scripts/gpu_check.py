@@ -199,8 +199,9 @@ def weight_bytes(model: str, dtype_bytes: int = 2) -> int:
     from suite.model.llama import Block, Transformer
     from suite.model.presets import preset_config
     from suite.model.sharding import default_layout
+    from suite.vocabulary import random_preset
 
-    config = preset_config(model.removeprefix("random:"))
+    config = preset_config(random_preset(model))
     shards = [layer[0] for layer in default_layout(config, 1)]
     with torch.device("meta"):  # shapes only
         skeleton = Transformer(config, [Block(config, s.kv_of_q, len(s.kv_heads), s.ffn[1] - s.ffn[0])

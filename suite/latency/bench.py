@@ -48,8 +48,8 @@ from suite.defaults import BACKENDS, BENCH_STORE as STORE_NAME, DEVICES, DTYPE_N
 from suite.errors import SpdbenchError
 from suite.latency.stats import Timings, summarise
 from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row, environment
+from suite.vocabulary import PROVENANCES
 
-MODES = ("measured", "projected", "simulated")
 DECODE_MODES = ("eager", "cuda_graph")
 _FIELDS = {f.name: f for f in dataclasses.fields(LatencyScenario)}
 AXES = ("model", "strategies", "tp", "batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode",
@@ -120,7 +120,7 @@ def check_settings(cell: LatencyScenario) -> str | None:
         value = getattr(cell, key)
         if not isinstance(value, int) or value < (0 if key == "warmup" else 1):
             return f"{key}={value!r} must be a{' non-negative' if key == 'warmup' else ' positive'} integer"
-    choices = {"dtype": DTYPE_NAMES, "decode_mode": DECODE_MODES, "mode": MODES, "backend": BACKENDS,
+    choices = {"dtype": DTYPE_NAMES, "decode_mode": DECODE_MODES, "mode": PROVENANCES, "backend": BACKENDS,
                "device": DEVICES}
     for key, allowed in choices.items():
         if getattr(cell, key) not in allowed:
