@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from suite.files import write_json_atomic
 from suite.model.sharding import BlockShard, Layout, check_tp, default_layout
 from suite.model.sources import ModelSource, WeightSource
 from suite.parallel.strategy import StrategyError
@@ -154,20 +154,6 @@ def load_plan(path: str | os.PathLike) -> Plan:
     return plan
 
 
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def block_of(name: str) -> int | None:
     """``model.layers.7.mlp.up_proj.weight`` -> 7."""
     parts = name.split(".")
@@ -191,9 +177,6 @@ class OverlayWeights(WeightSource):
         if ranges is None:
             return t
         return torch.cat([t.narrow(dim, a, b - a) for a, b in ranges], dim=dim)
-
-
-QUANTILE_RULE = "t1, t2 = 1/3 and 2/3 quantiles (inclusive) of all blocks' sensitivities, unless given"
 
 
 def parse_budget(budget: str, n_layers: int) -> int:

@@ -33,7 +33,6 @@ profile, or a strategy the simulation cannot express, stops the run before it st
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -51,7 +50,6 @@ from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row, 
 from suite.vocabulary import PROVENANCES
 
 DECODE_MODES = ("eager", "cuda_graph")
-_FIELDS = {f.name: f for f in dataclasses.fields(LatencyScenario)}
 AXES = ("model", "strategies", "tp", "batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode",
         "kernels", "interconnect", "device_profile")
 SCALARS = ("repetitions", "warmup", "mode", "backend", "timeout", "seed")
@@ -101,7 +99,7 @@ def expand(config: dict, where: str = "config") -> list[LatencyScenario]:
         cell = dict(zip(axes, values))
         name, options = cell.pop("strategies")
         if "kernels" not in cell and merged.get("mode", "measured") != "simulated":
-            cell["kernels"] = default_kernels(cell.get("device", _FIELDS["device"].default))
+            cell["kernels"] = default_kernels(cell.get("device", LatencyScenario.device))
         cells.append(LatencyScenario(strategy=name, strategy_options=options, **cell, **scalars))
     return cells
 

@@ -15,8 +15,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from transformers import LlamaConfig
 
 from suite.defaults import EMBEDDED_GGUF, EMBEDDED_MODEL as EMBEDDED
 from suite.errors import SpdbenchError
+from suite.files import atomic_output
 from suite.model.llama import head_dim
 from suite.model.presets import PRESETS, preset_config
 from suite.vocabulary import model_form, random_preset
@@ -172,18 +171,12 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.hf_quantizer = None  # weights are dequantised to float32 already
     del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_output(out, folder=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
