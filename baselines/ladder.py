@@ -21,24 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from suite.parallel.strategy import Strategy, StrategyError, register
-
-
-def parse_layers(spec: str):
-    """``all`` | ``last:K`` | ``3,4,7`` (0-based; empty: none) -> a function of the layer count."""
-    text = spec.replace(" ", "").lower()
-    try:
-        if text == "all":
-            return lambda n: set(range(n))
-        if text.startswith("last:"):
-            k = int(text[5:])
-            if k >= 0:
-                return lambda n: set(range(n - k, n))
-        else:
-            chosen = {int(i) for i in text.split(",") if i}
-            return lambda n: chosen
-    except ValueError:
-        pass
-    raise StrategyError(f"option layers={spec!r}: expected all, last:K or 0-based layer indices like 3,4,7")
+from suite.vocabulary import parse_blocks
 
 
 @register("ladder")
@@ -50,13 +33,10 @@ class Ladder(Strategy):
     changes_model = True
 
     def __post_init__(self):
-        self._choose = parse_layers(self.layers)  # bad syntax fails before any rank starts
+        parse_blocks(self.layers, None, "layers", StrategyError)  # bad syntax fails before any rank starts
 
     def ladder_layers(self, n_layers: int) -> set[int]:
-        chosen = self._choose(n_layers)
-        if any(not 0 <= i < n_layers for i in chosen):
-            raise StrategyError(f"option layers={self.layers!r}: the model has {n_layers} layers (0..{n_layers - 1})")
-        return chosen
+        return parse_blocks(self.layers, n_layers, "layers", StrategyError)
 
     def run_layers(self, layers, h, comm, ctx):
         return ladder_schedule(self.modules(layers), h, comm, ctx, self.ladder_layers(len(layers)))

@@ -33,10 +33,9 @@ NOT_CHOICES = ("nocomm", "seqpar")  # a latency bound, and tokenweave's sync wit
 
 
 def cmd_atlas(args, parser) -> int:
-    from importlib.metadata import entry_points
-
     from reports.atlas import BATCHES, MODELS, SYSTEMS
-    from suite.cli.common import at_least, check_model, check_strategy
+    from suite.cli.common import at_least, check_model
+    from suite.vocabulary import check_strategy, installed_strategies
 
     unknown = [s for s in args.systems or [] if s not in SYSTEMS]
     if unknown:
@@ -45,8 +44,7 @@ def cmd_atlas(args, parser) -> int:
     models = args.models or MODELS
     for model in models:
         check_model(model)
-    strategies = args.strategies or sorted(e.name for e in entry_points(group="spdbench.strategies")
-                                           if e.name not in NOT_CHOICES)
+    strategies = args.strategies or sorted(installed_strategies() - set(NOT_CHOICES))
     for name in strategies:
         check_strategy(name)
     extra = {}

@@ -20,7 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-VARIANTS = {"zs": "ZS", "zs+b2b": "ZS+B2B", "zs+b2b+hg": "ZS+B2B+HG"}  # SPD plan variants
+from suite.vocabulary import SPD_VARIANTS  # noqa: E402
+
+VARIANTS = {v: v.upper() for v in SPD_VARIANTS}  # SPD plan variants and their labels
 PHASES = {"prefill_ms_median": "prefill (ms)", "decode_ms_per_token_median": "decode (ms/token)"}
 SPEEDUPS = {"prefill_speedup": "prefill speedup", "decode_speedup": "decode speedup"}
 

@@ -41,6 +41,7 @@ from reports import summary as answers
 from reports.cells import BOUND, GROUP, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, missing as _missing, na
 from suite.errors import SpdbenchError
 from suite.results import SCENARIOS, ResultStore, Row
+from suite.vocabulary import is_random
 
 ACCURACY_CONFIG = ["strategy", "options", "tp", "spd_variant", "spd_blocks_pct"]  # one row of the accuracy table
 NOISE_SE = 2  # a change under this many standard errors is within noise
@@ -387,7 +388,7 @@ def _accuracy_cell(r, fills: Fills) -> Cell | str:
         return "0 (reference)"
     if r.acc_delta is not None:
         return r.acc_delta.text()
-    if str(r.model).startswith("random:"):
+    if is_random(r.model):
         return na("random weights: accuracy says nothing")
     return fills.accuracy(r)
 

@@ -198,15 +198,11 @@ def weight_bytes(model: str, dtype_bytes: int = 2) -> int:
     """Bytes of every weight of a ``random:<preset>`` model at N = 1 (what one decode step reads)."""
     import torch
 
-    from suite.model.llama import Block, Transformer
     from suite.model.presets import preset_config
-    from suite.model.sharding import default_layout
+    from suite.model.sharding import build_weightless_rank_model
+    from suite.vocabulary import random_preset
 
-    config = preset_config(model.removeprefix("random:"))
-    shards = [layer[0] for layer in default_layout(config, 1)]
-    with torch.device("meta"):  # shapes only
-        skeleton = Transformer(config, [Block(config, s.kv_of_q, len(s.kv_heads), s.ffn[1] - s.ffn[0])
-                                        for s in shards])
+    skeleton = build_weightless_rank_model(preset_config(random_preset(model)), 1, 0, torch.float32)  # shapes only
     return sum(p.numel() for p in skeleton.parameters()) * dtype_bytes
 
 

@@ -8,6 +8,7 @@ from suite.cli.common import add_placement_args, at_least, command_line
 from suite.defaults import DEVICES, DTYPE_NAMES, EMBEDDED_MODEL
 from spd.settings import PAPER_TASKS, SPD_STRATEGIES
 from suite.errors import SpdbenchError
+from suite.vocabulary import SPD_VARIANTS, check_strategy, parse_options
 
 
 def _model_args(p, tp_required: bool = True) -> None:
@@ -133,10 +134,8 @@ def cmd_sweep(args, parser) -> int:
         parse_limits(args.limit, tasks)  # bad limits fail before the distillation
         folder = data_dir(args.data_dir)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    from spd.plan import VARIANTS
-
-    if not variants or set(variants) - set(VARIANTS):
-        raise SpdbenchError(f"variants {args.variants!r}: choose among {', '.join(VARIANTS)} (comma-separated)")
+    if not variants or set(variants) - set(SPD_VARIANTS):
+        raise SpdbenchError(f"variants {args.variants!r}: choose among {', '.join(SPD_VARIANTS)} (comma-separated)")
     paths = sweep.plans(args.model, args.tp, args.sensitivity, budgets, _settings(args), args.out, variants)
     if args.metric == "ppl":
         table = sweep.ppl_sweep(args.model, args.tp, paths, args.eval_samples, args.eval_seq_len, results,
@@ -153,8 +152,6 @@ def cmd_sweep(args, parser) -> int:
 
 def parse_strategy(text: str) -> tuple[str, dict[str, str]]:
     """``spd:plan=p.json,x=1`` -> ``("spd", {"plan": "p.json", "x": "1"})``, name and plan file checked."""
-    from suite.cli.common import check_strategy, parse_options
-
     name, _, options = text.partition(":")
     check_strategy(name)
     parsed = parse_options([o for o in options.split(",") if o])
@@ -203,7 +200,7 @@ def add_command(sub) -> None:
     _model_args(p, tp_required=False)
     p.add_argument("--blocks", help="without a sensitivity file: the SPD blocks (all, last:K or i,j,...), "
                                     "each in the variant's mode")
-    p.add_argument("--variant", default="zs+b2b+hg", choices=["zs", "zs+b2b", "zs+b2b+hg"],
+    p.add_argument("--variant", default="zs+b2b+hg", choices=SPD_VARIANTS,
                    help="zs: every SPD block zero-shot; zs+b2b: no head grouping; zs+b2b+hg: full")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=cmd_plan)

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from suite.files import write_json_atomic
 from suite.model.sharding import BlockShard, Layout, check_tp, default_layout
 from suite.model.sources import ModelSource, WeightSource
 from suite.parallel.strategy import StrategyError
+from suite.vocabulary import SPD_MODES, check_variant, parse_blocks, strongest_mode
 
 FORMAT, VERSION = "spdbench-spd-plan", 1
-MODES = ("tp", "zs", "b2b", "hg+b2b")
 DISTILLED = ("b2b", "hg+b2b")
 
 
@@ -140,9 +140,9 @@ def load_plan(path: str | os.PathLike) -> Plan:
             b = entry.pop("block")
             if not isinstance(b, int) or b in blocks:
                 raise PlanError(f"SPD plan {path}: block {b!r} is not a block index or is listed twice")
-            if entry.get("mode") not in MODES:
+            if entry.get("mode") not in SPD_MODES:
                 raise PlanError(f"SPD plan {path}: block {b} has unknown mode {entry.get('mode')!r}; "
-                                f"choose one of {', '.join(MODES)}")
+                                f"choose one of {', '.join(SPD_MODES)}")
             blocks[b] = entry
         plan = Plan(str(data["model"]), int(data["tp"]), blocks, data.get("thresholds"), data.get("budget"),
                     data.get("weights"), data.get("distill"), path)
@@ -152,20 +152,6 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise PlanError(f"SPD plan {path} is malformed ({exc.__class__.__name__}: {exc}); "
                         "re-create it with `spdbench spd plan`") from None
     return plan
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def block_of(name: str) -> int | None:
@@ -191,32 +177,6 @@ class OverlayWeights(WeightSource):
         if ranges is None:
             return t
         return torch.cat([t.narrow(dim, a, b - a) for a, b in ranges], dim=dim)
-
-
-VARIANTS = ("zs", "zs+b2b", "zs+b2b+hg")
-QUANTILE_RULE = "t1, t2 = 1/3 and 2/3 quantiles (inclusive) of all blocks' sensitivities, unless given"
-MODE_OF_VARIANT = {"zs": "zs", "zs+b2b": "b2b", "zs+b2b+hg": "hg+b2b"}  # for blocks chosen without sensitivities
-
-
-def parse_blocks(spec: str, n_layers: int | None) -> set[int]:
-    """``all``, ``last:K`` or ``i,j,...`` -> block indices; ``n_layers=None`` checks the syntax only."""
-    spec, limit = spec.strip(), n_layers if n_layers is not None else float("inf")
-    try:
-        if spec == "all":
-            return set(range(n_layers or 0))
-        if spec.startswith("last:"):
-            k = int(spec[5:])
-            if not 0 <= k <= limit:
-                raise ValueError
-            return set(range(n_layers - k, n_layers)) if n_layers is not None else set()
-        blocks = {int(b) for b in spec.split(",") if b.strip()}
-    except ValueError:
-        raise PlanError(f"option blocks={spec!r}: expected all, last:K (0 <= K <= number of blocks) "
-                        "or a comma-separated list of block indices") from None
-    bad = sorted(b for b in blocks if not 0 <= b < limit)
-    if bad:
-        raise PlanError(f"option blocks={spec!r}: block {bad[0]} is out of range (the model has {n_layers} blocks)")
-    return blocks
 
 
 def parse_budget(budget: str, n_layers: int) -> int:
@@ -274,8 +234,7 @@ def thresholds(state: dict, t1: float | str | None, t2: float | str | None) -> d
 def make_plan(state: dict, budget: str, t1: float | str | None = None, t2: float | str | None = None,
               variant: str = "zs+b2b+hg") -> Plan:
     """SPD on the least sensitive blocks up to ``budget``, classified by the thresholds."""
-    if variant not in VARIANTS:
-        raise PlanError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    check_variant(variant, PlanError)
     sens = {int(b): s for b, s in state["sensitivity"].items()}
     n_layers = state["n_layers"]
     if sorted(sens) != list(range(n_layers)):
@@ -295,10 +254,9 @@ def make_plan(state: dict, budget: str, t1: float | str | None = None, t2: float
 def plan_for_blocks(model: str, tp: int, n_layers: int, blocks: str, variant: str) -> Plan:
     """SPD on the given blocks (``all``, ``last:K`` or ``i,j,...``), without a sensitivity analysis:
     every block gets the variant's mode (zs, b2b, or hg+b2b)."""
-    if variant not in VARIANTS:
-        raise PlanError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
-    chosen = parse_blocks(blocks, n_layers)
-    return Plan(model, tp, {b: {"mode": MODE_OF_VARIANT[variant]} for b in sorted(chosen)},
+    check_variant(variant, PlanError)
+    chosen = parse_blocks(blocks, n_layers, error=PlanError)
+    return Plan(model, tp, {b: {"mode": strongest_mode(variant)} for b in sorted(chosen)},
                 budget={"requested": f"blocks {blocks}", "blocks": len(chosen), "of": n_layers, "variant": variant})
 
 

@@ -26,10 +26,11 @@ import torch
 from tqdm import tqdm
 
 from spd.data import CALIBRATION, calibration_windows
-from spd.plan import PlanError, write_json_atomic
+from spd.plan import PlanError
 from spd.ppl import window_nll
 from spd.ranks import BlockStream
 from spd.stability import bootstrap
+from suite.files import write_json_atomic
 from suite.model.sources import resolve
 
 FORMAT, VERSION = "spdbench-spd-sensitivity", 2

@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from spd.plan import OverlayWeights, Plan, PlanError, load_plan, parse_blocks
+from spd.plan import OverlayWeights, Plan, PlanError, load_plan
 from suite.parallel.strategy import Strategy, SyncedModule, all_reduce_each, megatron_modules, register
+from suite.vocabulary import parse_blocks
 
 
 def spd_modules(layers, drop: set[int]) -> list[SyncedModule]:
@@ -58,7 +59,7 @@ class SPD(Strategy):
         self._drop: set[int] | None = None
         self._n_layers: int | None = None
         if self.blocks:
-            parse_blocks(self.blocks, None)  # the syntax now; the range once the model is known
+            parse_blocks(self.blocks, None, error=PlanError)  # the syntax now; the range once the model is known
 
     def bind(self, source, tp: int) -> None:
         """Check the plan (or block list) against the model and N; raises PlanError."""
@@ -67,7 +68,7 @@ class SPD(Strategy):
             self._plan.validate(source, tp)
             self._drop = self._plan.spd_blocks()
         else:
-            self._drop = parse_blocks(self.blocks, self._n_layers)
+            self._drop = parse_blocks(self.blocks, self._n_layers, error=PlanError)
 
     def layout(self, config, tp):
         return self._plan.layout(config, tp) if self._plan else super().layout(config, tp)

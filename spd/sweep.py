@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from spd.data import wikitext2_windows
 from spd.distill import WEIGHTS_FILE, distill
-from spd.plan import PlanError, VARIANTS, load_plan, make_plan, restrict
+from spd.plan import PlanError, load_plan, make_plan, restrict
 from spd.ppl import ppl_job
 from spd.sensitivity import load_sensitivity
 from suite.parallel import launch as launching
 from suite.results import PerplexityScenario, ResultStore, Row, environment
 from suite.model.sources import resolve
+from suite.vocabulary import SPD_VARIANTS
 
 
 def _distilled(state, out: Path, settings, model: str) -> dict[str, Path]:
@@ -55,7 +56,7 @@ def _distilled(state, out: Path, settings, model: str) -> dict[str, Path]:
 
 
 def plans(model: str, tp: int, sensitivity: str | Path, budgets: list[int], settings,
-          out: str | Path, variants: tuple[str, ...] = VARIANTS) -> dict[tuple[int, str], Path]:
+          out: str | Path, variants: tuple[str, ...] = SPD_VARIANTS) -> dict[tuple[int, str], Path]:
     """The plan of every (budget, variant), distilling the 100% plans first (once, where a variant
     distils); a 0% budget only as zs."""
     state = load_sensitivity(sensitivity)
@@ -80,7 +81,7 @@ def _table(values: dict[tuple[int, str], float]) -> pd.DataFrame:
     """Budget (rows) x variant (columns); the 0% budget's one model fills every variant."""
     variants = {v for _, v in values}
     values = values | {(0, v): values[0, "zs"] for v in variants if (0, "zs") in values}
-    return pd.Series(values).rename_axis(["budget_pct", "spd_variant"]).unstack()[[v for v in VARIANTS
+    return pd.Series(values).rename_axis(["budget_pct", "spd_variant"]).unstack()[[v for v in SPD_VARIANTS
                                                                                   if v in variants]]
 
 

@@ -36,8 +36,7 @@ from typing import ClassVar
 
 from suite.defaults import EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE
 from suite.errors import SpdbenchError
-
-PROVENANCES = ("measured", "projected", "simulated")
+from suite.vocabulary import is_gguf, is_random, random_preset
 
 
 class ResultsError(SpdbenchError):
@@ -221,10 +220,10 @@ GGUF_TYPE = re.compile(r"[._-]((?:I?Q\d\w*)|F16|BF16|F32)$", re.IGNORECASE)  # .
 def model_identity(model: str, dtype: str | None = None) -> dict:
     """What a ``model`` argument names: the model, its variant, how its weights are stored (and
     quantised), and the dtype it ran in. From the name alone: nothing is loaded."""
-    if model.startswith("random:"):
-        return {"name": model.split(":", 1)[1], "variant": "random weights, real shape",
+    if is_random(model):
+        return {"name": random_preset(model), "variant": "random weights, real shape",
                 "weights": "seeded random tensors (no trained weights)", "dtype": dtype}
-    if model == EMBEDDED_MODEL or model.endswith(".gguf"):
+    if is_gguf(model):
         stem = Path(EMBEDDED_GGUF if model == EMBEDDED_MODEL else model).stem
         quant = GGUF_TYPE.search(stem)
         name = stem[: quant.start()] if quant else stem

@@ -7,13 +7,12 @@ import contextlib
 import contextvars
 import shlex
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from suite.defaults import BACKENDS, DEFAULT_TIMEOUT_S, DEVICES, DTYPE_NAMES, EMBEDDED_MODEL, KERNELS, default_kernels
 from suite.errors import SpdbenchError
+from suite.vocabulary import check_strategy, model_form, parse_options
 
-STRATEGY_ENTRY_POINTS = "spdbench.strategies"
 _ARGV: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("argv", default=None)
 
 
@@ -64,40 +63,15 @@ def strategy_options(args) -> tuple[str, dict[str, str]]:
     return name, options
 
 
-def check_strategy(name: str) -> None:
-    """An installed strategy name (the ``spdbench.strategies`` entry points), checked without loading it."""
-    known = sorted(entry_points(group=STRATEGY_ENTRY_POINTS).names)
-    if name not in known:
-        raise SpdbenchError(f"unknown strategy {name!r}; choose one of: {', '.join(known)}")
-
-
 def check_model(model: str) -> None:
     """A model argument that cannot name a model, answered before anything loads (the source checks the rest)."""
-    path = Path(model)
-    if path.suffix == ".gguf" and not path.is_file():
-        raise SpdbenchError(f"model {model}: no such GGUF file")
-    forms = (model == EMBEDDED_MODEL, model.startswith("random:"), path.suffix == ".gguf", path.is_dir(),
-             model.count("/") == 1 and not path.exists())  # the last: a Hugging Face Hub id
-    if not any(forms):
-        raise SpdbenchError(f"unknown model {model!r}: use {EMBEDDED_MODEL}, random:<preset>, a .gguf path, "
-                            "a Hugging Face folder or a hub id")
+    model_form(model)
 
 
 def check_data_dir(folder: str | None) -> None:
     if folder is not None and not Path(folder).expanduser().is_dir():
         raise SpdbenchError(f"data_dir {folder}: no such data folder; point it at the offline data or leave it unset "
                             "to use the Hugging Face Hub")
-
-
-def parse_options(pairs: list[str]) -> dict[str, str]:
-    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SpdbenchError(f"strategy option {pair!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def at_least(minimum: float, **values) -> None:

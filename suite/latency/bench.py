@@ -33,7 +33,6 @@ profile, or a strategy the simulation cannot express, stops the run before it st
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -48,10 +47,9 @@ from suite.defaults import BACKENDS, BENCH_STORE as STORE_NAME, DEVICES, DTYPE_N
 from suite.errors import SpdbenchError
 from suite.latency.stats import Timings, summarise
 from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row, environment
+from suite.vocabulary import PROVENANCES
 
-MODES = ("measured", "projected", "simulated")
 DECODE_MODES = ("eager", "cuda_graph")
-_FIELDS = {f.name: f for f in dataclasses.fields(LatencyScenario)}
 AXES = ("model", "strategies", "tp", "batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode",
         "kernels", "interconnect", "device_profile")
 SCALARS = ("repetitions", "warmup", "mode", "backend", "timeout", "seed")
@@ -101,7 +99,7 @@ def expand(config: dict, where: str = "config") -> list[LatencyScenario]:
         cell = dict(zip(axes, values))
         name, options = cell.pop("strategies")
         if "kernels" not in cell and merged.get("mode", "measured") != "simulated":
-            cell["kernels"] = default_kernels(cell.get("device", _FIELDS["device"].default))
+            cell["kernels"] = default_kernels(cell.get("device", LatencyScenario.device))
         cells.append(LatencyScenario(strategy=name, strategy_options=options, **cell, **scalars))
     return cells
 
@@ -120,7 +118,7 @@ def check_settings(cell: LatencyScenario) -> str | None:
         value = getattr(cell, key)
         if not isinstance(value, int) or value < (0 if key == "warmup" else 1):
             return f"{key}={value!r} must be a{' non-negative' if key == 'warmup' else ' positive'} integer"
-    choices = {"dtype": DTYPE_NAMES, "decode_mode": DECODE_MODES, "mode": MODES, "backend": BACKENDS,
+    choices = {"dtype": DTYPE_NAMES, "decode_mode": DECODE_MODES, "mode": PROVENANCES, "backend": BACKENDS,
                "device": DEVICES}
     for key, allowed in choices.items():
         if getattr(cell, key) not in allowed:

@@ -89,10 +89,14 @@ def build_weightless_rank_model(config: LlamaConfig, tp: int, rank: int, dtype: 
     """Rank ``rank``'s shard with its real shapes and dtype and no weights (meta tensors): for costing
     the work of a forward pass, never for computing one."""
     with torch.device("meta"):
-        blocks = [Block(config, s.kv_of_q, len(s.kv_heads), s.ffn[1] - s.ffn[0])
-                  for s in (l[rank] for l in layout or default_layout(config, tp))]
+        blocks = [_empty_block(config, layer[rank]) for layer in layout or default_layout(config, tp)]
         model = Transformer(config, blocks).to(dtype)
     return model.eval().requires_grad_(False)
+
+
+def _empty_block(config: LlamaConfig, shard: BlockShard) -> Block:
+    """A block of ``shard``'s shapes on the current device (meta: no weights)."""
+    return Block(config, shard.kv_of_q, len(shard.kv_heads), shard.ffn[1] - shard.ffn[0])
 
 
 # A block's tensors: (parameter name, dim that is split, what it is split by: query heads, KV heads,
@@ -112,7 +116,7 @@ def shard_ranges(shard: BlockShard, split: str | None, hd: int) -> Ranges | None
 
 def _block(config: LlamaConfig, shard: BlockShard, state: dict[str, torch.Tensor], device) -> Block:
     with torch.device("meta"):
-        block = Block(config, shard.kv_of_q, len(shard.kv_heads), shard.ffn[1] - shard.ffn[0])
+        block = _empty_block(config, shard)
     block.load_state_dict(state, assign=True)
     # A buffer that is not a weight (the head map) is rebuilt off the meta device.
     block.self_attn.kv_of_q = torch.tensor(shard.kv_of_q, dtype=torch.long, device=device)

@@ -15,8 +15,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +24,10 @@ from transformers import LlamaConfig
 
 from suite.defaults import EMBEDDED_GGUF, EMBEDDED_MODEL as EMBEDDED
 from suite.errors import SpdbenchError
+from suite.files import atomic_output
 from suite.model.llama import head_dim
 from suite.model.presets import PRESETS, preset_config
+from suite.vocabulary import model_form, random_preset
 
 
 class ModelSourceError(SpdbenchError):
@@ -171,18 +171,12 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.hf_quantizer = None  # weights are dequantised to float32 already
     del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_output(out, folder=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -206,28 +200,27 @@ def _folder_source(folder: Path, identity: str) -> ModelSource:
 
 def resolve(model: str, device: str | torch.device = "cpu") -> ModelSource:
     """Turn a model argument into a source. Raises ModelSourceError with a one-line reason."""
-    if model.startswith("random:"):
-        name = model.split(":", 1)[1]
+    try:
+        form = model_form(model)
+    except SpdbenchError as exc:
+        raise ModelSourceError(str(exc)) from None
+    if form == "random":
+        name = random_preset(model)
         if name not in PRESETS:
             raise ModelSourceError(f"model {model}: unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         config = preset_config(name)
         return ModelSource(model, config, RandomWeights(config, device=device), None)
-    if model == EMBEDDED:
+    if form == "embedded":
         return _folder_source(gguf_to_safetensors(embedded_gguf()), EMBEDDED)
     path = Path(model)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelSourceError(f"model {model}: no such GGUF file")
+    if form == "gguf":
         return _folder_source(gguf_to_safetensors(path), path.stem)
-    if path.is_dir():
+    if form == "folder":
         return _folder_source(path, path.resolve().name)
-    if model.count("/") == 1 and not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
+    try:  # a Hugging Face Hub id
+        from huggingface_hub import snapshot_download
 
-            folder = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
-        except Exception as exc:  # network, auth or missing repo
-            raise ModelSourceError(f"model {model}: cannot fetch from the Hugging Face Hub ({exc.__class__.__name__})")
-        return _folder_source(Path(folder), model)
-    raise ModelSourceError(f"unknown model {model!r}: use {EMBEDDED}, random:<preset>, a .gguf path, "
-                           "a Hugging Face folder or a hub id")
+        folder = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as exc:  # network, auth or missing repo
+        raise ModelSourceError(f"model {model}: cannot fetch from the Hugging Face Hub ({exc.__class__.__name__})")
+    return _folder_source(Path(folder), model)

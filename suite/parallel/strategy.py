@@ -33,8 +33,8 @@ from suite.model.llama import Block, ForwardContext, Transformer
 from suite.model.sharding import Layout, build_rank_model, default_layout
 from suite.model.sources import ModelSource, WeightSource
 from suite.parallel.comm import Communicator
+from suite.vocabulary import STRATEGY_ENTRY_POINTS, check_strategy, installed_strategies
 
-ENTRY_POINTS = "spdbench.strategies"
 _REGISTRY: dict[str, type[Strategy]] = {}
 
 
@@ -122,15 +122,15 @@ def register(name: str):
 
 def names() -> list[str]:
     """Every strategy name: the entry points' (without importing them) and those registered in-process."""
-    return sorted({ep.name for ep in entry_points(group=ENTRY_POINTS)} | set(_REGISTRY))
+    return sorted(installed_strategies() | set(_REGISTRY))
 
 
 def strategy_class(name: str) -> type[Strategy]:
     if name not in _REGISTRY:
-        for ep in entry_points(group=ENTRY_POINTS, name=name):
+        for ep in entry_points(group=STRATEGY_ENTRY_POINTS, name=name):
             register(name)(ep.load())
     if name not in _REGISTRY:
-        raise StrategyError(f"unknown strategy {name!r}; choose one of: {', '.join(names())}")
+        check_strategy(name, names(), StrategyError)
     return _REGISTRY[name]
 
 

@@ -48,7 +48,7 @@ class DoesNotFit(Exception):
 
 
 @dataclasses.dataclass
-class Step:
+class SimulatedStep:
     """One simulated step: its time, the part of it with a collective in flight and no compute running,
     the link time, the kernels issued and the peak of live activation bytes."""
 
@@ -60,13 +60,13 @@ class Step:
 
 
 @dataclasses.dataclass
-class Generation:
+class SimulatedGeneration:
     """A simulated prefill and decode step (every decode step of the runner costs the same)."""
 
     batch: int
     new_tokens: int
-    prefill: Step
-    decode: Step | None  # None when only one token is generated
+    prefill: SimulatedStep
+    decode: SimulatedStep | None  # None when only one token is generated
     memory_bytes: dict[str, float]
 
     @property
@@ -109,7 +109,7 @@ class Simulator:
         return self._models[key]
 
     def generation(self, model: Transformer, strategy: Strategy, tp: int, rank: int, batch: int, prompt_len: int,
-                   new_tokens: int, decode_graph: bool) -> Generation:
+                   new_tokens: int, decode_graph: bool) -> SimulatedGeneration:
         """Prefill ``batch`` prompts of ``prompt_len`` tokens and decode ``new_tokens``; raises DoesNotFit."""
         comm = SimulatedCommunicator(rank=rank, world=tp, profile=self.link, cost=self.cost)
         max_len = prompt_len + new_tokens
@@ -122,7 +122,7 @@ class Simulator:
         self._check_fits(memory, tp, batch)
         host = self._host(model)
 
-        def step(phase: str, first: int, length: int, kv_len: int, graph: bool) -> Step:
+        def step(phase: str, first: int, length: int, kv_len: int, graph: bool) -> SimulatedStep:
             tokens = torch.zeros(batch * length, dtype=torch.long, device="meta")
             self.cost.start_step(phase, filled=first + length, cache_len=max_len)
             with torch.no_grad(), self.cost.active():
@@ -135,15 +135,15 @@ class Simulator:
                                    last_only=True)
                 logits.argmax(-1)
                 seconds = self.clock.end()
-            return Step(seconds, self.clock.exposed_communication(), self.clock.communication(), self.clock.kernels,
-                        self.clock.peak)
+            return SimulatedStep(seconds, self.clock.exposed_communication(), self.clock.communication(),
+                                 self.clock.kernels, self.clock.peak)
 
         prefill = step("prefill", 0, prompt_len, prompt_len, graph=False)
         middle = prompt_len + new_tokens // 2 - 1  # the slot whose step has the mean filled length
         decode = step("decode", middle, 1, max_len, decode_graph) if new_tokens > 1 else None
         memory["activations"] = float(max(s.peak_bytes for s in (prefill, decode) if s))
         self._check_fits(memory, tp, batch)
-        return Generation(batch, new_tokens, prefill, decode, memory)
+        return SimulatedGeneration(batch, new_tokens, prefill, decode, memory)
 
     def _host(self, model: Transformer) -> Transformer:
         """The model without blocks and with a one-token vocabulary, on the host: what its context code
@@ -191,7 +191,7 @@ def load_profiles(device_profile: str, interconnect: str) -> tuple[DeviceProfile
     return load_device(device_profile), load_profile(interconnect)
 
 
-def row_values(generation: Generation) -> dict:
+def row_values(generation: SimulatedGeneration) -> dict:
     """Latency row fields of a simulated generation (the fields measured rows have)."""
     timings, decode = Timings(), generation.decode
     timings.add(1e3 * generation.prefill.seconds, 1e3 * decode.seconds if decode else None,
