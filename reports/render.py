@@ -41,7 +41,7 @@ from reports import summary as answers
 from reports.cells import BOUND, GROUP, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, missing as _missing, na
 from suite.errors import SpdbenchError
 from suite.results import SCENARIOS, ResultStore, Row
-from suite.vocabulary import is_random
+from suite.vocabulary import SPD_VARIANTS, is_random
 
 ACCURACY_CONFIG = ["strategy", "options", "tp", "spd_variant", "spd_blocks_pct"]  # one row of the accuracy table
 NOISE_SE = 2  # a change under this many standard errors is within noise
@@ -497,8 +497,7 @@ def accuracy_section(acc: pd.DataFrame, refs: Refs, fills: Fills) -> list[dict]:
     tables = []
     order = {REFERENCE: 0, BOUND: 2}
     acc = acc.assign(order=acc.strategy.map(lambda s: order.get(s, 1)),
-                     variant_order=acc.spd_variant.map(lambda v: ["zs", "zs+b2b", "zs+b2b+hg"].index(v)
-                                                       if v in ("zs", "zs+b2b", "zs+b2b+hg") else -1))
+                     variant_order=acc.spd_variant.map(lambda v: SPD_VARIANTS.index(v) if v in SPD_VARIANTS else -1))
     acc = acc.sort_values(["order", "strategy", "tp", "variant_order", "spd_blocks_pct", "options"],
                           na_position="first")
     for model, df in acc.groupby("model"):

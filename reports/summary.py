@@ -23,6 +23,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from reports.cells import BOUND, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, missing as _missing, na
+from suite.vocabulary import is_random
 
 # Strategies that compute the unmodified model (their class attribute ``exact``; tests/test_report.py checks
 # this against the installed strategies). Any other name, a composite with SPD included, is not exact.
@@ -146,7 +147,7 @@ def scenarios(lat: pd.DataFrame, acc_changes: dict, ppl: dict, fills, anchors: d
     for key, g in lat.groupby("scenario", sort=False):
         g = g.sort_values("e2e_speedup", ascending=False, na_position="last")
         model, tp = g.model.iloc[0], g.tp.iloc[0]
-        random = str(model).startswith("random:")
+        random = is_random(model)
         header = ["strategy", "options", "exact", "end-to-end speedup", "prefill speedup", "decode speedup",
                   f"perplexity change on {model}, N={tp} (± s.e.)", f"task accuracy change on {model}, N={tp} "
                   "(± s.e.)"]

@@ -13,10 +13,10 @@ import bz2
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from suite.errors import SpdbenchError
+from suite.files import atomic_output
 from suite.results import parse_jsonl
 from suite.model.sources import cache_dir
 
@@ -180,15 +180,8 @@ def converted(task: str, folder: Path) -> Path:
     if out.exists():
         return out
     docs = convert(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(out) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
     return out
 
 
@@ -218,10 +211,9 @@ def include_dir(folder: Path) -> Path:
     out = cache_dir() / "tasks" / f"lm-eval-{key}"
     if out.is_dir():
         return out
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    for name, config in configs.items():
-        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, out)
+    with atomic_output(out, folder=True) as tmp:
+        for name, config in configs.items():
+            (tmp / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return out
 
 
