@@ -478,8 +478,8 @@ def test_browser_shows_every_strategy_in_every_summary_table(browser_run):
 
 def test_browser_shows_the_sections_in_order_and_the_cpu_caveat(browser_run):
     facts, _, _ = browser_run
-    assert facts["sections"] == ["models", "simulated", "measured", "projected", "figures", "accuracy", "spd", "cpu",
-                                 "benchmarks", "failed", "fill", "commands", "environments", "raw"]
+    assert facts["sections"] == ["summary", "models", "simulated", "measured", "projected", "figures", "accuracy",
+                                 "spd", "cpu", "benchmarks", "failed", "fill", "commands", "environments", "raw"]
     assert facts["caveat"].startswith("Not a comparison: ranks share the CPU's cores; this does not rank strategies.")
 
 
@@ -490,7 +490,12 @@ def test_browser_finds_every_in_page_link_target(browser_run):
 
 def test_browser_decodes_every_figure(browser_run):
     facts, _, _ = browser_run
-    assert [image["alt"] for image in facts["images"]] == [
+    alts = [image["alt"] for image in facts["images"]]
+    headline = [alt for alt in alts if alt.startswith("end-to-end speedups, ")]
+    # one headline figure per summary scenario: 7 simulated, 1 measured on GPUs, 6 projected (the CPU's rank nothing)
+    assert len(headline) == 14 and alts[:14] == headline
+    assert sum("simulated on" in a for a in headline) == 7 and sum("projected on" in a for a in headline) == 6
+    assert alts[14:] == [
         "Latency vs N per strategy", "Speedup over baseline", "Pareto: decode speedup vs accuracy change",
         "Accuracy change vs baseline", "Power over time", "Accuracy vs % of SPD blocks",
         "Perplexity vs % of SPD blocks", "Per-block SPD sensitivity"]
