@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from suite.cli.common import add_placement_args, at_least, command_line
+from suite.cli.common import add_placement_args, at_least, command_line, parse_strategy
 from suite.defaults import DEVICES, DTYPE_NAMES, EMBEDDED_MODEL
 from spd.settings import PAPER_TASKS, SPD_STRATEGIES
 from suite.errors import SpdbenchError
@@ -149,18 +149,6 @@ def cmd_sweep(args, parser) -> int:
     print(table.to_string())
     print(f"rows in {results}")
     return 0
-
-
-def parse_strategy(text: str) -> tuple[str, dict[str, str]]:
-    """``spd:plan=p.json,x=1`` -> ``("spd", {"plan": "p.json", "x": "1"})``, name and plan file checked."""
-    from suite.cli.common import check_strategy, parse_options
-
-    name, _, options = text.partition(":")
-    check_strategy(name)
-    parsed = parse_options([o for o in options.split(",") if o])
-    if parsed.get("plan") and not Path(parsed["plan"]).is_file():
-        raise SpdbenchError(f"strategy {text}: plan {parsed['plan']} is no file; make one with 'spdbench spd plan'")
-    return name, parsed
 
 
 def cmd_ppl(args, parser) -> int:
