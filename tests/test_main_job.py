@@ -77,9 +77,9 @@ def test_every_row_names_the_step_that_wrote_it(two_runs):
     plan = f"{out}/spd/plan-tp2.json"
     assert commands["accuracy.jsonl"] == {
         f"spdbench eval --model random:tiny --tp 2 --strategy {name}{options} --tasks piqa --limit 2 "
-        f"--dtype float32 --device cpu --out {out}/accuracy.jsonl" for name, options in [("baseline", ""), ("spd", f" --strategy-opt plan={plan}"),
-                                                           ("spd+ladder", f" --strategy-opt plan={plan}"),
-                                                           ("ladder", ""), ("tokenweave", "")]}
+        f"--dtype float32 --device cpu --out {out}/accuracy.jsonl"
+        for name, options in [("baseline", ""), ("spd", f" --strategy-opt plan={plan}"),
+                              ("spd+ladder", f" --strategy-opt plan={plan}"), ("ladder", ""), ("tokenweave", "")]}
     identities = {json.dumps(r["model_identity"], sort_keys=True) for rows in after_first.values() for r in rows}
     assert {json.loads(i)["variant"] for i in identities} == {"random weights, real shape"}
 
