@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from suite.cli.common import add_placement_args, at_least, command_line
+from suite.cli.common import add_placement_args, at_least, command_line, parse_strategy
 from suite.defaults import DEVICES, DTYPE_NAMES, EMBEDDED_MODEL
 from spd.settings import PAPER_TASKS, SPD_STRATEGIES
 from suite.errors import SpdbenchError
-from suite.vocabulary import SPD_VARIANTS, check_strategy, parse_options
+from suite.vocabulary import SPD_VARIANTS
 
 
 def _model_args(p, tp_required: bool = True) -> None:
@@ -148,16 +147,6 @@ def cmd_sweep(args, parser) -> int:
     print(table.to_string())
     print(f"rows in {results}")
     return 0
-
-
-def parse_strategy(text: str) -> tuple[str, dict[str, str]]:
-    """``spd:plan=p.json,x=1`` -> ``("spd", {"plan": "p.json", "x": "1"})``, name and plan file checked."""
-    name, _, options = text.partition(":")
-    check_strategy(name)
-    parsed = parse_options([o for o in options.split(",") if o])
-    if parsed.get("plan") and not Path(parsed["plan"]).is_file():
-        raise SpdbenchError(f"strategy {text}: plan {parsed['plan']} is no file; make one with 'spdbench spd plan'")
-    return name, parsed
 
 
 def cmd_ppl(args, parser) -> int:

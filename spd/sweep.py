@@ -111,14 +111,15 @@ def accuracy_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], task
                    strategy: str = "spd") -> pd.DataFrame:
     """Mean accuracy over ``tasks`` (acc_norm where a task has it) per budget (rows) and variant (columns).
 
-    Each plan is evaluated with lm-eval through the TP model (``suite.accuracy.evaluate``), which
+    Every plan is evaluated with lm-eval on one launch of the TP ranks (``suite.accuracy.evaluate``), which
     appends one row per task and metric to ``results`` and skips the tasks already there."""
     from suite.accuracy.evaluate import evaluate
 
     mean = {}
-    for key, path in tqdm(paths.items(), desc="accuracy sweep (plans)"):
-        rows = evaluate(model, tp, strategy, {"plan": str(path)}, tasks, limits, folder, results, command,
-                        device=device, backend=backend, timeout=timeout, batch_size=batch_size)
+    per_plan = evaluate(model, tp, [(strategy, {"plan": str(path)}, command) for path in paths.values()], tasks,
+                        limits, folder, results, device=device, backend=backend, timeout=timeout,
+                        batch_size=batch_size)
+    for key, rows in zip(paths, per_plan):
         scores = {(r.scenario.task, r.scenario.metric): r.values["value"] for r in rows}
         mean[key] = sum(scores.get((t, "acc_norm"), scores.get((t, "acc"), float("nan"))) for t in tasks) / len(tasks)
     return _table(mean)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from types import SimpleNamespace
 
 import pytest
@@ -99,8 +100,7 @@ def test_tokenweave_equals_baseline(runs):
 
 def test_projecting_communicator_is_refused():
     with pytest.raises(ValueError, match="projecting communicator"):
-        _RankScorer(SimpleNamespace(carries_data=False, rank=0, world=1), torch.device("cpu"), "random:tiny",
-                    "baseline", {}, "float32")
+        _RankScorer(SimpleNamespace(carries_data=False, rank=0, world=1), torch.device("cpu"), "random:tiny", "float32")
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -124,7 +124,32 @@ def test_eval_command_writes_accuracy_rows(tmp_path):
     assert len({r["cell_id"] for r in rows}) == len(rows)
 
 
+def test_several_strategies_on_one_launch_score_as_each_alone(tmp_path):
+    """ladder then baseline on one launch of 2 gloo ranks: the rows equal those of each strategy's own
+    launch, and each row's command is that launch."""
+    common = ["--model", "random:tiny", "--tp", "2", "--tasks", "piqa", "--limit", "2"]
+    together, alone = tmp_path / "together.jsonl", tmp_path / "alone.jsonl"
+    assert _cli([*common, "--strategy", "ladder:layers=last:1", "--strategy", "baseline", "--out", str(together)]) == 0
+    rows = [json.loads(line) for line in together.read_text().splitlines()]
+    commands = {r["command"] for r in rows}
+    assert len(rows) == 4 and len(commands) == 2
+    for command in commands:  # each row's own command, run alone into another file
+        argv = shlex.split(command)[2:]
+        assert _cli([*argv[:argv.index("--out")], "--out", str(alone)]) == 0
+    by_cell = {r["cell_id"]: r for r in map(json.loads, alone.read_text().splitlines())}
+    assert sorted(by_cell) == sorted(r["cell_id"] for r in rows)
+    for row in rows:
+        assert row["value"] == by_cell[row["cell_id"]]["value"] and row["stderr"] == by_cell[row["cell_id"]]["stderr"]
+    assert {(r["strategy"], json.dumps(r["strategy_options"])) for r in rows} == {
+        ("ladder", '{"layers": "last:1"}'), ("baseline", "{}")}
+    assert _cli([*common, "--strategy", "baseline", "--strategy", "ladder:layers=last:1", "--out", str(together)]) == 0
+    assert len(together.read_text().splitlines()) == 4  # resumed: nothing left to run, no row added
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--tasks", "piqa", "--strategy", "baseline", "--strategy", "ladder", "--strategy-opt", "layers=last:1"],
+     "strategy_opt and spd_plan apply to a single --strategy"),
+    (["--tasks", "piqa", "--strategy", "nope"], "unknown strategy 'nope'"),
     (["--tasks", "piqa,nope"], "unknown task 'nope'"),
     (["--tasks", "piqa", "--data-dir", "/nonexistent/data"], "data_dir /nonexistent/data: no such data folder"),
     (["--tasks", "piqa", "--limit", "0"], "limit 0 is invalid"),

@@ -459,7 +459,7 @@ def test_accuracy_code_refuses_a_projecting_communicator():
 
     comm = ProjectingCommunicator(rank=0, world=2, profile=flat_profile(1))
     with pytest.raises(ValueError, match="projecting communicator"):
-        _RankScorer(comm, torch.device("cpu"), "random:tiny", "baseline", {}, "float32")
+        _RankScorer(comm, torch.device("cpu"), "random:tiny", "float32")
 
 
 # ---------------------------------------------------------------- GPU: the SM-holding link

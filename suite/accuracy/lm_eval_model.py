@@ -27,14 +27,22 @@ eval_logger = logging.getLogger(__name__)
 
 
 class _RankScorer:
-    """One rank's model; every rank runs the same calls with the same batches."""
+    """One rank's model; every rank runs the same calls with the same batches. ``use`` switches the
+    strategy (a model its previous strategy shares is kept: ``ModelCache``)."""
 
-    def __init__(self, comm, device, model, strategy, options, dtype, kernels="eager"):
-        from suite.parallel.runner import load_runner
+    def __init__(self, comm, device, model, dtype, kernels="eager"):
+        from suite.parallel.runner import ModelCache
 
         if not comm.carries_data:
             raise SpdbenchError("accuracy needs real collectives; a projecting communicator only models their cost")
-        self.runner = load_runner(comm, device, model, strategy, options, dtype, kernels)
+        self.comm, self.model_name, self.dtype, self.kernels = comm, model, dtype, kernels
+        self.models, self.runner = ModelCache(device), None
+
+    def use(self, strategy: str, options: dict) -> None:
+        from suite.parallel.strategy import bound_strategy
+
+        chosen = bound_strategy(strategy, options, self.models.source(self.model_name), self.comm.world)
+        self.runner = self.models.runner(self.model_name, self.dtype, chosen, self.comm, self.kernels)
 
     @torch.inference_mode()
     def score(self, batch: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
@@ -91,15 +99,29 @@ class SpdbenchLM(TemplateLM):
         placement(int(tp), device, backend)
         source = resolve(model)
         check_tp(source.config, int(tp))
+        self.model_name, self.source, self.tp = model, source, int(tp)
+        self.dtype, self.placed_on, self.kernels = dtype, device, kernels
         self.strategy = bound_strategy(strategy, options, source, int(tp))  # bad names, options, plans: before any spawn
         self.tokenizer = source.tokenizer()
         self.max_length = int(max_length or source.config.max_position_embeddings)
         self.batch_size = int(max_batch_size or (32 if batch_size == "auto" else batch_size))
         self.max_batch_tokens = int(max_batch_tokens)
-        self.description = dict(model=model, tp=int(tp), strategy=strategy, strategy_options=self.strategy.options(),
-                                dtype=dtype, device=device, kernels=kernels)
-        self.pool = RankPool(_RankScorer, int(tp), model, strategy, options, dtype, kernels, device=device,
-                             backend=backend, timeout_s=float(timeout))
+        self.pool = RankPool(_RankScorer, int(tp), model, dtype, kernels, device=device, backend=backend,
+                             timeout_s=float(timeout))
+        self._use(strategy, options)
+
+    def use(self, strategy: str, options: dict) -> None:
+        """Score with ``strategy`` from now on, on the same ranks."""
+        from suite.parallel.strategy import bound_strategy
+
+        self.strategy = bound_strategy(strategy, options, self.source, self.tp)
+        self._use(strategy, options)
+
+    def _use(self, strategy: str, options: dict) -> None:
+        self.pool.call("use", strategy, options)
+        self.description = dict(model=self.model_name, tp=self.tp, strategy=strategy,
+                                strategy_options=self.strategy.options(), dtype=self.dtype, device=self.placed_on,
+                                kernels=self.kernels)
 
     @property
     def eot_token_id(self) -> int:

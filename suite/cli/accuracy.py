@@ -6,7 +6,7 @@ import shlex
 import sys
 import time
 
-from suite.cli.common import add_model_args, at_least, check_data_dir, check_model, kernels_of, strategy_options
+from suite.cli.common import add_model_args, at_least, check_data_dir, check_model, kernels_of, strategy_specs
 from suite.errors import SpdbenchError
 
 
@@ -31,7 +31,7 @@ def cmd_eval(args, parser) -> int:
     at_least(1, tp=args.tp, max_length=args.max_length, batch_size=args.batch_size)
     check_model(args.model)
     check_data_dir(args.data_dir)
-    strategy, options = strategy_options(args)
+    configs = strategy_specs(args)
     from suite.accuracy.evaluate import evaluate, parse_limits
     from suite.accuracy.tasks import data_dir
     from suite.cli.generate import print_model_warning
@@ -42,16 +42,18 @@ def cmd_eval(args, parser) -> int:
     folder = data_dir(args.data_dir)
     ResultStore(args.out).rows()  # a broken results file fails now, not after the evaluation
     start = time.perf_counter()
-    rows = evaluate(args.model, args.tp, strategy, options, names, args.limit, folder, args.out,
-                    canonical_command(args, strategy, options), dtype=args.dtype, device=args.device,
-                    kernels=kernels_of(args), backend=args.backend, timeout=args.timeout, batch_size=args.batch_size,
-                    max_length=args.max_length, bootstrap_iters=args.bootstrap_iters)
-    print_model_warning(strategy_class(strategy), "score")
-    for row in rows:
-        stderr = row.values["stderr"]
-        print(f"{row.scenario.task:16s} {row.scenario.metric:16s} {row.values['value']:.4f}"
-              + (f" ± {stderr:.4f}" if stderr is not None else ""))
-    print(f"{len(rows)} rows in {args.out} ({time.perf_counter() - start:.0f} s, {strategy}, tp={args.tp})")
+    results = evaluate(args.model, args.tp, [(s, o, canonical_command(args, s, o)) for s, o in configs], names,
+                       args.limit, folder, args.out, dtype=args.dtype, device=args.device, kernels=kernels_of(args),
+                       backend=args.backend, timeout=args.timeout, batch_size=args.batch_size,
+                       max_length=args.max_length, bootstrap_iters=args.bootstrap_iters)
+    for (strategy, options), rows in zip(configs, results):
+        print(f"{strategy}{' ' + str(options) if options else ''} N={args.tp}:")
+        print_model_warning(strategy_class(strategy), "score")
+        for row in rows:
+            stderr = row.values["stderr"]
+            print(f"  {row.scenario.task:16s} {row.scenario.metric:16s} {row.values['value']:.4f}"
+                  + (f" ± {stderr:.4f}" if stderr is not None else ""))
+    print(f"{sum(map(len, results))} rows in {args.out} ({time.perf_counter() - start:.0f} s, tp={args.tp})")
     return 0
 
 
@@ -74,7 +76,7 @@ def cmd_lm_eval(args, parser) -> int:
 
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy and perplexity with lm-eval's tasks on N tensor-parallel ranks")
-    add_model_args(p)
+    add_model_args(p, several=True)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. piqa,arc_easy,hellaswag,wikitext")
     p.add_argument("--limit", action="append", default=[], metavar="K | TASK=K",
                    help="documents per task (default: all); TASK=K sets one task's, repeatable "

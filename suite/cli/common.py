@@ -16,12 +16,18 @@ from suite.vocabulary import check_strategy, model_form, parse_options
 _ARGV: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("argv", default=None)
 
 
-def add_model_args(p: argparse.ArgumentParser, tp_default: int | None = 1) -> None:
+def add_model_args(p: argparse.ArgumentParser, tp_default: int | None = 1, several: bool = False) -> None:
+    """``several``: --strategy is repeatable, each NAME[:KEY=VALUE,...] (``strategy_specs``)."""
     p.add_argument("--model", default=EMBEDDED_MODEL,
                    help="smollm2-135m (embedded), random:<preset>, a .gguf path, an HF folder or hub id")
     p.add_argument("--tp", type=int, default=tp_default, required=tp_default is None,
                    help="tensor-parallel degree N")
-    p.add_argument("--strategy", default="baseline", help="baseline, spd, ladder, tokenweave, seqpar, nocomm, ...")
+    if several:
+        p.add_argument("--strategy", action="append", metavar="NAME[:KEY=VALUE,...]",
+                       help="a strategy and its options, repeatable: all run on the same N ranks "
+                            "(e.g. --strategy baseline --strategy spd:plan=plan.json); default baseline")
+    else:
+        p.add_argument("--strategy", default="baseline", help="baseline, spd, ladder, tokenweave, seqpar, nocomm, ...")
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. layers=last:16, split_min_tokens=0)")
     p.add_argument("--spd-plan", metavar="PLAN.json",
@@ -61,6 +67,30 @@ def strategy_options(args) -> tuple[str, dict[str, str]]:
         raise SpdbenchError(f"spd_plan {options['plan']}: no such file; make one with 'spdbench spd plan' "
                             "(or run 'spdbench run', which writes OUT/spd/plan-tpN.json)")
     return name, options
+
+
+def parse_strategy(text: str) -> tuple[str, dict[str, str]]:
+    """``spd:plan=p.json,x=1`` -> ``("spd", {"plan": "p.json", "x": "1"})``, name and plan file checked."""
+    name, _, options = text.partition(":")
+    check_strategy(name)
+    parsed = parse_options([o for o in options.split(",") if o])
+    if parsed.get("plan") and not Path(parsed["plan"]).is_file():
+        raise SpdbenchError(f"strategy {text}: plan {parsed['plan']} is no file; make one with 'spdbench spd plan'")
+    return name, parsed
+
+
+def strategy_specs(args) -> list[tuple[str, dict[str, str]]]:
+    """The strategies of a repeatable --strategy; --strategy-opt and --spd-plan apply to a single one."""
+    specs = args.strategy or ["baseline"]
+    if len(specs) == 1:
+        name, options = parse_strategy(specs[0])
+        name, extra = strategy_options(argparse.Namespace(strategy=name, strategy_opt=args.strategy_opt,
+                                                          spd_plan=args.spd_plan))
+        return [(name, options | extra)]
+    if args.strategy_opt or args.spd_plan:
+        raise SpdbenchError("strategy_opt and spd_plan apply to a single --strategy; with several, give each its "
+                            "options: --strategy NAME:KEY=VALUE,...")
+    return [parse_strategy(spec) for spec in specs]
 
 
 def check_model(model: str) -> None:

@@ -1,30 +1,7 @@
 """``spdbench run``: the main job, from a fresh install to the comparison report.
 
-On the embedded default (smollm2-135m, N = 1/2/4, every strategy) it runs, as ordinary spdbench
-commands printed before they start:
-
-1. a quick SPD sensitivity pass per N > 1 and a zero-shot plan for the least sensitive half of
-   the blocks (at N = 1 an SPD block equals a baseline block, so SPD runs on every block);
-2. the latency the question is about, simulated on a named 8-GPU system (``--simulate``): every
-   strategy with the same SPD plans at the model's shape, and at a large preset's shape
-   (``--large-model``, N = 4 and 8), where SPD drops the same share of blocks (the last ones:
-   every block has the same shape, so which blocks does not change the simulated latency);
-3. the latency matrix measured on this machine at the largest N, one repetition: a check that every
-   strategy runs end to end, decode included (on a CPU the N ranks share the cores, so it ranks
-   nothing, and more N or repetitions would only cost time);
-4. WikiText-2 test perplexity per usable strategy at each N > 1 (2048 tokens through the same TP
-   code path; the report pairs the windows for a standard error of the change), and the zero-shot
-   SPD perplexity sweep over 0/25/50/75/100% of the blocks at the largest N;
-5. a small task-accuracy pass (lm-eval tasks with ``--limit``), every usable strategy at each N > 1
-   (accuracy costs matter where there is a sync to drop; the exact baseline's does not depend on N);
-6. the report of everything under ``--out``, its summary first.
-
-Each step's time is printed after it, and all of them at the end.
-
-Every step writes under ``--out`` and resumes from it: finished cells and tasks are skipped, so a
-second run adds no rows. A step that ends with failed cells does not stop the job (the report
-shows them; the job then exits 1); bad input stops it at once (exit 2). With ``--config`` the
-latency step runs the user's matrix instead, and the other steps are left out.
+Its steps are ordinary spdbench commands, printed before they start, each writing under ``--out`` and
+resuming from it; docs/main-job.md describes them, what each informs and what they cost.
 """
 
 from __future__ import annotations
@@ -40,8 +17,10 @@ from suite.errors import SpdbenchError
 
 SPD_STRATEGIES = ["spd", "spd+ladder", "spd+tokenweave"]  # each runs the same SPD plan
 STRATEGIES = ["baseline", *SPD_STRATEGIES, "ladder", "tokenweave", "seqpar", "nocomm"]  # others: default options
-# seqpar computes what tokenweave does, spd+tokenweave what spd does
-ACCURACY_STRATEGIES = ["baseline", "spd", "spd+ladder", "ladder", "tokenweave", "nocomm"]
+# Perplexity and task accuracy: seqpar computes what tokenweave does, spd+tokenweave what spd does, nocomm is no
+# model; the exact baseline's accuracy does not depend on N (the report's reference at any N), so it runs at one.
+REFERENCE = "baseline"
+ACCURACY_STRATEGIES = [REFERENCE, "spd", "spd+ladder", "ladder", "tokenweave"]
 SPD_BUDGET = 50  # % of blocks with SPD: the least sensitive half
 SWEEP_BUDGETS = "0,25,50,75,100"  # the SPD perplexity curve (zero-shot) at the largest N
 # WikiText-2 test perplexity per strategy x N: 2048 tokens, in windows enough for a paired standard error
@@ -65,6 +44,13 @@ def _spd_options(tp: int, plans: dict[int, Path]) -> dict[str, str]:
 def _options(name: str, tp: int, plans: dict[int, Path]) -> dict[str, str]:
     """SPD and its composites (``spd+...``) run the plan of N; the others their defaults."""
     return _spd_options(tp, plans) if name == "spd" or name.startswith("spd+") else {}
+
+
+def _strategy_args(names: list[str], tp: int, plans: dict[int, Path]) -> list[str]:
+    """``--strategy NAME[:KEY=VALUE,...]`` per strategy, as ``spd ppl`` and ``eval`` take them."""
+    return [w for name in names
+            for w in ("--strategy", name + ":" * bool(_options(name, tp, plans)) + ",".join(
+                f"{k}={v}" for k, v in _options(name, tp, plans).items()))]
 
 
 def _strategies(tp: int, plans: dict[int, Path]) -> list[dict]:
@@ -132,10 +118,8 @@ def steps_of(args) -> list[list[str]]:
     steps.append(["bench", "--config", _write(out / "measured.yaml", measured), "--out", str(out)])
     communicating = [tp for tp in args.tp if tp > 1] or args.tp  # accuracy costs matter where there is a sync
     for tp in communicating:
-        configs = [name + "".join(f":{k}={v}" for k, v in _options(name, tp, plans).items())
-                   for name in ACCURACY_STRATEGIES if name != "nocomm"]  # nocomm is no model to score
         steps.append(["spd", "ppl", "--model", args.model, "--tp", str(tp),
-                      *[w for c in configs for w in ("--strategy", c)], "--samples", str(PPL_SAMPLES),
+                      *_strategy_args(ACCURACY_STRATEGIES, tp, plans), "--samples", str(PPL_SAMPLES),
                       "--seq-len", str(PPL_SEQ_LEN), "--out", str(out / "perplexity.jsonl")])
     if plans:
         tp = max(plans)
@@ -144,11 +128,10 @@ def steps_of(args) -> list[list[str]]:
                       "--budgets", SWEEP_BUDGETS, "--eval-samples", str(PPL_SAMPLES), "--eval-seq-len",
                       str(PPL_SEQ_LEN), "--out", str(out / "spd" / f"sweep-tp{tp}"), "--results",
                       str(out / "spd.jsonl")])
-    for tp in communicating:
-        for name in ACCURACY_STRATEGIES:
-            options = [w for k, v in _options(name, tp, plans).items() for w in ("--strategy-opt", f"{k}={v}")]
-            steps.append(["eval", "--model", args.model, "--tp", str(tp), "--strategy", name, *options,
-                          "--tasks", args.tasks, "--limit", str(args.limit), "--out", str(out / "accuracy.jsonl")])
+    for tp in communicating:  # every strategy of N on one launch of N ranks
+        names = [n for n in ACCURACY_STRATEGIES if n != REFERENCE or tp == communicating[0]]
+        steps.append(["eval", "--model", args.model, "--tp", str(tp), *_strategy_args(names, tp, plans),
+                      "--tasks", args.tasks, "--limit", str(args.limit), "--out", str(out / "accuracy.jsonl")])
     return [*steps, report]
 
 
@@ -202,9 +185,8 @@ def cmd_run(args, parser) -> int:
 
 def add_command(sub) -> None:
     p = sub.add_parser("run", help="the main job: SPD plans, simulated and measured latency, accuracy, report",
-                       description="The main job on the embedded default: SPD plans from a quick sensitivity "
-                       "pass, latency simulated on a named 8-GPU system, latency measured here (a pipeline check), "
-                       "a small accuracy pass and the report. Re-running resumes and adds no rows.")
+                       description="The main job on the embedded default, as spdbench commands it prints: see "
+                       "docs/main-job.md. Re-running resumes and adds no rows.")
     p.add_argument("--model", default="smollm2-135m",
                    help="the model (smollm2-135m: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="TP degrees N of every step")
