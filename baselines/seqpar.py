@@ -43,7 +43,7 @@ class ScatteredStream:
         self.ctx, self.tokens, self.comm = ctx, h.shape[0], comm
         self._sync = comm.fused_sync if fused else functools.partial(split_sync, comm)
         rows = -(-self.tokens // comm.world)
-        self.residual = self._pad(h)[comm.rank * rows: (comm.rank + 1) * rows]
+        self.residual = self._pad(h)[comm.rank * rows : (comm.rank + 1) * rows]
         self.normed = h if norm is None else norm(h)
         self.ready: torch.cuda.Event | None = None
 

@@ -63,8 +63,10 @@ class TokenWeave(Strategy):
         at = self.split_point(h.shape[0], comm.world)
         if at is None or not modules:
             return fused_layers(modules, h, comm, ctx, self.fused)
-        halves = [ScatteredStream(x, c, modules[0].norm, comm, self.fused)
-                  for x, c in zip(h.split([at, h.shape[0] - at]), ctx.split(at))]
+        halves = [
+            ScatteredStream(x, c, modules[0].norm, comm, self.fused)
+            for x, c in zip(h.split([at, h.shape[0] - at]), ctx.split(at))
+        ]
         for module, next_norm in steps(modules):
             for half in halves:
                 half.wait_ready()  # compute waits for this half's previous sync only now

@@ -39,11 +39,22 @@ MODELS = ["random:llama3-8b", "random:llama3-70b", "random:llama3.1-405b"]
 BATCHES = [1, 16, 64]
 SPD_SHARE = 0.5  # SPD (and its composites) drop the attention sync in the last half of the blocks
 # The deployment scenario: the ladder paper's prompt and generation length, half precision, CUDA-graph decode.
-SCENARIO = {"prompt_len": 1024, "new_tokens": 512, "dtype": "float16", "device": "cuda", "decode_mode": "cuda_graph",
-            "mode": "simulated", "repetitions": 1, "warmup": 0}
-PHASES = {"e2e": ("e2e_ms_median", "end to end"), "prefill": ("prefill_ms_median", "prefill"),
-          "decode": ("decode_ms_per_token_median", "decode"),
-          "e2e_exact": ("e2e_ms_median", "end to end, exact methods only")}
+SCENARIO = {
+    "prompt_len": 1024,
+    "new_tokens": 512,
+    "dtype": "float16",
+    "device": "cuda",
+    "decode_mode": "cuda_graph",
+    "mode": "simulated",
+    "repetitions": 1,
+    "warmup": 0,
+}
+PHASES = {
+    "e2e": ("e2e_ms_median", "end to end"),
+    "prefill": ("prefill_ms_median", "prefill"),
+    "decode": ("decode_ms_per_token_median", "decode"),
+    "e2e_exact": ("e2e_ms_median", "end to end, exact methods only"),
+}
 
 
 def strategy_entry(name: str, layers: int) -> dict | str:
@@ -53,8 +64,14 @@ def strategy_entry(name: str, layers: int) -> dict | str:
     return name
 
 
-def matrix(models: dict[str, int], systems: list[str], tps: list[int] | None, batches: list[int],
-           strategies: list[str], extra: dict) -> dict:
+def matrix(
+    models: dict[str, int],
+    systems: list[str],
+    tps: list[int] | None,
+    batches: list[int],
+    strategies: list[str],
+    extra: dict,
+) -> dict:
     """The bench matrix: ``models`` maps each model to its block count; ``tps`` (None: each system's
     own N) are kept where the system has them; ``extra``: further bench keys, passed through."""
     matrices = []
@@ -63,8 +80,15 @@ def matrix(models: dict[str, int], systems: list[str], tps: list[int] | None, ba
             device_profile, interconnect, system_tps = SYSTEMS[name]
             tp = [n for n in system_tps if tps is None or n in tps]
             if tp:
-                matrices.append({"model": model, "device_profile": device_profile, "interconnect": interconnect,
-                                 "tp": tp, "strategies": [strategy_entry(s, layers) for s in strategies]})
+                matrices.append(
+                    {
+                        "model": model,
+                        "device_profile": device_profile,
+                        "interconnect": interconnect,
+                        "tp": tp,
+                        "strategies": [strategy_entry(s, layers) for s in strategies],
+                    }
+                )
     return {**SCENARIO, "batch": batches, **extra, "matrices": matrices}
 
 
@@ -80,23 +104,34 @@ def best_cells(rows: list[dict]) -> pd.DataFrame:
         return pd.DataFrame(columns=["model", "batch", "system", "tp", "phase", "best", "speedup", "why"])
     lat["system"] = [system_label(d, i) for d, i in zip(lat.device_profile, lat.interconnect)]
     lat["options"] = lat.strategy_options.map(lambda o: ",".join(f"{k}={v}" for k, v in sorted((o or {}).items())))
-    varying = [k for k in ("prompt_len", "new_tokens", "dtype", "decode_mode", "kernels") if k in lat
-               and lat[k].map(str).nunique() > 1]
+    varying = [
+        k
+        for k in ("prompt_len", "new_tokens", "dtype", "decode_mode", "kernels")
+        if k in lat and lat[k].map(str).nunique() > 1
+    ]
     out = []
     for key, g in lat.groupby(["model", "batch", "system", "tp", *varying], sort=True):
         base = g[(g.strategy == REFERENCE) & (g.status == "ok")]
         usable = g[(g.status == "ok") & g.usable_model.astype(bool) & (g.strategy != REFERENCE)]
         for phase, (column, _) in PHASES.items():
-            cell = dict(zip(["model", "batch", "system", "tp", *varying], key), phase=phase, best=None,
-                        speedup=float("nan"), why=None)
+            cell = dict(
+                zip(["model", "batch", "system", "tp", *varying], key),
+                phase=phase,
+                best=None,
+                speedup=float("nan"),
+                why=None,
+            )
             if base.empty:
                 failed = g[(g.strategy == REFERENCE) & (g.status == "failed")]
-                cell["why"] = (str(failed.error.iloc[0]).splitlines()[0][:120] if len(failed)
-                               else "no baseline row")
+                cell["why"] = str(failed.error.iloc[0]).splitlines()[0][:120] if len(failed) else "no baseline row"
             else:
-                speedups = {(r.strategy, r.options): base[column].iloc[0] / r[column]
-                            for _, r in usable.iterrows() if not missing(r[column]) and r[column] > 0
-                            and (not phase.endswith("_exact") or r.strategy in EXACT)}
+                speedups = {
+                    (r.strategy, r.options): base[column].iloc[0] / r[column]
+                    for _, r in usable.iterrows()
+                    if not missing(r[column])
+                    and r[column] > 0
+                    and (not phase.endswith("_exact") or r.strategy in EXACT)
+                }
                 winner = max(speedups, key=speedups.get, default=None)
                 if winner is None or speedups[winner] <= 1:
                     cell |= {"best": REFERENCE, "speedup": 1.0}
@@ -128,17 +163,29 @@ def heatmaps(best: pd.DataFrame) -> list[dict]:
     keys = [c for c in best.columns if c not in ("system", "tp", "phase", "best", "speedup", "why")]
     for key, g in best.groupby(keys, sort=True):
         title = ", ".join([str(key[0])] + [f"{k.replace('_', ' ')} {v}" for k, v in zip(keys[1:], key[1:])])
-        fig, axes = plt.subplots(1, len(PHASES), figsize=(5.2 * len(PHASES), 0.5 * g.system.nunique() + 1.4),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(PHASES), figsize=(5.2 * len(PHASES), 0.5 * g.system.nunique() + 1.4), squeeze=False
+        )
         top = g.speedup.max()  # one colour scale for the panels
         for ax, (phase, (_, label)) in zip(axes[0], PHASES.items()):
             d = g[g.phase == phase]
             values = d.pivot(index="system", columns="tp", values="speedup").astype(float)
             text = d.assign(text=[f"{b}\n{s:.2f}x" if b else "n/a" for b, s in zip(d.best, d.speedup)]).pivot(
-                index="system", columns="tp", values="text")
-            sns.heatmap(values, annot=text.fillna("n/a"), fmt="", cmap="viridis", vmin=1.0,
-                        vmax=top if top > 1 else 1.01, cbar=ax is axes[0][-1], ax=ax, annot_kws={"fontsize": 7},
-                        linewidths=0.5, yticklabels=ax is axes[0][0])
+                index="system", columns="tp", values="text"
+            )
+            sns.heatmap(
+                values,
+                annot=text.fillna("n/a"),
+                fmt="",
+                cmap="viridis",
+                vmin=1.0,
+                vmax=top if top > 1 else 1.01,
+                cbar=ax is axes[0][-1],
+                ax=ax,
+                annot_kws={"fontsize": 7},
+                linewidths=0.5,
+                yticklabels=ax is axes[0][0],
+            )
             ax.set(title=f"{label}: best, speedup over baseline", xlabel="N", ylabel="")
             ax.title.set_size(9)
         fig.suptitle(f"{title} (simulated)", fontsize=10, y=1.04)
@@ -186,10 +233,19 @@ def page(rows: list[dict], source: str) -> str:
         table.append([*key, *cells])
     header = [*keys, *[f"{label} {what}" for _, label in PHASES.values() for what in ("best", "speedup")]]
     lat = [r for r in rows if r.get("kind") == "latency"]
-    scenario = "; ".join(f"{k} {v}" for k, v in SCENARIO.items() if k not in ("mode", "repetitions", "warmup")
-                         and len({str(r.get(k)) for r in lat}) == 1)
-    return PAGE.render(n_rows=len(lat), source=source, figures=heatmaps(best) if not best.empty else [],
-                       header=header, table=table, scenario=scenario)
+    scenario = "; ".join(
+        f"{k} {v}"
+        for k, v in SCENARIO.items()
+        if k not in ("mode", "repetitions", "warmup") and len({str(r.get(k)) for r in lat}) == 1
+    )
+    return PAGE.render(
+        n_rows=len(lat),
+        source=source,
+        figures=heatmaps(best) if not best.empty else [],
+        header=header,
+        table=table,
+        scenario=scenario,
+    )
 
 
 def write(results: Path, out: Path) -> Path:

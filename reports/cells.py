@@ -7,8 +7,15 @@ import math
 from dataclasses import dataclass
 
 SCENARIO = ["batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode", "kernels"]
-SCENARIO_LABELS = {"batch": "batch", "prompt_len": "prompt", "new_tokens": "new tokens", "dtype": "dtype",
-                   "device": "device", "decode_mode": "decode", "kernels": "kernels"}
+SCENARIO_LABELS = {
+    "batch": "batch",
+    "prompt_len": "prompt",
+    "new_tokens": "new tokens",
+    "dtype": "dtype",
+    "device": "device",
+    "decode_mode": "decode",
+    "kernels": "kernels",
+}
 GROUP = ["model", "provenance", "device_profile", "interconnect", "tp", *SCENARIO]
 REFERENCE = "baseline"
 BOUND = "nocomm"

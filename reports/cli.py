@@ -18,6 +18,7 @@ def cmd_report(args, parser) -> int:
         raise SpdbenchError(f"results {missing[0]}: no such file or folder")
     from reports import gate
     from reports.render import load, write
+
     max_drop = gate.parse_limits(args.max_accuracy_drop, "--max-accuracy-drop")
     min_accuracy = gate.parse_limits(args.min_accuracy, "--min-accuracy")
     results = load(args.results)
@@ -62,8 +63,14 @@ def cmd_atlas(args, parser) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = out / "atlas.yaml"
-    matrix = atlas.matrix({m: resolve(m).config.num_hidden_layers for m in models}, args.systems or list(SYSTEMS),
-                          args.tp, args.batch or BATCHES, strategies, extra)
+    matrix = atlas.matrix(
+        {m: resolve(m).config.num_hidden_layers for m in models},
+        args.systems or list(SYSTEMS),
+        args.tp,
+        args.batch or BATCHES,
+        strategies,
+        extra,
+    )
     config.write_text(yaml.safe_dump(matrix, sort_keys=False))
     start = time.monotonic()
     code = main(["bench", "--config", str(config), "--out", str(out)])
@@ -81,23 +88,45 @@ def add_atlas(sub) -> None:
     p.add_argument("--systems", nargs="+", help=f"systems (default: all: {', '.join(SYSTEMS)})")
     p.add_argument("--tp", type=int, nargs="+", help="N to keep (default: each system's: 2 4 8 in a node, 16 over two)")
     p.add_argument("--batch", type=int, nargs="+", help=f"batch sizes (default: {' '.join(map(str, BATCHES))})")
-    p.add_argument("--strategies", nargs="+", help="strategies (default: every installed one but nocomm, a bound, "
-                                                   "and seqpar, an analysis of tokenweave)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a further bench matrix key for every cell, repeatable (YAML value)")
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        help="strategies (default: every installed one but nocomm, a bound, and seqpar, an analysis of tokenweave)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further bench matrix key for every cell, repeatable (YAML value)",
+    )
     p.set_defaults(handler=cmd_atlas)
 
 
 def add_command(sub) -> None:
     p = sub.add_parser("report", help="HTML report (tables, figures, environment) from result files")
-    p.add_argument("results", nargs="+", metavar="RESULTS",
-                   help="JSONL result stores (spdbench bench/eval/spd), folders of them (e.g. the --out of "
-                        "'spdbench run'), and pytest-benchmark JSON files")
+    p.add_argument(
+        "results",
+        nargs="+",
+        metavar="RESULTS",
+        help="JSONL result stores (spdbench bench/eval/spd), folders of them (e.g. the --out of "
+        "'spdbench run'), and pytest-benchmark JSON files",
+    )
     p.add_argument("-o", "--output", default="report.html", help="the HTML file to write")
     p.add_argument("--title", default="spdbench report", help="page title")
-    p.add_argument("--max-accuracy-drop", action="append", default=[], metavar="STRATEGY=PP",
-                   help="fail (exit 1) if STRATEGY's mean accuracy is more than PP points below the baseline's "
-                        "(repeatable, e.g. tokenweave=0.5)")
-    p.add_argument("--min-accuracy", action="append", default=[], metavar="TASK=VALUE",
-                   help="fail (exit 1) if the baseline's accuracy on TASK is below VALUE (repeatable, e.g. piqa=0.6)")
+    p.add_argument(
+        "--max-accuracy-drop",
+        action="append",
+        default=[],
+        metavar="STRATEGY=PP",
+        help="fail (exit 1) if STRATEGY's mean accuracy is more than PP points below the baseline's "
+        "(repeatable, e.g. tokenweave=0.5)",
+    )
+    p.add_argument(
+        "--min-accuracy",
+        action="append",
+        default=[],
+        metavar="TASK=VALUE",
+        help="fail (exit 1) if the baseline's accuracy on TASK is below VALUE (repeatable, e.g. piqa=0.6)",
+    )
     p.set_defaults(handler=cmd_report)

@@ -22,8 +22,10 @@ SYSTEM = ["setting", "model", "device_profile", "interconnect"]
 def parts(strategy: str, options: dict | None) -> list[tuple[str, dict]]:
     """A composite's parts at its plan: (``spd``, the SPD options), (the schedule, the other options)."""
     options = options or {}
-    return [("spd", {k: v for k, v in options.items() if k in SPD_OPTIONS}),
-            (COMPOSITES[strategy], {k: v for k, v in options.items() if k not in SPD_OPTIONS})]
+    return [
+        ("spd", {k: v for k, v in options.items() if k in SPD_OPTIONS}),
+        (COMPOSITES[strategy], {k: v for k, v in options.items() if k not in SPD_OPTIONS}),
+    ]
 
 
 def comparisons(lat: pd.DataFrame) -> pd.DataFrame:
@@ -41,10 +43,19 @@ def comparisons(lat: pd.DataFrame) -> pd.DataFrame:
                     ours, theirs = getattr(r, f"{stat}_median"), part[f"{stat}_median"]
                     if missing(ours) or missing(theirs):
                         continue
-                    out.append({**{c: getattr(r, c) for c in [*SYSTEM, "tp", *SCENARIO]}, "composite": r.strategy,
-                                "options": r.options, "step": step, "composite_ms": ours, "part": name,
-                                "part_options": part["options"], "part_ms": theirs,
-                                "within_spread": _overlap(r._asdict(), part, stat)})
+                    out.append(
+                        {
+                            **{c: getattr(r, c) for c in [*SYSTEM, "tp", *SCENARIO]},
+                            "composite": r.strategy,
+                            "options": r.options,
+                            "step": step,
+                            "composite_ms": ours,
+                            "part": name,
+                            "part_options": part["options"],
+                            "part_ms": theirs,
+                            "within_spread": _overlap(r._asdict(), part, stat),
+                        }
+                    )
     return pd.DataFrame(out)
 
 
@@ -66,22 +77,48 @@ def slower(lat: pd.DataFrame) -> list[dict]:
     out = []
     for key, g in found.groupby(SYSTEM, sort=True, dropna=False):
         varying = [c for c in SCENARIO if g[c].map(str).nunique() > 1]
-        fixed = [f"{SCENARIO_LABELS[c]} {g[c].iloc[0]}" for c in SCENARIO if c not in varying
-                 and not missing(g[c].iloc[0])]
+        fixed = [
+            f"{SCENARIO_LABELS[c]} {g[c].iloc[0]}" for c in SCENARIO if c not in varying and not missing(g[c].iloc[0])
+        ]
         setting, model, device_profile, link = key
         system = " + ".join(str(p) for p in (device_profile, link) if not missing(p))
         worse = g[g.composite_ms > g.part_ms]
         rows = []
         for r in worse.itertuples():
             cell = ", ".join([f"N={r.tp}", *(f"{SCENARIO_LABELS[c]} {getattr(r, c)}" for c in varying)])
-            by = f"+{100 * (r.composite_ms / r.part_ms - 1):.2f}%" + (" (within the p10-p90 spread)"
-                                                                       if r.within_spread else "")
-            rows.append([cell, r.composite, r.options, r.step, f"{r.composite_ms:.2f}",
-                         r.part + (f" ({r.part_options})" if r.part_options else ""), f"{r.part_ms:.2f}", by])
-        out.append({"title": f"{model}, {SETTINGS[setting]}" + (f" on {system}" if system else "")
-                    + (": " + ", ".join(fixed) if fixed else ""),
-                    "slower": len(worse), "compared": len(g),
-                    "header": ["cell", "composite", "options", "step", "composite (ms)", "part", "part (ms)",
-                               "composite slower by"], "rows": rows})
+            by = f"+{100 * (r.composite_ms / r.part_ms - 1):.2f}%" + (
+                " (within the p10-p90 spread)" if r.within_spread else ""
+            )
+            rows.append(
+                [
+                    cell,
+                    r.composite,
+                    r.options,
+                    r.step,
+                    f"{r.composite_ms:.2f}",
+                    r.part + (f" ({r.part_options})" if r.part_options else ""),
+                    f"{r.part_ms:.2f}",
+                    by,
+                ]
+            )
+        out.append(
+            {
+                "title": f"{model}, {SETTINGS[setting]}"
+                + (f" on {system}" if system else "")
+                + (": " + ", ".join(fixed) if fixed else ""),
+                "slower": len(worse),
+                "compared": len(g),
+                "header": [
+                    "cell",
+                    "composite",
+                    "options",
+                    "step",
+                    "composite (ms)",
+                    "part",
+                    "part (ms)",
+                    "composite slower by",
+                ],
+                "rows": rows,
+            }
+        )
     return out
-

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-
 import math
 
 import matplotlib
@@ -51,8 +50,14 @@ FILL_ACCURACY = "spdbench eval --model MODEL --tp N --strategy STRATEGY --tasks 
 def _label(df: pd.DataFrame) -> pd.Series:
     """The strategy, with its options only where it ran with several option sets in one panel at one N
     (an SPD plan per N is one line; the tables name the options)."""
-    several = (df.assign(setting=_setting(df)).groupby(["strategy", "setting", "tp"])["options"].nunique()
-               .groupby("strategy").max() > 1)
+    several = (
+        df.assign(setting=_setting(df))
+        .groupby(["strategy", "setting", "tp"])["options"]
+        .nunique()
+        .groupby("strategy")
+        .max()
+        > 1
+    )
     opts = df["options"].fillna("").map(lambda o: f" ({o[:40]}{'...' if len(o) > 40 else ''})" if o else "")
     return df["strategy"].map(str) + opts.where(df["strategy"].map(several).fillna(False).astype(bool), "")
 
@@ -67,6 +72,7 @@ def _palette(lat: pd.DataFrame) -> dict:
 
 def _how(df: pd.DataFrame) -> pd.Series:
     """How each latency row was obtained, profiles named: 'simulated h100-sxm + h100-nvswitch', 'measured (cuda)'."""
+
     def how(r) -> str:
         if r.provenance == "simulated":
             return f"simulated {r.device_profile} + {r.interconnect}"
@@ -80,8 +86,9 @@ def _how(df: pd.DataFrame) -> pd.Series:
 def _setting(df: pd.DataFrame) -> pd.Series:
     """Model and how its rows were obtained (profiles named), and the scenario where it varies."""
     setting = df["model"].map(str) + " | " + _how(df)
-    scenario = ("batch " + df["batch"].map(str) + ", prompt " + df["prompt_len"].map(str) + ", "
-                + df["decode_mode"].map(str))
+    scenario = (
+        "batch " + df["batch"].map(str) + ", prompt " + df["prompt_len"].map(str) + ", " + df["decode_mode"].map(str)
+    )
     varies = scenario.groupby(setting).transform("nunique") > 1
     return setting + ("\n" + scenario).where(varies, "")
 
@@ -98,14 +105,26 @@ def latency_vs_n(lat: pd.DataFrame) -> dict:
     if lat.empty:
         return _missing(title, NO_LATENCY, FILL_LATENCY)
     df = lat.assign(strategy_label=_label(lat), setting=_setting(lat)).melt(
-        id_vars=["strategy_label", "setting", "model", "tp"], value_vars=list(PHASES), var_name="phase",
-        value_name="ms")
+        id_vars=["strategy_label", "setting", "model", "tp"], value_vars=list(PHASES), var_name="phase", value_name="ms"
+    )
     df = df.dropna(subset=["ms"]).assign(phase=lambda d: d.phase.map(PHASES))
     if df.empty:
         return _missing(title, "the latency rows have no timings")
-    g = sns.relplot(df, x="tp", y="ms", hue="strategy_label", palette=_palette(lat), col="phase", row="setting",
-                    kind="line", marker="o", errorbar=None, height=3, aspect=1.9,
-                    facet_kws={"sharey": False, "sharex": False})
+    g = sns.relplot(
+        df,
+        x="tp",
+        y="ms",
+        hue="strategy_label",
+        palette=_palette(lat),
+        col="phase",
+        row="setting",
+        kind="line",
+        marker="o",
+        errorbar=None,
+        height=3,
+        aspect=1.9,
+        facet_kws={"sharey": False, "sharex": False},
+    )
     for (model, phase), d in df.groupby(["model", "phase"]):  # panels that compare: one model, one phase
         axes = [ax for (setting, col), ax in g.axes_dict.items() if col == phase and setting in set(d.setting)]
         low, high = d.ms.min(), d.ms.max()
@@ -116,8 +135,12 @@ def latency_vs_n(lat: pd.DataFrame) -> dict:
         ax.set_xticks(sorted(df[df.setting == setting].tp.unique()))
     g.set_titles("{row_name}\n{col_name}", size=9).set_axis_labels("N (tensor-parallel ranks)", "median latency")
     g.legend.set_title("strategy")
-    return _figure(title, "median prefill latency and decode time per token; panels of one model and phase share "
-                          "their scale (logarithmic where the values span decades); lower is better", g.figure)
+    return _figure(
+        title,
+        "median prefill latency and decode time per token; panels of one model and phase share "
+        "their scale (logarithmic where the values span decades); lower is better",
+        g.figure,
+    )
 
 
 def speedup_bars(lat: pd.DataFrame) -> dict:
@@ -125,20 +148,48 @@ def speedup_bars(lat: pd.DataFrame) -> dict:
     if lat.empty:
         return _missing(title, NO_LATENCY, FILL_LATENCY)
     df = lat[lat.strategy != "baseline"].assign(strategy_label=_label(lat), setting=_setting(lat))
-    df = df.melt(id_vars=["strategy_label", "setting", "tp"], value_vars=list(SPEEDUPS), var_name="phase",
-                 value_name="speedup").dropna(subset=["speedup"]).assign(phase=lambda d: d.phase.map(SPEEDUPS))
+    df = (
+        df.melt(
+            id_vars=["strategy_label", "setting", "tp"],
+            value_vars=list(SPEEDUPS),
+            var_name="phase",
+            value_name="speedup",
+        )
+        .dropna(subset=["speedup"])
+        .assign(phase=lambda d: d.phase.map(SPEEDUPS))
+    )
     if df.empty:
-        return _missing(title, "no scenario has both a baseline row and another strategy",
-                        "add baseline to the strategies of the latency matrix and re-run it")
+        return _missing(
+            title,
+            "no scenario has both a baseline row and another strategy",
+            "add baseline to the strategies of the latency matrix and re-run it",
+        )
     palette = _palette(lat)
-    g = sns.catplot(df, x="tp", y="speedup", hue="strategy_label", palette=palette,
-                    hue_order=[k for k in palette if k in set(df.strategy_label)], col="phase", row="setting",
-                    kind="bar", errorbar=None, height=3, aspect=1.9, sharey="row", sharex=False)
+    g = sns.catplot(
+        df,
+        x="tp",
+        y="speedup",
+        hue="strategy_label",
+        palette=palette,
+        hue_order=[k for k in palette if k in set(df.strategy_label)],
+        col="phase",
+        row="setting",
+        kind="bar",
+        errorbar=None,
+        height=3,
+        aspect=1.9,
+        sharey="row",
+        sharex=False,
+    )
     g.refline(y=1, color="grey", linestyle="--")
     g.set_titles("{row_name}\n{col_name}", size=9).set_axis_labels("N (tensor-parallel ranks)", "t_baseline / t")
     g.legend.set_title("strategy")
-    return _figure(title, "prefill and decode of one setting share their scale; above the dashed line is faster than "
-                          "the baseline; nocomm is the no-communication bound (not a usable model)", g.figure)
+    return _figure(
+        title,
+        "prefill and decode of one setting share their scale; above the dashed line is faster than "
+        "the baseline; nocomm is the no-communication bound (not a usable model)",
+        g.figure,
+    )
 
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
@@ -165,36 +216,67 @@ def pareto(lat: pd.DataFrame) -> dict:
     usable = lat[lat.usable_model.astype(bool) & (lat.strategy != "baseline")]
     usable = usable[usable.acc_delta.notna() & usable.decode_speedup.notna()]
     if usable.empty:
-        return _missing(title, "no usable strategy besides the baseline has both latency rows (simulated, GPU-measured "
-                               "or projected) and accuracy rows at the same N", FILL_ACCURACY)
-    df = usable.assign(strategy_label=_label(lat), setting=_setting(usable), N=usable.tp,  # labels as in the palette
-                       change=[c.delta_pp for c in usable.acc_delta], bar=[2 * c.se_pp for c in usable.acc_delta])
+        return _missing(
+            title,
+            "no usable strategy besides the baseline has both latency rows (simulated, GPU-measured "
+            "or projected) and accuracy rows at the same N",
+            FILL_ACCURACY,
+        )
+    df = usable.assign(
+        strategy_label=_label(lat),
+        setting=_setting(usable),
+        N=usable.tp,  # labels as in the palette
+        change=[c.delta_pp for c in usable.acc_delta],
+        bar=[2 * c.se_pp for c in usable.acc_delta],
+    )
     settings = sorted(df.setting.unique())
     palette, markers = _palette(lat), _n_markers(df.N)
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False, sharex=True,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False, sharex=True, sharey=True
+    )
     for ax, setting in zip(axes[0], settings):
         d = df[df.setting == setting]
         ax.axvline(0, color="grey", linewidth=0.8)
         ax.axhline(1, color="grey", linewidth=0.8)
         for r in d.itertuples():
-            ax.errorbar(r.change, r.decode_speedup, xerr=None if math.isnan(r.bar) else r.bar, fmt="none",
-                        ecolor=palette[r.strategy_label], elinewidth=1, capsize=3, alpha=0.7)
-        sns.scatterplot(d.drop(columns="strategy").rename(columns={"strategy_label": "strategy"}), x="change",
-                        y="decode_speedup",
-                        hue="strategy", style="N", palette=palette,
-                        markers=markers, hue_order=[k for k in palette if k in set(d.strategy_label)], s=70, ax=ax,
-                        legend=ax is axes[0][-1])
+            ax.errorbar(
+                r.change,
+                r.decode_speedup,
+                xerr=None if math.isnan(r.bar) else r.bar,
+                fmt="none",
+                ecolor=palette[r.strategy_label],
+                elinewidth=1,
+                capsize=3,
+                alpha=0.7,
+            )
+        sns.scatterplot(
+            d.drop(columns="strategy").rename(columns={"strategy_label": "strategy"}),
+            x="change",
+            y="decode_speedup",
+            hue="strategy",
+            style="N",
+            palette=palette,
+            markers=markers,
+            hue_order=[k for k in palette if k in set(d.strategy_label)],
+            s=70,
+            ax=ax,
+            legend=ax is axes[0][-1],
+        )
         ax.scatter([0], [1], marker="*", s=160, color="black", zorder=3, label="baseline (reference)")
         front = _front(pd.concat([d.change, pd.Series([0.0])]), pd.concat([d.decode_speedup, pd.Series([1.0])]))
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", linewidth=1, linestyle=":")
-        ax.set(title=setting, xlabel="accuracy change vs baseline (pp, ± 2 s.e.)",
-               ylabel="decode speedup over baseline")
+        ax.set(
+            title=setting, xlabel="accuracy change vs baseline (pp, ± 2 s.e.)", ylabel="decode speedup over baseline"
+        )
         ax.title.set_size(9)
     axes[0][-1].legend(fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return _figure(title, "up and to the right is better; the star is the baseline; bars span ± 2 standard errors "
-                          "of the accuracy change (a bar that crosses 0 is within noise); marker shape: N; dotted: "
-                          "the Pareto front", fig)
+    return _figure(
+        title,
+        "up and to the right is better; the star is the baseline; bars span ± 2 standard errors "
+        "of the accuracy change (a bar that crosses 0 is within noise); marker shape: N; dotted: "
+        "the Pareto front",
+        fig,
+    )
 
 
 def accuracy_change(acc: pd.DataFrame) -> dict:
@@ -204,16 +286,22 @@ def accuracy_change(acc: pd.DataFrame) -> dict:
         return _missing(title, "no accuracy rows in the results", FILL_ACCURACY)
     df = acc[(acc.strategy != "baseline") & (acc.strategy != "nocomm") & acc.delta_pp.notna()]
     if df.empty:
-        return _missing(title, "no usable strategy besides the baseline has accuracy rows with a baseline to compare",
-                        FILL_ACCURACY)
+        return _missing(
+            title, "no usable strategy besides the baseline has accuracy rows with a baseline to compare", FILL_ACCURACY
+        )
     pct = df.spd_blocks_pct.map(lambda v: "" if pd.isna(v) else f" {v:.0f}%")
     variant = df.spd_variant.map(lambda v: "" if pd.isna(v) else f" {VARIANTS.get(v, v)}")
     df = df.assign(config=df.strategy + variant + pct, N=df.tp)
     several = df.groupby(["model", "config", "N"])["options"].transform("nunique") > 1  # e.g. two plans of one budget
     df["config"] = df.config + df.options.map(lambda o: f" ({o})").where(several, "")
     models = sorted(df.model.unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(max(5.5, 0.45 * df.config.nunique() + 2.5) * len(models), 4),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1,
+        len(models),
+        figsize=(max(5.5, 0.45 * df.config.nunique() + 2.5) * len(models), 4),
+        squeeze=False,
+        sharey=True,
+    )
     markers, ns = _n_markers(df.N), sorted(df.N.unique())
     colours = dict(zip(ns, sns.color_palette("colorblind", len(ns))))
     for ax, model in zip(axes[0], models):
@@ -223,29 +311,51 @@ def accuracy_change(acc: pd.DataFrame) -> dict:
         for i, n in enumerate(ns):
             dn = d[d.N == n]
             x = [configs.index(c) + (i - (len(ns) - 1) / 2) * width for c in dn.config]
-            ax.errorbar(x, dn.delta_pp, yerr=2 * dn.delta_se_pp, fmt=markers[n], color=colours[n], capsize=3,
-                        label=f"N={n}")
+            ax.errorbar(
+                x, dn.delta_pp, yerr=2 * dn.delta_se_pp, fmt=markers[n], color=colours[n], capsize=3, label=f"N={n}"
+            )
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(configs)), configs, rotation=30, ha="right", fontsize=8)
         ax.set(title=model, ylabel="mean accuracy change (pp, ± 2 s.e.)")
         ax.title.set_size(9)
         ax.legend(fontsize=7)
-    return _figure(title, "mean over the evaluated tasks (acc_norm where a task has it); bars span ± 2 standard "
-                          "errors: a bar that crosses 0 is within noise; nocomm (not a usable model) is left out", fig)
+    return _figure(
+        title,
+        "mean over the evaluated tasks (acc_norm where a task has it); bars span ± 2 standard "
+        "errors: a bar that crosses 0 is within noise; nocomm (not a usable model) is left out",
+        fig,
+    )
 
 
 def power_timelines(lat: pd.DataFrame) -> dict:
     title = "Power over time"
     if lat.empty or "telemetry" not in lat:
         return _missing(title, "no latency rows with telemetry", FILL_GPU)
-    samples = [{"model": r.model, "run": f"{r.strategy} N={r.tp}", "s": s, "W": w}
-               for r in lat.itertuples() if isinstance(r.telemetry, dict)
-               for s, w in r.telemetry.get("timeline") or []]
+    samples = [
+        {"model": r.model, "run": f"{r.strategy} N={r.tp}", "s": s, "W": w}
+        for r in lat.itertuples()
+        if isinstance(r.telemetry, dict)
+        for s, w in r.telemetry.get("timeline") or []
+    ]
     if not samples:
-        return _missing(title, "no telemetry timeline was measured (only GPUs have power readings; simulated and "
-                               "projected rows have none)", FILL_GPU)
-    g = sns.relplot(pd.DataFrame(samples), x="s", y="W", hue="run", col="model", kind="line", errorbar=None, height=3,
-                    aspect=1.6, facet_kws={"sharex": False})
+        return _missing(
+            title,
+            "no telemetry timeline was measured (only GPUs have power readings; simulated and "
+            "projected rows have none)",
+            FILL_GPU,
+        )
+    g = sns.relplot(
+        pd.DataFrame(samples),
+        x="s",
+        y="W",
+        hue="run",
+        col="model",
+        kind="line",
+        errorbar=None,
+        height=3,
+        aspect=1.6,
+        facet_kws={"sharex": False},
+    )
     g.set_titles("{col_name}", size=9).set_axis_labels("seconds", "total GPU power (W)")
     return _figure(title, "power samples during the measured runs", g.figure)
 

@@ -37,14 +37,16 @@ def check(rows: list[dict], max_drop: dict[str, float], min_accuracy: dict[str, 
             if math.isnan(r.delta_pp):
                 results.append((f"{where}: no baseline accuracy on the same tasks to compare with", False))
             else:
-                results.append((f"{where}: {r.delta_pp:+.2f} pp vs baseline (allowed: -{limit} pp)",
-                                -r.delta_pp <= limit))
+                results.append(
+                    (f"{where}: {r.delta_pp:+.2f} pp vs baseline (allowed: -{limit} pp)", -r.delta_pp <= limit)
+                )
     base = headline_accuracy(acc[acc.strategy == REFERENCE]) if not acc.empty else acc
     for task, floor in min_accuracy.items():
         mine = base[base.task == task] if not base.empty else base
         if mine.empty:
             results.append((f"baseline {task}: no accuracy rows to check against the floor {floor}", False))
         for r in mine.itertuples():
-            results.append((f"baseline {r.model} N={r.tp} {task} {r.metric} = {r.value:.4f} (floor {floor})",
-                            r.value >= floor))
+            results.append(
+                (f"baseline {r.model} N={r.tp} {task} {r.metric} = {r.value:.4f} (floor {floor})", r.value >= floor)
+            )
     return results

@@ -38,7 +38,8 @@ from markupsafe import Markup
 
 from reports import composition, figures, spd
 from reports import summary as answers
-from reports.cells import BOUND, GROUP, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, missing as _missing, na
+from reports.cells import BOUND, GROUP, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, na
+from reports.cells import missing as _missing
 from suite.errors import SpdbenchError
 from suite.results import SCENARIOS, ResultStore, Row
 from suite.vocabulary import SPD_VARIANTS, is_random
@@ -154,8 +155,10 @@ class Change(NamedTuple):
 def frame(rows: list[dict], kind: str) -> pd.DataFrame:
     """Successful rows of one kind (every field of the kind is in every row: ``suite.results``)."""
     fields = [f.name for f in dataclasses.fields(SCENARIOS[kind])] + list(SCENARIOS[kind].values)
-    df = pd.DataFrame([r for r in rows if r["kind"] == kind and r["status"] == "ok"],
-                      columns=["cell_id", "kind", *fields, "status", "provenance", "usable_model", "env", "command"])
+    df = pd.DataFrame(
+        [r for r in rows if r["kind"] == kind and r["status"] == "ok"],
+        columns=["cell_id", "kind", *fields, "status", "provenance", "usable_model", "env", "command"],
+    )
     df["options"] = df["strategy_options"].map(options_label)
     return df
 
@@ -190,8 +193,10 @@ def latency_table(lat: pd.DataFrame, acc_delta: dict) -> pd.DataFrame:
     lat["acc_delta"] = [acc_delta.get((r.model, r.strategy, r.options, r.tp)) for r in lat.itertuples()]
     order = {REFERENCE: 0, BOUND: 2}
     lat["order"] = lat.strategy.map(lambda s: order.get(s, 1))
-    return lat.sort_values(["order", "strategy", "options", "tp", *SCENARIO],
-                           key=lambda c: c if pd.api.types.is_numeric_dtype(c) else c.map(str))
+    return lat.sort_values(
+        ["order", "strategy", "options", "tp", *SCENARIO],
+        key=lambda c: c if pd.api.types.is_numeric_dtype(c) else c.map(str),
+    )
 
 
 def bound_unresolved(gap: float, base: float, noise: float) -> str | None:
@@ -202,8 +207,9 @@ def bound_unresolved(gap: float, base: float, noise: float) -> str | None:
     if not _missing(noise) and gap <= noise:
         return "noise"
     if gap < BOUND_MIN_GAP * base:
-        return (f"nocomm within {100 * BOUND_MIN_GAP:.0f}% of the baseline ({gap:.3g} of {base:.3g} ms): "
-                "no bound to share")
+        return (
+            f"nocomm within {100 * BOUND_MIN_GAP:.0f}% of the baseline ({gap:.3g} of {base:.3g} ms): no bound to share"
+        )
     return None
 
 
@@ -218,17 +224,23 @@ def headline_accuracy(acc: pd.DataFrame) -> pd.DataFrame:
 
 def _root_sum_squares(values: pd.Series) -> float:
     """sqrt(sum of squares); NaN when any term is missing (an unknown error is not zero)."""
-    return math.sqrt((values ** 2).sum()) if values.notna().all() else float("nan")
+    return math.sqrt((values**2).sum()) if values.notna().all() else float("nan")
 
 
 def _summarise(g: pd.DataFrame) -> pd.Series:
     """One configuration's tasks -> mean accuracy and mean change, each with its standard error."""
     compared = g[g["delta_pp"].notna()]
     n = len(compared)
-    return pd.Series({"mean": g["value"].mean(), "mean_se": _root_sum_squares(g["stderr"]) / len(g),
-                      "delta_pp": compared["delta_pp"].mean() if n else float("nan"),
-                      "delta_se_pp": _root_sum_squares(compared["delta_se_pp"]) / n if n else float("nan"),
-                      "tasks": g["task"].nunique(), "compared": n})
+    return pd.Series(
+        {
+            "mean": g["value"].mean(),
+            "mean_se": _root_sum_squares(g["stderr"]) / len(g),
+            "delta_pp": compared["delta_pp"].mean() if n else float("nan"),
+            "delta_se_pp": _root_sum_squares(compared["delta_se_pp"]) / n if n else float("nan"),
+            "tasks": g["task"].nunique(),
+            "compared": n,
+        }
+    )
 
 
 def accuracy_deltas(acc: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -239,8 +251,10 @@ def accuracy_deltas(acc: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     the reference, else the baseline at any N."""
     if acc.empty:
         return acc, {}
-    acc = headline_accuracy(acc).assign(limit_key=lambda d: d["limit"].map(_plain),  # None/NaN: all documents
-                                        stderr=lambda d: pd.to_numeric(d["stderr"], errors="coerce"))
+    acc = headline_accuracy(acc).assign(
+        limit_key=lambda d: d["limit"].map(_plain),  # None/NaN: all documents
+        stderr=lambda d: pd.to_numeric(d["stderr"], errors="coerce"),
+    )
     base = acc[acc.strategy == REFERENCE]
     same_n = base.groupby(["model", "tp", "task", "limit_key"])[["value", "stderr"]].mean()
     any_n = base.groupby(["model", "task", "limit_key"])[["value", "stderr"]].mean()
@@ -254,13 +268,17 @@ def accuracy_deltas(acc: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     refs = [reference(r) for r in acc.itertuples()]
     acc["delta_pp"] = [100 * (v - ref) for v, (ref, _) in zip(acc["value"], refs)]
     acc["delta_se_pp"] = [100 * math.hypot(se, ref_se) for se, (_, ref_se) in zip(acc["stderr"], refs)]
-    summary = acc.groupby(["model", *ACCURACY_CONFIG], dropna=False)[["value", "stderr", "delta_pp", "delta_se_pp",
-                                                                       "task"]].apply(_summarise).reset_index()
+    summary = (
+        acc.groupby(["model", *ACCURACY_CONFIG], dropna=False)[["value", "stderr", "delta_pp", "delta_se_pp", "task"]]
+        .apply(_summarise)
+        .reset_index()
+    )
     lookup = {}
     for r in summary.itertuples():
         if r.compared:
-            lookup.setdefault((r.model, r.strategy, r.options, r.tp),
-                              Change(r.delta_pp, int(r.compared), r.delta_se_pp))
+            lookup.setdefault(
+                (r.model, r.strategy, r.options, r.tp), Change(r.delta_pp, int(r.compared), r.delta_se_pp)
+            )
     return summary, lookup
 
 
@@ -298,9 +316,11 @@ class Fills:
 
     def accuracy(self, r) -> Cell:
         where = f"{r.strategy}{f' ({r.options})' if r.options else ''} at N={r.tp}"
-        return self.na(f"no accuracy rows for this strategy{' with these options' if r.options else ''} at N={r.tp}",
-                       f"accuracy of {r.model} {where}", self.eval_command(r.model, r.strategy, r.strategy_options,
-                                                                            r.tp))
+        return self.na(
+            f"no accuracy rows for this strategy{' with these options' if r.options else ''} at N={r.tp}",
+            f"accuracy of {r.model} {where}",
+            self.eval_command(r.model, r.strategy, r.strategy_options, r.tp),
+        )
 
     def matrix(self, reason: str, what: str, command) -> Cell:
         """A gap in a latency matrix: the row's own command, after the matrix is changed."""
@@ -328,8 +348,10 @@ class Refs:
         self.commands: dict[str, dict] = {}
         self.envs: dict[str, dict] = {}
         for r in rows:
-            cmd = self.commands.setdefault(str(r.get("command") or "n/a: no command recorded"),
-                                           {"n": len(self.commands) + 1, "kinds": set(), "rows": 0})
+            cmd = self.commands.setdefault(
+                str(r.get("command") or "n/a: no command recorded"),
+                {"n": len(self.commands) + 1, "kinds": set(), "rows": 0},
+            )
             cmd["kinds"].add(str(r.get("kind")))
             cmd["rows"] += 1
             env = r.get("env") if isinstance(r.get("env"), dict) else {}
@@ -345,8 +367,10 @@ class Refs:
         """One column per environment, one row per field."""
         envs = list(self.envs.values())
         fields = sorted({k for e in envs for k in e["env"]})
-        return {"header": ["field", *[f"env {e['n']} ({e['rows']} rows)" for e in envs]],
-                "rows": [[k, *[_env_value(e["env"], k) for e in envs]] for k in fields]}
+        return {
+            "header": ["field", *[f"env {e['n']} ({e['rows']} rows)" for e in envs]],
+            "rows": [[k, *[_env_value(e["env"], k) for e in envs]] for k in fields],
+        }
 
     def cell(self, command, env) -> Cell:
         c = self.commands[str(command or "n/a: no command recorded")]["n"]
@@ -366,14 +390,22 @@ def models_table(rows: list[dict]) -> dict:
     """One line per model argument: what the model is, and the dtypes it ran in."""
     models: dict[str, dict] = {}
     for r in rows:
-        entry = models.setdefault(str(r.get("model")), {"identity": r.get("model_identity"), "dtypes": set(),
-                                                        "kinds": set()})
+        entry = models.setdefault(
+            str(r.get("model")), {"identity": r.get("model_identity"), "dtypes": set(), "kinds": set()}
+        )
         dtype = (r.get("model_identity") or {}).get("dtype") or r.get("dtype")
         if dtype:
             entry["dtypes"].add(str(dtype))
         entry["kinds"].add(str(r.get("kind")))
-    body = [[model, identity_text(e["identity"]), ", ".join(sorted(e["dtypes"])) or na("not recorded"),
-             ", ".join(sorted(e["kinds"]))] for model, e in models.items()]
+    body = [
+        [
+            model,
+            identity_text(e["identity"]),
+            ", ".join(sorted(e["dtypes"])) or na("not recorded"),
+            ", ".join(sorted(e["kinds"])),
+        ]
+        for model, e in models.items()
+    ]
     return {"header": ["model argument", "model and weights", "ran in", "rows"], "rows": body}
 
 
@@ -397,21 +429,26 @@ def _relative_cells(r, phase: str, fills: Fills) -> list:
     if r.strategy == REFERENCE:
         return ["1.00x", "0%"]
     if not getattr(r, f"{phase}_has_base"):
-        return [fills.matrix("no baseline row for this scenario", "add the strategy baseline to the matrix and "
-                             "re-run", r.command)] * 2
+        return [
+            fills.matrix(
+                "no baseline row for this scenario", "add the strategy baseline to the matrix and re-run", r.command
+            )
+        ] * 2
     speedup = number(getattr(r, f"{phase}_speedup"), ".2f", "no timing")
     speedup = speedup + "x" if isinstance(speedup, str) else speedup
     if r.tp == 1:
         share = na("N=1 has no communication")
     elif not getattr(r, f"{phase}_has_bound"):
-        share = fills.matrix("no nocomm row for this scenario", "add the strategy nocomm to the matrix and re-run",
-                             r.command)
+        share = fills.matrix(
+            "no nocomm row for this scenario", "add the strategy nocomm to the matrix and re-run", r.command
+        )
     else:
         value, unresolved = getattr(r, f"{phase}_bound_share"), getattr(r, f"{phase}_bound_unresolved")
         unresolved = unresolved if isinstance(unresolved, str) else None  # a table cell: None or NaN when resolved
         if unresolved == "noise":
-            share = fills.matrix("baseline-nocomm gap within the p10-p90 noise", "raise repetitions in the matrix "
-                                 "and re-run", r.command)
+            share = fills.matrix(
+                "baseline-nocomm gap within the p10-p90 noise", "raise repetitions in the matrix and re-run", r.command
+            )
         elif unresolved or _missing(value):
             share = na(unresolved or "no timing")
         else:
@@ -449,29 +486,60 @@ def latency_sections(lat: pd.DataFrame, refs: Refs, fills: Fills) -> list[dict]:
     for (setting, device_profile, link, model), df in lat.groupby(keys, sort=True):
         ranks = setting != "cpu"
         varying = [c for c in SCENARIO if df[c].map(str).nunique() > 1]
-        fixed = [f"{SCENARIO_LABELS[c]} {df[c].iloc[0]}" for c in SCENARIO if c not in varying
-                 and not _missing(df[c].iloc[0])]
-        header = ["strategy", "options", "N", *[SCENARIO_LABELS[c] for c in varying],
-                  "prefill ms (p10-p90)", "decode ms/token (p10-p90)", "tokens/s"]
+        fixed = [
+            f"{SCENARIO_LABELS[c]} {df[c].iloc[0]}"
+            for c in SCENARIO
+            if c not in varying and not _missing(df[c].iloc[0])
+        ]
+        header = [
+            "strategy",
+            "options",
+            "N",
+            *[SCENARIO_LABELS[c] for c in varying],
+            "prefill ms (p10-p90)",
+            "decode ms/token (p10-p90)",
+            "tokens/s",
+        ]
         if ranks:
-            header += ["prefill speedup", "prefill: share of no-comm bound", "decode speedup",
-                       "decode: share of no-comm bound", "accuracy change vs baseline (± s.e.)"]
+            header += [
+                "prefill speedup",
+                "prefill: share of no-comm bound",
+                "decode speedup",
+                "decode: share of no-comm bound",
+                "accuracy change vs baseline (± s.e.)",
+            ]
         header += ["J/token", "source"]
         body = []
         for r in df.itertuples():
-            row = [_strategy_cell(r), r.options, r.tp, *[getattr(r, c) for c in varying],
-                   _spread(r, "prefill_ms"), _spread(r, "decode_ms_per_token"),
-                   number(getattr(r, "tokens_per_s", None), ".1f", "not measured")]
+            row = [
+                _strategy_cell(r),
+                r.options,
+                r.tp,
+                *[getattr(r, c) for c in varying],
+                _spread(r, "prefill_ms"),
+                _spread(r, "decode_ms_per_token"),
+                number(getattr(r, "tokens_per_s", None), ".1f", "not measured"),
+            ]
             if ranks:
-                row += [*_relative_cells(r, "prefill", fills), *_relative_cells(r, "decode", fills),
-                        _accuracy_cell(r, fills)]
+                row += [
+                    *_relative_cells(r, "prefill", fills),
+                    *_relative_cells(r, "decode", fills),
+                    _accuracy_cell(r, fills),
+                ]
             body.append(row + [_energy_cell(r), refs.cell(r.command, r.env)])
-        sections.append({"id": f"latency-{len(sections) + 1}", "setting": setting,
-                         "device_profile": None if device_profile == "-" else device_profile,
-                         "interconnect": None if link == "-" else link, "model": model,
-                         "title": _title(setting, model, device_profile, link),
-                         "caption": [", ".join(fixed), *_shared_reasons(header, body)], "header": header,
-                         "rows": body})
+        sections.append(
+            {
+                "id": f"latency-{len(sections) + 1}",
+                "setting": setting,
+                "device_profile": None if device_profile == "-" else device_profile,
+                "interconnect": None if link == "-" else link,
+                "model": model,
+                "title": _title(setting, model, device_profile, link),
+                "caption": [", ".join(fixed), *_shared_reasons(header, body)],
+                "header": header,
+                "rows": body,
+            }
+        )
     return sections
 
 
@@ -480,8 +548,10 @@ def _shared_reasons(header: list[str], body: list[list]) -> list[Cell]:
     notes = []
     for i, name in enumerate(header):
         cells = [row[i] for row in body]
-        if len(cells) > 1 and all(isinstance(c, Cell) and c.css == "na" and c.text == cells[0].text
-                                  and c.links == cells[0].links for c in cells):
+        if len(cells) > 1 and all(
+            isinstance(c, Cell) and c.css == "na" and c.text == cells[0].text and c.links == cells[0].links
+            for c in cells
+        ):
             notes.append(Cell(f"{name} {cells[0].text}", "", cells[0].links))
             for row in body:
                 row[i] = Cell("n/a", "na")
@@ -496,30 +566,50 @@ def accuracy_section(acc: pd.DataFrame, refs: Refs, fills: Fills) -> list[dict]:
     summary, _ = accuracy_deltas(acc)
     tables = []
     order = {REFERENCE: 0, BOUND: 2}
-    acc = acc.assign(order=acc.strategy.map(lambda s: order.get(s, 1)),
-                     variant_order=acc.spd_variant.map(lambda v: SPD_VARIANTS.index(v) if v in SPD_VARIANTS else -1))
-    acc = acc.sort_values(["order", "strategy", "tp", "variant_order", "spd_blocks_pct", "options"],
-                          na_position="first")
+    acc = acc.assign(
+        order=acc.strategy.map(lambda s: order.get(s, 1)),
+        variant_order=acc.spd_variant.map(lambda v: SPD_VARIANTS.index(v) if v in SPD_VARIANTS else -1),
+    )
+    acc = acc.sort_values(
+        ["order", "strategy", "tp", "variant_order", "spd_blocks_pct", "options"], na_position="first"
+    )
     for model, df in acc.groupby("model"):
         tasks = sorted({(t, m) for t, m in zip(df.task, df.metric)})
         limits = {_plain(v) for v in df["limit"]}
         one_limit = len(limits) == 1
         keys = ACCURACY_CONFIG
-        header = ["strategy", "options", "N", "SPD variant", "SPD blocks %",
-                  *[f"{t} {m} %" for t, m in tasks], "mean accuracy %", "change vs baseline (± s.e.)", "source"]
+        header = [
+            "strategy",
+            "options",
+            "N",
+            "SPD variant",
+            "SPD blocks %",
+            *[f"{t} {m} %" for t, m in tasks],
+            "mean accuracy %",
+            "change vs baseline (± s.e.)",
+            "source",
+        ]
         body = []
         for key, g in df.groupby(keys, dropna=False, sort=False):
             first = g.iloc[0]
-            cells = {(t, m): fills.na("not evaluated", f"{t} for {model} {first.strategy} at N={first.tp}",
-                                      fills.eval_command(model, first.strategy, first.strategy_options, first.tp, t))
-                     for t, m in tasks}
+            cells = {
+                (t, m): fills.na(
+                    "not evaluated",
+                    f"{t} for {model} {first.strategy} at N={first.tp}",
+                    fills.eval_command(model, first.strategy, first.strategy_options, first.tp, t),
+                )
+                for t, m in tasks
+            }
             for r in g.itertuples():
                 limit = "" if one_limit else " (all documents)" if _missing(r.limit) else f" (limit {_plain(r.limit)})"
                 cells[(r.task, r.metric)] = percent(r.value, r.stderr) + limit
             s = summary[(summary.model == model) & (_key(summary, keys) == "|".join(map(str, key)))]
             usable = bool(g.usable_model.iloc[0])
-            mean = percent(s["mean"].iloc[0], s["mean_se"].iloc[0]) if len(s) and not _missing(s["mean"].iloc[0]) \
+            mean = (
+                percent(s["mean"].iloc[0], s["mean_se"].iloc[0])
+                if len(s) and not _missing(s["mean"].iloc[0])
                 else na("no acc/acc_norm metric")
+            )
             if not usable:
                 change = na("not a usable model")
             elif key[0] == REFERENCE:
@@ -528,22 +618,37 @@ def accuracy_section(acc: pd.DataFrame, refs: Refs, fills: Fills) -> list[dict]:
                 r = s.iloc[0]
                 change = Change(r.delta_pp, int(r.compared), r.delta_se_pp).text()
             else:
-                change = fills.na("no baseline for these tasks", f"the baseline of {model} at N={first.tp}",
-                                  fills.eval_command(model, REFERENCE, {}, first.tp))
+                change = fills.na(
+                    "no baseline for these tasks",
+                    f"the baseline of {model} at N={first.tp}",
+                    fills.eval_command(model, REFERENCE, {}, first.tp),
+                )
             strategy = first.strategy if usable else f"{first.strategy} (not a usable model)"
-            body.append([strategy, first.options, first.tp, *[_plain(k) for k in key[3:]],
-                         *cells.values(), mean, change, refs.cell(first.command, first.env)])
+            body.append(
+                [
+                    strategy,
+                    first.options,
+                    first.tp,
+                    *[_plain(k) for k in key[3:]],
+                    *cells.values(),
+                    mean,
+                    change,
+                    refs.cell(first.command, first.env),
+                ]
+            )
         documents = limits.pop() if one_limit else ""
-        caption = (f"{'all' if documents == '' else f'the first {documents}'} documents per task; " if one_limit
-                   else "") + (f"± one standard error (lm-eval's); a change under {NOISE_SE} standard errors is "
-                               "within noise")
+        caption = (
+            f"{'all' if documents == '' else f'the first {documents}'} documents per task; " if one_limit else ""
+        ) + (f"± one standard error (lm-eval's); a change under {NOISE_SE} standard errors is within noise")
         tables.append({"title": model, "caption": [caption], "header": header, "rows": body})
     return tables
 
 
 def simple_table(df: pd.DataFrame, cols: list[str], refs: Refs | None = None) -> dict:
-    body = [[Cell("n/a", "na") if _missing(v) else f"{v:.6g}" if isinstance(v, float) else v for v in r]
-            for r in df[cols].itertuples(index=False)]
+    body = [
+        [Cell("n/a", "na") if _missing(v) else f"{v:.6g}" if isinstance(v, float) else v for v in r]
+        for r in df[cols].itertuples(index=False)
+    ]
     if refs is not None:
         body = [b + [refs.cell(c, e)] for b, c, e in zip(body, df.command, df.env)]
     return {"header": cols + (["source"] if refs is not None else []), "rows": body}
@@ -555,17 +660,29 @@ def benchmark_tables(benchmarks: list[dict]) -> list[dict]:
         body = []
         for b in f.get("benchmarks", []):
             s = b.get("stats", {})
-            body.append([b.get("fullname", b.get("name")), b.get("group") or "",
-                         json.dumps(b.get("params") or {}, default=str)] +
-                        [number(s.get(k), ".4f", "missing") if k != "rounds" else s.get("rounds", "")
-                         for k in ("median", "mean", "stddev", "rounds")] +
-                        [json.dumps({k: v for k, v in (b.get("extra_info") or {}).items()
-                                     if not isinstance(v, (list, dict))}, default=str)])  # per-round samples left out
+            body.append(
+                [b.get("fullname", b.get("name")), b.get("group") or "", json.dumps(b.get("params") or {}, default=str)]
+                + [
+                    number(s.get(k), ".4f", "missing") if k != "rounds" else s.get("rounds", "")
+                    for k in ("median", "mean", "stddev", "rounds")
+                ]
+                + [
+                    json.dumps(
+                        {k: v for k, v in (b.get("extra_info") or {}).items() if not isinstance(v, (list, dict))},
+                        default=str,
+                    )
+                ]
+            )  # per-round samples left out
         env = {**f.get("machine_info", {}), "commit": f.get("commit_info", {}).get("id"), "date": f.get("datetime")}
-        tables.append({"title": f["file"], "caption": "times in seconds",
-                       "header": ["benchmark", "group", "params", "median s", "mean s", "stddev s", "rounds",
-                                  "extra info"],
-                       "rows": body, "env": json.dumps(env, indent=1, default=str)})
+        tables.append(
+            {
+                "title": f["file"],
+                "caption": "times in seconds",
+                "header": ["benchmark", "group", "params", "median s", "mean s", "stddev s", "rounds", "extra info"],
+                "rows": body,
+                "env": json.dumps(env, indent=1, default=str),
+            }
+        )
     return tables
 
 
@@ -599,31 +716,63 @@ def render(results: Results, title: str = "spdbench report", checks: list[tuple[
     scenarios = answers.scenarios(lat, deltas, ppl_changes, fills, anchors) if not lat.empty else []
     failed = [r for r in rows if r.get("status") == "failed"]
     kinds = pd.Series([r.get("kind") for r in rows], dtype=object).value_counts().to_dict()
-    env = jinja2.Environment(loader=jinja2.PackageLoader("reports", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
-                             undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("reports", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+        undefined=jinja2.StrictUndefined,
+    )
     return env.get_template("report.html.j2").render(
-        title=title, checks=checks, sources=results.sources, kinds=kinds, n_rows=len(rows),
-        models=models_table(rows), settings=SETTINGS, cpu_caveat=CPU_CAVEAT,
+        title=title,
+        checks=checks,
+        sources=results.sources,
+        kinds=kinds,
+        n_rows=len(rows),
+        models=models_table(rows),
+        settings=SETTINGS,
+        cpu_caveat=CPU_CAVEAT,
         latency={s: [t for t in latency if t["setting"] == s] for s in SETTINGS},
-        accuracy=accuracy_section(acc, refs, fills), noise_se=NOISE_SE,
-        scenarios=scenarios, budgets=answers.budget_labels(),
+        accuracy=accuracy_section(acc, refs, fills),
+        noise_se=NOISE_SE,
+        scenarios=scenarios,
+        budgets=answers.budget_labels(),
         composition=composition.slower(lat) if not lat.empty else [],
         perplexity=answers.ppl_table(strategy_ppl, ppl_changes, refs),
         headlines=figures.headlines(scenarios),
-        sensitivity=simple_table(sens, [c for c in ["model", "tp", "block", "sensitivity", "ppl", "calib", "samples",
-                                                    "seq_len"] if c in sens], refs) if not sens.empty else None,
-        spd_ppl=simple_table(ppl, [c for c in ["model", "tp", "spd_variant", "budget_pct", "ppl", "dataset", "tokens"]
-                                   if c in ppl], refs) if not ppl.empty else None,
+        sensitivity=simple_table(
+            sens,
+            [c for c in ["model", "tp", "block", "sensitivity", "ppl", "calib", "samples", "seq_len"] if c in sens],
+            refs,
+        )
+        if not sens.empty
+        else None,
+        spd_ppl=simple_table(
+            ppl, [c for c in ["model", "tp", "spd_variant", "budget_pct", "ppl", "dataset", "tokens"] if c in ppl], refs
+        )
+        if not ppl.empty
+        else None,
         stability=simple_table(spd.stability_table(stab), list(spd.STABILITY_COLUMNS.values()), refs)
-        if not stab.empty else None,
+        if not stab.empty
+        else None,
         figures=figures.all_figures(lat[lat.setting != "cpu"] if not lat.empty else lat, summary)
         + spd.figures(headline_accuracy(acc) if not acc.empty else acc, sens, ppl),
         benchmarks=benchmark_tables(results.benchmarks),
-        failed=[{"kind": r.get("kind"), "model": r.get("model"), "strategy": r.get("strategy"), "tp": r.get("tp"),
-                 "error": r.get("error"), "ref": refs.cell(r.get("command"), r.get("env"))} for r in failed],
-        fills=fills.items, commands=refs.commands, envs=refs.envs, env_table=refs.env_table(),
-        raw_json=Markup(embedded_json(rows)))
+        failed=[
+            {
+                "kind": r.get("kind"),
+                "model": r.get("model"),
+                "strategy": r.get("strategy"),
+                "tp": r.get("tp"),
+                "error": r.get("error"),
+                "ref": refs.cell(r.get("command"), r.get("env")),
+            }
+            for r in failed
+        ],
+        fills=fills.items,
+        commands=refs.commands,
+        envs=refs.envs,
+        env_table=refs.env_table(),
+        raw_json=Markup(embedded_json(rows)),
+    )
 
 
 def write(results: Results, out, title: str = "spdbench report", checks=None) -> Path:

@@ -13,20 +13,29 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
-from matplotlib import ticker
 import pandas as pd
 import seaborn as sns
+from matplotlib import ticker
 
 from reports.figures import VARIANTS, _figure, _missing
 
 SWEEP = "spdbench spd sweep --model MODEL --tp N --sensitivity sensitivity.json --out sweep --results spd.jsonl"
 FILL_SENSITIVITY = "spdbench spd sensitivity --model MODEL --tp N --out sensitivity.json --results spd.jsonl"
 DODGE = 1.2  # % of blocks between the variants' points at one budget
-STABILITY_COLUMNS = {"model": "model", "tp": "N", "samples": "windows", "seq_len": "tokens per window",
-                     "resamples": "bootstrap resamples", "budget_pct": "budget %",
-                     "rank_corr_mean": "block-order rank corr. (mean)", "rank_corr_p05": "rank corr. (p05)",
-                     "set_agreement_mean": "chosen-set agreement (mean)", "set_agreement_p05": "set agreement (p05)",
-                     "class_agreement_mean": "class agreement (mean)", "class_agreement_p05": "class agreement (p05)"}
+STABILITY_COLUMNS = {
+    "model": "model",
+    "tp": "N",
+    "samples": "windows",
+    "seq_len": "tokens per window",
+    "resamples": "bootstrap resamples",
+    "budget_pct": "budget %",
+    "rank_corr_mean": "block-order rank corr. (mean)",
+    "rank_corr_p05": "rank corr. (p05)",
+    "set_agreement_mean": "chosen-set agreement (mean)",
+    "set_agreement_p05": "set agreement (p05)",
+    "class_agreement_mean": "class agreement (mean)",
+    "class_agreement_p05": "class agreement (p05)",
+}
 
 
 def _variants(present) -> list[str]:
@@ -44,8 +53,7 @@ def _grid(panels: list[str], models: list[str], width: float = 4.6, height: floa
     """One row of panels per model (panels in a row share the y axis: they compare)."""
     rows = [[p for p in panels if p.split(" | ")[0] == m] for m in models]
     cols = max(map(len, rows))
-    fig, axes = plt.subplots(len(rows), cols, figsize=(width * cols, height * len(rows)), squeeze=False,
-                             sharey="row")
+    fig, axes = plt.subplots(len(rows), cols, figsize=(width * cols, height * len(rows)), squeeze=False, sharey="row")
     placed = {}
     for r, row in enumerate(rows):
         for c in range(cols):
@@ -73,9 +81,15 @@ def _with_zero_for_every_variant(df: pd.DataFrame, budget: str) -> pd.DataFrame:
 def _mean_over_tasks(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Per ``keys``: mean accuracy over tasks and its standard error sqrt(sum se^2) / T."""
     per_task = df.groupby([*keys, "task"], dropna=False).agg(value=("value", "mean"), stderr=("stderr", "mean"))
-    return per_task.groupby(keys, dropna=False).agg(
-        accuracy=("value", "mean"), tasks=("value", "size"),
-        stderr=("stderr", lambda s: math.sqrt((s ** 2).sum()) / len(s))).reset_index()
+    return (
+        per_task.groupby(keys, dropna=False)
+        .agg(
+            accuracy=("value", "mean"),
+            tasks=("value", "size"),
+            stderr=("stderr", lambda s: math.sqrt((s**2).sum()) / len(s)),
+        )
+        .reset_index()
+    )
 
 
 def _no_spd(panel: pd.DataFrame, base: pd.DataFrame, tasks: set[str]) -> pd.DataFrame:
@@ -115,17 +129,26 @@ def accuracy_vs_spd(acc: pd.DataFrame) -> dict:
         for i, variant in enumerate(variants):
             line = d[d.spd_variant == variant].sort_values("spd_blocks_pct")
             dodge = DODGE * (i - (len(variants) - 1) / 2)  # error bars side by side, not on top of each other
-            ax.errorbar(line.spd_blocks_pct + dodge, 100 * line.accuracy, yerr=100 * line.stderr, marker="o",
-                        capsize=3, label=VARIANTS.get(variant, variant), color=palette.get(variant))
+            ax.errorbar(
+                line.spd_blocks_pct + dodge,
+                100 * line.accuracy,
+                yerr=100 * line.stderr,
+                marker="o",
+                capsize=3,
+                label=VARIANTS.get(variant, variant),
+                color=palette.get(variant),
+            )
         ref = _no_spd(d, base[(base.model == model) & (base.limit_key == limit)], tasks[model, tp, limit])
         if not ref.empty:
             y, se = 100 * ref.accuracy.iloc[0], 100 * ref.stderr.iloc[0]
             ax.axhline(y, color="black", linestyle="--", linewidth=1, label="No-SPD")
             ax.axhspan(y - se, y + se, color="grey", alpha=0.15, linewidth=0)
         _label(ax, panel, "mean zero-shot accuracy (%)", legend=True)
-    caption = (f"mean over {', '.join(sorted(spd.task.unique()))} (acc_norm where a task has it); error bars and "
-               "the grey band: standard error of the mean over tasks; dashed: the model without SPD; the variants' "
-               f"points at one budget are drawn {DODGE} points apart")
+    caption = (
+        f"mean over {', '.join(sorted(spd.task.unique()))} (acc_norm where a task has it); error bars and "
+        "the grey band: standard error of the mean over tasks; dashed: the model without SPD; the variants' "
+        f"points at one budget are drawn {DODGE} points apart"
+    )
     if left_out:
         caption += f"; {left_out} points left out (not every task of their panel evaluated)"
     return _figure(title, caption, fig)
@@ -140,9 +163,16 @@ def ppl_vs_spd(ppl: pd.DataFrame) -> dict:
     fig, axes = _grid(sorted(df.panel.unique()), sorted(df.model.unique()))
     for panel, ax in axes.items():
         d = df[df.panel == panel]
-        sns.lineplot(d, x="budget_pct", y="ppl", hue=d.spd_variant.map(lambda v: VARIANTS.get(v, v)),
-                     hue_order=[VARIANTS.get(v, v) for v in _variants(d.spd_variant)], marker="o",
-                     errorbar=None, ax=ax)
+        sns.lineplot(
+            d,
+            x="budget_pct",
+            y="ppl",
+            hue=d.spd_variant.map(lambda v: VARIANTS.get(v, v)),
+            hue_order=[VARIANTS.get(v, v) for v in _variants(d.spd_variant)],
+            marker="o",
+            errorbar=None,
+            ax=ax,
+        )
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -161,15 +191,23 @@ def sensitivity(sens: pd.DataFrame) -> dict:
         d = df[df.panel == panel].sort_values("block")
         low = (d.sensitivity - d.sensitivity_p05).clip(lower=0)
         high = (d.sensitivity_p95 - d.sensitivity).clip(lower=0)
-        ax.bar(d.block, d.sensitivity, color="tab:blue",
-               yerr=None if d.sensitivity_p05.isna().all() else [low.fillna(0), high.fillna(0)],
-               error_kw={"elinewidth": 0.8, "capsize": 1.5})
+        ax.bar(
+            d.block,
+            d.sensitivity,
+            color="tab:blue",
+            yerr=None if d.sensitivity_p05.isna().all() else [low.fillna(0), high.fillna(0)],
+            error_kw={"elinewidth": 0.8, "capsize": 1.5},
+        )
         ax.set_yscale("symlog", linthresh=max(1e-3, float(d.sensitivity.abs().median())))
         ax.axhline(0, color="grey", linewidth=0.8)
         _label(ax, panel, "PPL(SPD on i..L) - PPL(SPD on i+1..L)", xlabel="block")
-    return _figure(title, "blocks with low sensitivity are the first to get SPD; symmetric log scale (linear near "
-                          "0, so block 0 does not flatten the rest); error bars: 5th-95th percentile over "
-                          "bootstrap resamples of the calibration windows, where recorded", fig)
+    return _figure(
+        title,
+        "blocks with low sensitivity are the first to get SPD; symmetric log scale (linear near "
+        "0, so block 0 does not flatten the rest); error bars: 5th-95th percentile over "
+        "bootstrap resamples of the calibration windows, where recorded",
+        fig,
+    )
 
 
 def figures(acc: pd.DataFrame, sens: pd.DataFrame, ppl: pd.DataFrame) -> list[dict]:

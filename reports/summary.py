@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from reports.cells import BOUND, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, missing as _missing, na
+from reports.cells import BOUND, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, na
+from reports.cells import missing as _missing
 from suite.vocabulary import is_random
 
 # Strategies that compute the unmodified model (their class attribute ``exact``; tests/test_report.py checks
@@ -63,8 +64,9 @@ def ppl_changes(ppl: pd.DataFrame) -> dict:
                 continue
             d = pd.Series([(a - b) / (r.seq_len - 1) for a, b in zip(r.window_nll, ref_nll)])
             scale = math.exp(d.mean())
-            out[(r.model, r.strategy, r.options, r.tp)] = PplChange(100 * (scale - 1),
-                                                                    100 * scale * d.std() / math.sqrt(len(d)), len(d))
+            out[(r.model, r.strategy, r.options, r.tp)] = PplChange(
+                100 * (scale - 1), 100 * scale * d.std() / math.sqrt(len(d)), len(d)
+            )
     return out
 
 
@@ -75,8 +77,9 @@ def ppl_table(ppl: pd.DataFrame, changes: dict, refs) -> dict | None:
     header = ["model", "strategy", "options", "N", "tokens", "perplexity", "change vs baseline (± s.e.)", "source"]
     body = []
     order = {REFERENCE: 0, BOUND: 2}
-    ppl = ppl.assign(order=ppl.strategy.map(lambda s: order.get(s, 1))).sort_values(["model", "tp", "order",
-                                                                                     "strategy"])
+    ppl = ppl.assign(order=ppl.strategy.map(lambda s: order.get(s, 1))).sort_values(
+        ["model", "tp", "order", "strategy"]
+    )
     for r in ppl.itertuples():
         if not r.usable_model:
             change = na("not a usable model")
@@ -85,8 +88,9 @@ def ppl_table(ppl: pd.DataFrame, changes: dict, refs) -> dict | None:
         else:
             c = changes.get((r.model, r.strategy, r.options, r.tp))
             change = c.text() if c else na("no baseline perplexity on the same text")
-        body.append([r.model, r.strategy, r.options, r.tp, r.tokens, f"{r.ppl:.3f}", change,
-                     refs.cell(r.command, r.env)])
+        body.append(
+            [r.model, r.strategy, r.options, r.tp, r.tokens, f"{r.ppl:.3f}", change, refs.cell(r.command, r.env)]
+        )
     return {"header": header, "rows": body}
 
 
@@ -106,8 +110,11 @@ def _allowed(r, ppl: PplChange | None, acc) -> dict[str, bool]:
 
 
 def budget_labels() -> dict[str, str]:
-    return {"exact": "exact", **{f"ppl{x}": f"<= {x:g}% perplexity" for x in PPL_BUDGETS},
-            **{f"acc{y}": f"<= {y:g} pp task accuracy" for y in ACCURACY_BUDGETS}}
+    return {
+        "exact": "exact",
+        **{f"ppl{x}": f"<= {x:g}% perplexity" for x in PPL_BUDGETS},
+        **{f"acc{y}": f"<= {y:g} pp task accuracy" for y in ACCURACY_BUDGETS},
+    }
 
 
 def _scenario_title(g: pd.DataFrame) -> str:
@@ -123,10 +130,26 @@ def _scenario_title(g: pd.DataFrame) -> str:
 
 def ppl_command(r, fills) -> str:
     """The command that fills a latency row's missing perplexity."""
-    spec = r.strategy + "".join(f":{k}={v}" if i == 0 else f",{k}={v}"
-                                for i, (k, v) in enumerate(sorted((r.strategy_options or {}).items())))
-    return shlex.join(["spdbench", "spd", "ppl", "--model", str(r.model), "--tp", str(r.tp), "--strategy", "baseline",
-                       "--strategy", spec, "--out", fills.store("perplexity", "perplexity.jsonl")])
+    spec = r.strategy + "".join(
+        f":{k}={v}" if i == 0 else f",{k}={v}" for i, (k, v) in enumerate(sorted((r.strategy_options or {}).items()))
+    )
+    return shlex.join(
+        [
+            "spdbench",
+            "spd",
+            "ppl",
+            "--model",
+            str(r.model),
+            "--tp",
+            str(r.tp),
+            "--strategy",
+            "baseline",
+            "--strategy",
+            spec,
+            "--out",
+            fills.store("perplexity", "perplexity.jsonl"),
+        ]
+    )
 
 
 def scenarios(lat: pd.DataFrame, acc_changes: dict, ppl: dict, fills, anchors: dict) -> list[dict]:
@@ -143,34 +166,67 @@ def scenarios(lat: pd.DataFrame, acc_changes: dict, ppl: dict, fills, anchors: d
     order = {setting: i for i, setting in enumerate(SETTINGS)}
     lat = lat.assign(setting_order=lat.setting.map(order)).sort_values(
         ["setting_order", "model", "device_profile", "interconnect", "tp", *SCENARIO],
-        key=lambda c: c if pd.api.types.is_numeric_dtype(c) else c.map(str))  # model, then N, then batch
+        key=lambda c: c if pd.api.types.is_numeric_dtype(c) else c.map(str),
+    )  # model, then N, then batch
     for key, g in lat.groupby("scenario", sort=False):
         g = g.sort_values("e2e_speedup", ascending=False, na_position="last")
         model, tp = g.model.iloc[0], g.tp.iloc[0]
         random = is_random(model)
-        header = ["strategy", "options", "exact", "end-to-end speedup", "prefill speedup", "decode speedup",
-                  f"perplexity change on {model}, N={tp} (± s.e.)", f"task accuracy change on {model}, N={tp} "
-                  "(± s.e.)"]
+        header = [
+            "strategy",
+            "options",
+            "exact",
+            "end-to-end speedup",
+            "prefill speedup",
+            "decode speedup",
+            f"perplexity change on {model}, N={tp} (± s.e.)",
+            f"task accuracy change on {model}, N={tp} (± s.e.)",
+        ]
         body, best = [], {k: None for k in budget_labels()}
         for r in g.itertuples():
             ident = (r.model, r.strategy, r.options, r.tp)
             p, a = ppl.get(ident), acc_changes.get(ident)
             usable = bool(r.usable_model)
-            body.append([r.strategy if usable else Cell(f"{r.strategy} (not a usable model)", "bound"), r.options,
-                         "yes" if r.strategy in EXACT else "no", _speedup(r.e2e_speedup),
-                         _speedup(r.prefill_speedup), _speedup(r.decode_speedup),
-                         _accuracy(r, p, random, lambda: fills.na("no perplexity rows", f"perplexity of {model} "
-                                   f"{r.strategy} at N={r.tp}", ppl_command(r, fills))),
-                         _accuracy(r, a, random, lambda: fills.accuracy(r))])
+            body.append(
+                [
+                    r.strategy if usable else Cell(f"{r.strategy} (not a usable model)", "bound"),
+                    r.options,
+                    "yes" if r.strategy in EXACT else "no",
+                    _speedup(r.e2e_speedup),
+                    _speedup(r.prefill_speedup),
+                    _speedup(r.decode_speedup),
+                    _accuracy(
+                        r,
+                        p,
+                        random,
+                        lambda: fills.na(
+                            "no perplexity rows",
+                            f"perplexity of {model} {r.strategy} at N={r.tp}",
+                            ppl_command(r, fills),
+                        ),
+                    ),
+                    _accuracy(r, a, random, lambda: fills.accuracy(r)),
+                ]
+            )
             if usable and not _missing(r.e2e_speedup):
                 for k, ok in _allowed(r, p, a).items():
                     if ok and best[k] is None:
                         best[k] = r
         anchor = anchors.get((g.setting.iloc[0], g.device_profile.iloc[0], g.interconnect.iloc[0], model))
-        out.append({"title": _scenario_title(g), "header": header, "rows": body, "anchor": anchor,
-                    "best": [[label, _best(best[k], k, random)] for k, label in budget_labels().items()],
-                    "figure_data": [(r.strategy, r.e2e_speedup, r.strategy in EXACT) for r in g.itertuples()
-                                    if bool(r.usable_model) and not _missing(r.e2e_speedup)]})
+        out.append(
+            {
+                "title": _scenario_title(g),
+                "header": header,
+                "rows": body,
+                "anchor": anchor,
+                "best": [[label, _best(best[k], k, random)] for k, label in budget_labels().items()],
+                "figure_data": [
+                    (r.strategy, r.e2e_speedup, r.strategy in EXACT)
+                    for r in g.itertuples()
+                    if bool(r.usable_model) and not _missing(r.e2e_speedup)
+                ],
+            }
+        )
     return out
 
 

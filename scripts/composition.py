@@ -46,8 +46,10 @@ def clock(device: str, link: str, tp: int, batch: int, blocks: str, kernels: str
     from suite.parallel.strategy import bound_strategy
 
     model, simulator = "random:llama3-70b", Simulator(*load_profiles(device, link), kernels)
-    print(f"{model} on {device} + {link}, {kernels} kernels, N = {tp}, batch {batch}, prompt 1024, "
-          f"SPD blocks {blocks} (ms)")
+    print(
+        f"{model} on {device} + {link}, {kernels} kernels, N = {tp}, batch {batch}, prompt 1024, "
+        f"SPD blocks {blocks} (ms)"
+    )
     print("| strategy | step | time | compute busy | link busy | exposed communication | kernels |")
     print("|---|---|---|---|---|---|---|")
     for name in ["baseline", "nocomm", *SHOWN]:
@@ -63,16 +65,22 @@ def clock(device: str, link: str, tp: int, batch: int, blocks: str, kernels: str
                 else:
                     merged.append([start, end])
             busy = sum(end - start for start, end in merged)
-            print(f"| {name} | {step} | {ran.seconds * 1e3:.2f} | {busy * 1e3:.2f} | {ran.link_s * 1e3:.2f} | "
-                  f"{ran.exposed_s * 1e3:.2f} | {ran.kernels} |")
+            print(
+                f"| {name} | {step} | {ran.seconds * 1e3:.2f} | {busy * 1e3:.2f} | {ran.link_s * 1e3:.2f} | "
+                f"{ran.exposed_s * 1e3:.2f} | {ran.kernels} |"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="?", help="bench.jsonl of configs/simulated-composition.yaml")
     parser.add_argument("--batch", type=int, default=16, help="the speedup table's batch")
-    parser.add_argument("--clock", nargs=4, metavar=("DEVICE", "INTERCONNECT", "N", "BATCH"),
-                        help="simulate one cell per strategy and print where the time goes")
+    parser.add_argument(
+        "--clock",
+        nargs=4,
+        metavar=("DEVICE", "INTERCONNECT", "N", "BATCH"),
+        help="simulate one cell per strategy and print where the time goes",
+    )
     parser.add_argument("--blocks", default="last:40", help="with --clock: the SPD blocks")
     parser.add_argument("--kernels", default="compiled", help="with --clock: the kernel regime")
     args = parser.parse_args()

@@ -36,8 +36,17 @@ BUDGET_S = 480  # every step together
 MIN_STEP_S = 20  # a step given less than this is skipped
 DEVICE_PROFILES = {"H100": "h100-sxm", "H200": "h200"}  # GPU name fragment -> shipped device profile
 # The ladder scenario's shapes at N = 1, shortened to fit the budget (prompt 512, 128 new tokens).
-LLAMA3_8B = {"model": "random:llama3-8b", "prompt_len": 512, "new_tokens": 128, "dtype": "bfloat16",
-             "device": "cuda", "decode_mode": "cuda_graph", "tp": 1, "repetitions": 2, "warmup": 1}
+LLAMA3_8B = {
+    "model": "random:llama3-8b",
+    "prompt_len": 512,
+    "new_tokens": 128,
+    "dtype": "bfloat16",
+    "device": "cuda",
+    "decode_mode": "cuda_graph",
+    "tp": 1,
+    "repetitions": 2,
+    "warmup": 1,
+}
 COMPARED_BATCHES = [1, 16]  # the cells projected and simulated against their measurement
 
 
@@ -50,11 +59,19 @@ class Step:
 
 STEPS = [
     Step("install", 30, "install the package without dependencies when its commands are not registered"),
-    Step("gpu-tests", 120, "pytest -m gpu (CUDA decode against Hugging Face, CUDA graphs, NVML, the SM-holding "
-                           "link, tokenweave's two streams), 60 s per test"),
+    Step(
+        "gpu-tests",
+        120,
+        "pytest -m gpu (CUDA decode against Hugging Face, CUDA graphs, NVML, the SM-holding "
+        "link, tokenweave's two streams), 60 s per test",
+    ),
     Step("decode-7b", 60, "random:llama2-7b, bfloat16, batch 1, CUDA-graph decode: tokens/s and memory bandwidth"),
-    Step("ladder-8b", 150, "configs/gpu-ladder.yaml strategies and batches of random:llama3-8b at N = 1 (prompt "
-                           "512, 128 new tokens), with NVML power and energy"),
+    Step(
+        "ladder-8b",
+        150,
+        "configs/gpu-ladder.yaml strategies and batches of random:llama3-8b at N = 1 (prompt "
+        "512, 128 new tokens), with NVML power and energy",
+    ),
     Step("projection-1", 45, "projected N = 1 against the measured cells (no link involved: within 5%)"),
     Step("devbench", 30, "spdbench devbench: a device profile measured on this GPU"),
     Step("simulated-1", 30, "simulated N = 1 against the measured cells on the same device"),
@@ -66,6 +83,7 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------- what each step runs
+
 
 def _bench(out: Path, name: str, config: dict) -> list[str]:
     path = out / "configs" / f"{name}.yaml"
@@ -86,12 +104,35 @@ def command(step: str, out: Path, gpu_name: str) -> list[str] | str:
             return "the package is installed"
         return [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)]
     if step == "gpu-tests":
-        return [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--timeout=60",
-                f"--junitxml={out / 'gpu-tests.xml'}", str(REPO / "tests")]
+        return [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--timeout=60",
+            f"--junitxml={out / 'gpu-tests.xml'}",
+            str(REPO / "tests"),
+        ]
     if step == "decode-7b":
-        return _bench(out, step, {"model": "random:llama2-7b", "dtype": "bfloat16", "device": "cuda",
-                                  "decode_mode": "cuda_graph", "batch": 1, "prompt_len": 32, "new_tokens": 256,
-                                  "repetitions": 3, "warmup": 1})
+        return _bench(
+            out,
+            step,
+            {
+                "model": "random:llama2-7b",
+                "dtype": "bfloat16",
+                "device": "cuda",
+                "decode_mode": "cuda_graph",
+                "batch": 1,
+                "prompt_len": 32,
+                "new_tokens": 256,
+                "repetitions": 3,
+                "warmup": 1,
+            },
+        )
     if step == "ladder-8b":
         import yaml
 
@@ -100,8 +141,9 @@ def command(step: str, out: Path, gpu_name: str) -> list[str] | str:
         single = [s for s in ladder["strategies"] if "+" not in (s if isinstance(s, str) else s["name"])]
         return _bench(out, step, LLAMA3_8B | {"strategies": single, "batch": ladder["batch"]})
     if step == "projection-1":
-        return _bench(out, step, LLAMA3_8B | {"batch": COMPARED_BATCHES, "mode": "projected",
-                                              "interconnect": "h100-nvswitch"})
+        return _bench(
+            out, step, LLAMA3_8B | {"batch": COMPARED_BATCHES, "mode": "projected", "interconnect": "h100-nvswitch"}
+        )
     if step == "devbench":
         if "devbench" not in commands:
             return "spdbench devbench is not part of this version"
@@ -111,12 +153,22 @@ def command(step: str, out: Path, gpu_name: str) -> list[str] | str:
         profile = str(measured_profile) if measured_profile.exists() else _device_profile(gpu_name)
         if profile is None:
             return f"no device profile for {gpu_name} (and devbench wrote none)"
-        return _bench(out, step, LLAMA3_8B | {"batch": COMPARED_BATCHES, "mode": "simulated",
-                                              "device_profile": profile, "interconnect": "h100-nvswitch"})
+        return _bench(
+            out,
+            step,
+            LLAMA3_8B
+            | {
+                "batch": COMPARED_BATCHES,
+                "mode": "simulated",
+                "device_profile": profile,
+                "interconnect": "h100-nvswitch",
+            },
+        )
     raise UsageError(f"unknown step {step!r}")
 
 
 # ---------------------------------------------------------------- figures from the results
+
 
 def rows(out: Path) -> list[dict]:
     path = out / "bench.jsonl"
@@ -127,15 +179,28 @@ def decode_bandwidth(row: dict, weight_bytes: int, peak_gbps: float | None) -> d
     """gpt-fast's figure: the bytes one decode step reads (the weights) times steps per second."""
     per_token_s = row["decode_ms_per_token_median"] / 1e3
     gbps = weight_bytes / per_token_s / 1e9
-    return {"tokens_per_s": 1 / per_token_s, "bandwidth_gbps": gbps,
-            "fraction_of_peak": gbps / peak_gbps if peak_gbps else None}
+    return {
+        "tokens_per_s": 1 / per_token_s,
+        "bandwidth_gbps": gbps,
+        "fraction_of_peak": gbps / peak_gbps if peak_gbps else None,
+    }
 
 
 def compare(results: list[dict], mode: str) -> list[dict]:
     """Each ok ``mode`` row against the measured row of the same cell: relative error of prefill and decode."""
+
     def key(r):
-        return (r["model"], r["strategy"], json.dumps(r["strategy_options"], sort_keys=True), r["tp"], r["batch"],
-                r["prompt_len"], r["new_tokens"], r["dtype"], r["decode_mode"])
+        return (
+            r["model"],
+            r["strategy"],
+            json.dumps(r["strategy_options"], sort_keys=True),
+            r["tp"],
+            r["batch"],
+            r["prompt_len"],
+            r["new_tokens"],
+            r["dtype"],
+            r["decode_mode"],
+        )
 
     measured = {key(r): r for r in results if r["mode"] == "measured" and r["status"] == "ok"}
     out = []
@@ -143,8 +208,10 @@ def compare(results: list[dict], mode: str) -> list[dict]:
         if r["mode"] != mode or r["status"] != "ok" or key(r) not in measured:
             continue
         m = measured[key(r)]
-        errors = {f"{phase}_error_pct": 100 * (r[f] / m[f] - 1)
-                  for phase, f in (("prefill", "prefill_ms_median"), ("decode", "decode_ms_per_token_median"))}
+        errors = {
+            f"{phase}_error_pct": 100 * (r[f] / m[f] - 1)
+            for phase, f in (("prefill", "prefill_ms_median"), ("decode", "decode_ms_per_token_median"))
+        }
         out.append({"strategy": r["strategy"], "batch": r["batch"], **errors})
     return out
 
@@ -156,12 +223,10 @@ def failed_steps(outcomes: list[dict]) -> list[str]:
 
 def summary(out: Path, outcomes: list[dict], env: dict, command_line: str, figures: dict) -> str:
     """The markdown summary of a run."""
-    lines = ["# GPU check", "", f"Command: `{command_line}`", "",
-             "| field | value |", "|---|---|"]
+    lines = ["# GPU check", "", f"Command: `{command_line}`", "", "| field | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     lines += ["", "| step | outcome | seconds | box | what |", "|---|---|--:|--:|---|"]
-    lines += [f"| {o['step']} | {o['outcome']} | {o['seconds']:.0f} | {o['box']:.0f} | {o['what']} |"
-              for o in outcomes]
+    lines += [f"| {o['step']} | {o['outcome']} | {o['seconds']:.0f} | {o['box']:.0f} | {o['what']} |" for o in outcomes]
     failed = failed_steps(outcomes)
     lines += ["", f"Failed steps: {', '.join(failed)}." if failed else "Failed steps: none."]
     for title, value in figures.items():
@@ -172,14 +237,21 @@ def summary(out: Path, outcomes: list[dict], env: dict, command_line: str, figur
 
 # ---------------------------------------------------------------- the device and the run
 
+
 def gpu_environment() -> dict:
     """The GPU this runs on, or UsageError when there is none."""
     import torch
 
     if not torch.cuda.is_available():
         raise UsageError("no CUDA GPU is visible: run this on a machine with an H100 or H200")
-    env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "nccl": ".".join(map(str, torch.cuda.nccl.version())), "driver": None, "peak_memory_gbps": None}
+    env = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        "driver": None,
+        "peak_memory_gbps": None,
+    }
     try:
         import pynvml
 
@@ -237,8 +309,15 @@ def run_steps(steps: list[Step], out: Path, gpu_name: str, budget_s: float = BUD
     for step in steps:
         left = budget_s - (time.monotonic() - start)
         if left < MIN_STEP_S:
-            outcomes.append({"step": step.name, "outcome": f"skipped: {left:.0f} s of the {budget_s:.0f} s budget left",
-                             "seconds": 0.0, "box": 0.0, "what": step.what})
+            outcomes.append(
+                {
+                    "step": step.name,
+                    "outcome": f"skipped: {left:.0f} s of the {budget_s:.0f} s budget left",
+                    "seconds": 0.0,
+                    "box": 0.0,
+                    "what": step.what,
+                }
+            )
             continue
         outcomes.append(run_step(step, out, gpu_name, min(step.seconds, left), command_of))
     return outcomes
@@ -249,13 +328,28 @@ def figures(out: Path, env: dict) -> dict:
     decode = [r for r in results if r["model"] == "random:llama2-7b" and r["status"] == "ok"]
     if decode:
         found["decode of random:llama2-7b (batch 1, bfloat16, CUDA graph)"] = decode_bandwidth(
-            decode[0], weight_bytes("random:llama2-7b"), env["peak_memory_gbps"])
+            decode[0], weight_bytes("random:llama2-7b"), env["peak_memory_gbps"]
+        )
     ladder = [r for r in results if r["model"] == "random:llama3-8b" and r["mode"] == "measured"]
     if ladder:
         found["random:llama3-8b at N = 1 (measured)"] = [
-            {k: r.get(k) for k in ("strategy", "batch", "status", "prefill_ms_median", "decode_ms_per_token_median",
-                                   "tokens_per_s", "energy_j", "j_per_token", "power_w_mean", "error")}
-            for r in ladder]
+            {
+                k: r.get(k)
+                for k in (
+                    "strategy",
+                    "batch",
+                    "status",
+                    "prefill_ms_median",
+                    "decode_ms_per_token_median",
+                    "tokens_per_s",
+                    "energy_j",
+                    "j_per_token",
+                    "power_w_mean",
+                    "error",
+                )
+            }
+            for r in ladder
+        ]
     for mode in ("projected", "simulated"):
         compared = compare(results, mode)
         if compared:

@@ -29,8 +29,9 @@ def data_file(path: str | os.PathLike | None, default: str) -> Path:
     folder = data_dir()
     file = Path(path) if path else folder / default if folder else None
     if file is None or not file.is_file():
-        raise DataError(f"data file {file or default} not found: pass calib FILE or set SPDBENCH_DATA to the data "
-                        "folder")
+        raise DataError(
+            f"data file {file or default} not found: pass calib FILE or set SPDBENCH_DATA to the data folder"
+        )
     return file
 
 
@@ -49,7 +50,7 @@ def random_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> 
     if room < 1:
         raise DataError(f"the text has {ids.numel()} tokens, fewer than --seq-len {seq_len}")
     starts = torch.randint(0, room, (samples,), generator=torch.Generator().manual_seed(seed))
-    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
 def consecutive_windows(ids: torch.Tensor, samples: int, seq_len: int) -> torch.Tensor:
@@ -60,8 +61,9 @@ def consecutive_windows(ids: torch.Tensor, samples: int, seq_len: int) -> torch.
 
 
 def calibration_windows(source, calib: str | None, samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    return random_windows(tokenize(source.tokenizer(), read_text(data_file(calib, CALIBRATION))),
-                          samples, seq_len, seed)
+    return random_windows(
+        tokenize(source.tokenizer(), read_text(data_file(calib, CALIBRATION))), samples, seq_len, seed
+    )
 
 
 def wikitext2_windows(source, samples: int, seq_len: int) -> torch.Tensor:

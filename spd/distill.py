@@ -45,7 +45,7 @@ def train_block(student: RankBlocks, x: torch.Tensor, target: torch.Tensor, s: D
     for _ in range(s.epochs):
         order = torch.randperm(x.shape[0], generator=gen)
         for i in range(0, len(order), s.batch_size):
-            idx = order[i: i + s.batch_size].to(x.device)
+            idx = order[i : i + s.batch_size].to(x.device)
             loss = F.mse_loss(student(x[idx], spd=True), target[idx])
             optimizer.zero_grad()
             loss.backward()
@@ -56,8 +56,9 @@ def train_block(student: RankBlocks, x: torch.Tensor, target: torch.Tensor, s: D
         block.zero_grad(set_to_none=True)
 
 
-def _distil_block(stream: BlockStream, entry: dict, b: int, x, target, held_x, held_target,
-                  settings: DistillSettings) -> tuple[dict, dict]:
+def _distil_block(
+    stream: BlockStream, entry: dict, b: int, x, target, held_x, held_target, settings: DistillSettings
+) -> tuple[dict, dict]:
     """Train block ``b``'s SPD student (head-grouped first for ``hg+b2b``); its held-out MSEs and tensors."""
     config = stream.source.config
     teacher = stream.block(b)
@@ -75,8 +76,9 @@ def _distil_block(stream: BlockStream, entry: dict, b: int, x, target, held_x, h
     return mse, {name: t.cpu() for name, t in student.state().items()}
 
 
-def distill(plan: Plan, settings: DistillSettings, model: str | None = None,
-            only: set[int] | None = None) -> tuple[Plan, dict]:
+def distill(
+    plan: Plan, settings: DistillSettings, model: str | None = None, only: set[int] | None = None
+) -> tuple[Plan, dict]:
     """Distil the b2b / hg+b2b blocks of ``plan`` (those in ``only``, if given); returns the plan and new tensors."""
     device = torch.device(settings.device)
     source = resolve(model or plan.model, device)
@@ -84,22 +86,24 @@ def distill(plan: Plan, settings: DistillSettings, model: str | None = None,
     blocks = sorted(plan.distilled_blocks() & (only if only is not None else plan.distilled_blocks()))
     tensors, report = {}, {}
     if blocks:
-        windows = [calibration_windows(source, settings.calib, n, settings.seq_len, seed) for n, seed in
-                   ((settings.samples, settings.seed), (settings.heldout_samples, settings.heldout_seed))]
+        windows = [
+            calibration_windows(source, settings.calib, n, settings.seq_len, seed)
+            for n, seed in ((settings.samples, settings.seed), (settings.heldout_samples, settings.heldout_seed))
+        ]
         stream = BlockStream(source, plan.tp, device, windows)
         with tqdm(total=len(blocks), desc="distill") as progress:
             for b, (x, held_x), (target, held_target) in stream.blocks(blocks[-1]):
                 if b in blocks:
-                    report[str(b)], block_tensors = _distil_block(stream, plan.blocks[b], b, x, target, held_x,
-                                                                  held_target, settings)
+                    report[str(b)], block_tensors = _distil_block(
+                        stream, plan.blocks[b], b, x, target, held_x, held_target, settings
+                    )
                     tensors |= block_tensors
                     progress.update()
     plan.distill = {"settings": asdict(settings), "optimizer": "adam", "heldout_mse": report}
     return plan, tensors
 
 
-def distill_to(plan_path: str | Path, out_dir: str | Path, settings: DistillSettings,
-               model: str | None = None) -> Path:
+def distill_to(plan_path: str | Path, out_dir: str | Path, settings: DistillSettings, model: str | None = None) -> Path:
     """Distil the plan's blocks and write ``out_dir/plan.json`` + ``out_dir/weights.safetensors``."""
     from safetensors.torch import save_file
 

@@ -94,7 +94,9 @@ def match_ffn(norms: torch.Tensor) -> list[int]:
     """``norms[g, f]``: MLP-shard f's output norm for head group g; returns f for each g (max total)."""
     n = norms.shape[0]
     if n <= 8:
-        return list(max(itertools.permutations(range(n)), key=lambda p: sum(norms[g, f].item() for g, f in enumerate(p))))
+        return list(
+            max(itertools.permutations(range(n)), key=lambda p: sum(norms[g, f].item() for g, f in enumerate(p)))
+        )
     choice, free = [], set(range(n))
     for g in range(n):
         f = max(free, key=lambda f: norms[g, f].item())
@@ -104,8 +106,9 @@ def match_ffn(norms: torch.Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def head_grouping(stream: BlockStream, megatron: RankBlocks, x: torch.Tensor,
-                  split_kv_groups: bool = False) -> list[dict]:
+def head_grouping(
+    stream: BlockStream, megatron: RankBlocks, x: torch.Tensor, split_kv_groups: bool = False
+) -> list[dict]:
     """The HG layout of ``megatron``'s block from its calibration inputs ``x`` [S, length, hidden]:
     one entry per rank."""
     config, tp = stream.source.config, len(megatron.shards)
@@ -116,8 +119,9 @@ def head_grouping(stream: BlockStream, megatron: RankBlocks, x: torch.Tensor,
     dist = torch.cdist(maps, maps)
     units, sizes = units_and_sizes(config, tp, split_kv_groups)
     groups = [sorted(h for unit in g for h in unit) for g in group_heads(dist, units, sizes)]
-    norms = torch.tensor([[megatron.ffn(f, x + partials[g].sum(0)).norm(dim=-1).mean().item() for f in range(tp)]
-                          for g in groups])
+    norms = torch.tensor(
+        [[megatron.ffn(f, x + partials[g].sum(0)).norm(dim=-1).mean().item() for f in range(tp)] for g in groups]
+    )
     ffn = match_ffn(norms)
     return [{"q_heads": g, "ffn": list(megatron.shards[f].ffn)} for g, f in zip(groups, ffn)]
 
@@ -135,7 +139,11 @@ def kv_cost(config, shards: list[BlockShard]) -> dict:
     megatron = default_layout(config, len(shards))[0]
     held, base = [len(s.kv_heads) for s in shards], [len(s.kv_heads) for s in megatron]
     hd, extra = head_dim(config), sum(held) - sum(base)
-    return {"kv_heads": held, "megatron_kv_heads": base, "extra_kv_heads": extra,
-            "extra_kv_cache_elements_per_token": 2 * hd * extra,
-            "heaviest_rank_kv_factor": max(held) / max(base),
-            "extra_kv_proj_flops_per_token": 2 * 2 * config.hidden_size * hd * extra}
+    return {
+        "kv_heads": held,
+        "megatron_kv_heads": base,
+        "extra_kv_heads": extra,
+        "extra_kv_cache_elements_per_token": 2 * hd * extra,
+        "heaviest_rank_kv_factor": max(held) / max(base),
+        "extra_kv_proj_flops_per_token": 2 * 2 * config.hidden_size * hd * extra,
+    }

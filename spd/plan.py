@@ -62,10 +62,17 @@ class Plan:
         return (self.path.parent if self.path else Path()) / self.weights
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "tp": self.tp,
-                "blocks": [{"block": b, **self.blocks[b]} for b in sorted(self.blocks)],
-                "thresholds": self.thresholds, "budget": self.budget, "weights": self.weights,
-                "distill": self.distill}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "tp": self.tp,
+            "blocks": [{"block": b, **self.blocks[b]} for b in sorted(self.blocks)],
+            "thresholds": self.thresholds,
+            "budget": self.budget,
+            "weights": self.weights,
+            "distill": self.distill,
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -77,11 +84,14 @@ class Plan:
         """Reject a plan made for another model, another N, or blocks the model does not have."""
         where = f"SPD plan {self.path or ''}".rstrip()
         if self.model != source.identity:
-            raise PlanError(f"{where} was made for model {self.model!r}, not {source.identity!r}: "
-                            "run `spdbench spd sensitivity/plan` for this model")
+            raise PlanError(
+                f"{where} was made for model {self.model!r}, not {source.identity!r}: "
+                "run `spdbench spd sensitivity/plan` for this model"
+            )
         if self.tp != tp:
-            raise PlanError(f"{where} was made for tp {self.tp}, not {tp}: SPD plans depend on N; "
-                            "make a plan for this N")
+            raise PlanError(
+                f"{where} was made for tp {self.tp}, not {tp}: SPD plans depend on N; make a plan for this N"
+            )
         check_tp(source.config, tp)
         n_layers = source.config.num_hidden_layers
         bad = [b for b in self.blocks if not 0 <= b < n_layers]
@@ -93,8 +103,10 @@ class Plan:
         weights = self.weights_path()
         if need_weights and self.distilled_blocks() and (weights is None or not weights.is_file()):
             missing = f"{weights} is missing" if weights else "the plan names no weights file"
-            raise PlanError(f"{where}: blocks in mode b2b/hg+b2b need distilled weights, but {missing}: "
-                            "run `spdbench spd distill` on it")
+            raise PlanError(
+                f"{where}: blocks in mode b2b/hg+b2b need distilled weights, but {missing}: "
+                "run `spdbench spd distill` on it"
+            )
 
     def layout(self, config, tp: int) -> Layout:
         """The default Megatron layout, with head-grouped blocks replaced by their permuted shards."""
@@ -112,11 +124,19 @@ def _check_layout(layout, config, tp: int, where: str) -> None:
         ffn = sorted(tuple(r["ffn"]) for r in layout)
     except (TypeError, KeyError):
         raise PlanError(f"{where}: layout entries need q_heads and ffn") from None
-    tiles = all(a[1] == b[0] for a, b in zip(ffn, ffn[1:])) and ffn[0][0] == 0 and ffn[-1][1] == config.intermediate_size
-    if (len(layout) != tp or heads != list(range(config.num_attention_heads)) or not tiles
-            or any(not r["q_heads"] or r["ffn"][1] <= r["ffn"][0] for r in layout)):
-        raise PlanError(f"{where}: layout must give each of the {tp} ranks some heads and an FFN range, "
-                        "covering every head and FFN column exactly once")
+    tiles = (
+        all(a[1] == b[0] for a, b in zip(ffn, ffn[1:])) and ffn[0][0] == 0 and ffn[-1][1] == config.intermediate_size
+    )
+    if (
+        len(layout) != tp
+        or heads != list(range(config.num_attention_heads))
+        or not tiles
+        or any(not r["q_heads"] or r["ffn"][1] <= r["ffn"][0] for r in layout)
+    ):
+        raise PlanError(
+            f"{where}: layout must give each of the {tp} ranks some heads and an FFN range, "
+            "covering every head and FFN column exactly once"
+        )
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
@@ -127,8 +147,10 @@ def load_plan(path: str | os.PathLike) -> Plan:
     except FileNotFoundError:
         raise PlanError(f"SPD plan {path} not found: make one with `spdbench spd plan`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError(f"SPD plan {path} is not a readable JSON file ({exc.__class__.__name__}); "
-                        "re-create it with `spdbench spd plan`") from None
+        raise PlanError(
+            f"SPD plan {path} is not a readable JSON file ({exc.__class__.__name__}); "
+            "re-create it with `spdbench spd plan`"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PlanError(f"{path} is not an SPD plan (format {FORMAT!r} expected)")
     if data.get("version") != VERSION:
@@ -141,16 +163,27 @@ def load_plan(path: str | os.PathLike) -> Plan:
             if not isinstance(b, int) or b in blocks:
                 raise PlanError(f"SPD plan {path}: block {b!r} is not a block index or is listed twice")
             if entry.get("mode") not in SPD_MODES:
-                raise PlanError(f"SPD plan {path}: block {b} has unknown mode {entry.get('mode')!r}; "
-                                f"choose one of {', '.join(SPD_MODES)}")
+                raise PlanError(
+                    f"SPD plan {path}: block {b} has unknown mode {entry.get('mode')!r}; "
+                    f"choose one of {', '.join(SPD_MODES)}"
+                )
             blocks[b] = entry
-        plan = Plan(str(data["model"]), int(data["tp"]), blocks, data.get("thresholds"), data.get("budget"),
-                    data.get("weights"), data.get("distill"), path)
+        plan = Plan(
+            str(data["model"]),
+            int(data["tp"]),
+            blocks,
+            data.get("thresholds"),
+            data.get("budget"),
+            data.get("weights"),
+            data.get("distill"),
+            path,
+        )
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, PlanError):
             raise
-        raise PlanError(f"SPD plan {path} is malformed ({exc.__class__.__name__}: {exc}); "
-                        "re-create it with `spdbench spd plan`") from None
+        raise PlanError(
+            f"SPD plan {path} is malformed ({exc.__class__.__name__}: {exc}); re-create it with `spdbench spd plan`"
+        ) from None
     return plan
 
 
@@ -201,13 +234,16 @@ def _threshold(name: str, value: float | str, baseline: float | None) -> tuple[f
     try:
         number = float(text[:-1] if text.endswith("%") else text)
     except ValueError:
-        raise PlanError(f"{name} {value!r}: expected a perplexity increase (0.5) or a share of the baseline "
-                        "perplexity (2%)") from None
+        raise PlanError(
+            f"{name} {value!r}: expected a perplexity increase (0.5) or a share of the baseline perplexity (2%)"
+        ) from None
     if not text.endswith("%"):
         return number, f"{name} = {text} (absolute perplexity increase)"
     if baseline is None:
-        raise PlanError(f"{name} {text}: a share of the baseline perplexity needs a sensitivity file that records "
-                        "it; give an absolute perplexity increase")
+        raise PlanError(
+            f"{name} {text}: a share of the baseline perplexity needs a sensitivity file that records "
+            "it; give an absolute perplexity increase"
+        )
     return number / 100 * baseline, f"{name} = {text} of the baseline calibration perplexity {baseline:.4g}"
 
 
@@ -231,8 +267,9 @@ def thresholds(state: dict, t1: float | str | None, t2: float | str | None) -> d
     return out | {"rule": "; ".join(rules)}
 
 
-def make_plan(state: dict, budget: str, t1: float | str | None = None, t2: float | str | None = None,
-              variant: str = "zs+b2b+hg") -> Plan:
+def make_plan(
+    state: dict, budget: str, t1: float | str | None = None, t2: float | str | None = None, variant: str = "zs+b2b+hg"
+) -> Plan:
     """SPD on the least sensitive blocks up to ``budget``, classified by the thresholds."""
     check_variant(variant, PlanError)
     sens = {int(b): s for b, s in state["sensitivity"].items()}
@@ -247,8 +284,13 @@ def make_plan(state: dict, budget: str, t1: float | str | None = None, t2: float
         mode = classify(sens[b], limits["t1"], limits["t2"]) if b in chosen else "tp"
         mode = {"zs": {"b2b": "zs", "hg+b2b": "zs"}, "zs+b2b": {"hg+b2b": "b2b"}}.get(variant, {}).get(mode, mode)
         blocks[b] = {"mode": mode, "sensitivity": sens[b]}
-    return Plan(state["model"], state["tp"], blocks, thresholds=limits,
-                budget={"requested": budget, "blocks": n, "of": n_layers, "variant": variant})
+    return Plan(
+        state["model"],
+        state["tp"],
+        blocks,
+        thresholds=limits,
+        budget={"requested": budget, "blocks": n, "of": n_layers, "variant": variant},
+    )
 
 
 def plan_for_blocks(model: str, tp: int, n_layers: int, blocks: str, variant: str) -> Plan:
@@ -256,17 +298,30 @@ def plan_for_blocks(model: str, tp: int, n_layers: int, blocks: str, variant: st
     every block gets the variant's mode (zs, b2b, or hg+b2b)."""
     check_variant(variant, PlanError)
     chosen = parse_blocks(blocks, n_layers, error=PlanError)
-    return Plan(model, tp, {b: {"mode": strongest_mode(variant)} for b in sorted(chosen)},
-                budget={"requested": f"blocks {blocks}", "blocks": len(chosen), "of": n_layers, "variant": variant})
+    return Plan(
+        model,
+        tp,
+        {b: {"mode": strongest_mode(variant)} for b in sorted(chosen)},
+        budget={"requested": f"blocks {blocks}", "blocks": len(chosen), "of": n_layers, "variant": variant},
+    )
 
 
 def restrict(plan: Plan, budget: str) -> Plan:
     """The same plan (modes, layouts, weights) with SPD only on its ``budget`` least sensitive blocks."""
     n = parse_budget(budget, len(plan.blocks))
-    chosen = sorted((b for b in plan.blocks if plan.mode(b) != "tp"),
-                    key=lambda b: (plan.blocks[b].get("sensitivity", 0.0), b))[:n]
+    chosen = sorted(
+        (b for b in plan.blocks if plan.mode(b) != "tp"), key=lambda b: (plan.blocks[b].get("sensitivity", 0.0), b)
+    )[:n]
     if len(chosen) < n:
         raise PlanError(f"budget {budget}: the plan has only {len(chosen)} SPD blocks")
     blocks = {b: e if b in chosen else {**e, "mode": "tp"} for b, e in plan.blocks.items()}
-    return Plan(plan.model, plan.tp, blocks, plan.thresholds, {**(plan.budget or {}), "requested": budget, "blocks": n},
-                plan.weights, plan.distill, plan.path)
+    return Plan(
+        plan.model,
+        plan.tp,
+        blocks,
+        plan.thresholds,
+        {**(plan.budget or {}), "requested": budget, "blocks": n},
+        plan.weights,
+        plan.distill,
+        plan.path,
+    )

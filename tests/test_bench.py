@@ -16,12 +16,12 @@ import torch
 import yaml
 
 from suite.latency.bench import STORE_NAME, ConfigError, check, expand, import_benchmark, latency_row, load_config
-from suite.parallel.runner import Generation
-from suite.parallel.launch import launch
 from suite.latency.measure import measure_cell
 from suite.latency.stats import quantile
-from suite.results import ResultStore
 from suite.latency.telemetry import Sampler, combine
+from suite.parallel.launch import launch
+from suite.parallel.runner import Generation
+from suite.results import ResultStore
 
 REPO = Path(__file__).resolve().parents[1]
 SPD_BAD, SPD_OK = {"name": "spd", "options": {"blocks": "3"}}, {"name": "spd", "options": {"blocks": "last:1"}}
@@ -31,8 +31,9 @@ TINY = {"model": "random:tiny", "prompt_len": 8, "new_tokens": 4, "repetitions":
 def bench(*args: str, wait: bool = True, **kw):
     cmd = [sys.executable, "-m", "suite.cli", "bench", *args]
     if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, **kw)
 
 
@@ -43,9 +44,17 @@ def write_config(path: Path, config: dict) -> Path:
 
 # ---------------------------------------------------------------- the matrix, without running it
 
+
 def test_matrix_expands_axes_and_sub_matrices():
-    cells = expand({"model": "random:tiny", "strategies": ["baseline", {"name": "ladder", "options": {"layers": 1}}],
-                    "tp": [1, 2], "batch": 3, "matrices": [{"prompt_len": 8}, {"prompt_len": [16, 32], "tp": 4}]})
+    cells = expand(
+        {
+            "model": "random:tiny",
+            "strategies": ["baseline", {"name": "ladder", "options": {"layers": 1}}],
+            "tp": [1, 2],
+            "batch": 3,
+            "matrices": [{"prompt_len": 8}, {"prompt_len": [16, 32], "tp": 4}],
+        }
+    )
     assert len(cells) == 2 * 2 + 2 * 2
     assert len({c.cell_id for c in cells}) == len(cells)
     assert {(c.tp, c.prompt_len) for c in cells} == {(1, 8), (2, 8), (4, 16), (4, 32)}
@@ -54,12 +63,15 @@ def test_matrix_expands_axes_and_sub_matrices():
     assert ladder.mode == "measured" and ladder.interconnect is None and ladder.decode_mode == "eager"
 
 
-@pytest.mark.parametrize("config,message", [
-    ({"model": "random:tiny", "batchsize": 2}, "unknown key 'batchsize'"),
-    ({"model": "random:tiny", "matrices": [{"tp": 1}, {"tp": 2, "repetition": 3}]}, "matrices[1]: unknown key"),
-    ({"tp": 2}, "'model' is required"),
-    ({"model": "random:tiny", "strategies": [{"name": "spd", "opts": {}}]}, "strategy entry"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"model": "random:tiny", "batchsize": 2}, "unknown key 'batchsize'"),
+        ({"model": "random:tiny", "matrices": [{"tp": 1}, {"tp": 2, "repetition": 3}]}, "matrices[1]: unknown key"),
+        ({"tp": 2}, "'model' is required"),
+        ({"model": "random:tiny", "strategies": [{"name": "spd", "opts": {}}]}, "strategy entry"),
+    ],
+)
 def test_malformed_matrix_is_named(config, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         expand(config, "m.yaml")
@@ -84,15 +96,18 @@ def test_shipped_configs_expand():
     assert {c.prompt_len for c in weave} == {1024, 2048, 4096, 8192, 16384} and {c.tp for c in weave} == {4, 8}
 
 
-@pytest.mark.parametrize("change,reason", [
-    ({"tp": 8}, "between 1 and the model's 4 attention heads"),
-    ({"prompt_len": 510, "new_tokens": 8}, "exceeds the model's context of 512"),
-    ({"decode_mode": "cuda_graph"}, "cuda_graph needs device=cuda"),
-    ({"strategies": ["nosuch"]}, "unknown strategy 'nosuch'"),
-    ({"strategies": [{"name": "baseline", "options": {"x": 1}}]}, "has no option 'x'"),
-    ({"mode": "projected"}, "needs an interconnect"),
-    ({"batch": 0}, "batch=0 must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        ({"tp": 8}, "between 1 and the model's 4 attention heads"),
+        ({"prompt_len": 510, "new_tokens": 8}, "exceeds the model's context of 512"),
+        ({"decode_mode": "cuda_graph"}, "cuda_graph needs device=cuda"),
+        ({"strategies": ["nosuch"]}, "unknown strategy 'nosuch'"),
+        ({"strategies": [{"name": "baseline", "options": {"x": 1}}]}, "has no option 'x'"),
+        ({"mode": "projected"}, "needs an interconnect"),
+        ({"batch": 0}, "batch=0 must be a positive integer"),
+    ],
+)
 def test_impossible_cells_say_why(change, reason):
     (cell,) = expand(TINY | change)
     assert reason in check(cell)
@@ -112,19 +127,30 @@ def test_quantile():
 
 # ---------------------------------------------------------------- telemetry
 
+
 def test_telemetry_without_gpu_is_na_with_reason():
     with Sampler(torch.device("cpu")) as s:
         pass
     summary = s.summary()
     assert summary["status"].startswith("n/a: ") and "cpu" in summary["status"]
-    assert combine([summary, summary], 10) == {"telemetry_status": summary["status"], "energy_j": None,
-                                               "j_per_token": None, "power_w_mean": None, "telemetry": {}}
+    assert combine([summary, summary], 10) == {
+        "telemetry_status": summary["status"],
+        "energy_j": None,
+        "j_per_token": None,
+        "power_w_mean": None,
+        "telemetry": {},
+    }
 
 
 def test_telemetry_combines_gpus_once_each():
     def gpu(uuid, energy, power):
-        return {"status": "ok", "uuid": uuid, "energy_j": energy, "power_w_mean": power,
-                "timeline": [[0.0, power], [0.05, power]]}
+        return {
+            "status": "ok",
+            "uuid": uuid,
+            "energy_j": energy,
+            "power_w_mean": power,
+            "timeline": [[0.0, power], [0.05, power]],
+        }
 
     # ranks 0 and 1 share GPU-a (gloo on one device): it is counted once
     fields = combine([gpu("GPU-a", 30.0, 300.0), gpu("GPU-a", 30.0, 300.0), gpu("GPU-b", 10.0, 100.0)], tokens=8)
@@ -197,6 +223,7 @@ def test_telemetry_samples_a_gpu():
 
 # ---------------------------------------------------------------- slowest rank (2 real gloo ranks)
 
+
 class _ScriptedRunner:
     """Generation timings scripted per rank (a real all-reduce runs, and its time is scripted too)."""
 
@@ -212,8 +239,12 @@ class _ScriptedRunner:
         r = self.comm.rank
         self.comm.all_reduce(torch.ones(1))
         self.comm.stats.seconds = self.COMM_S[r]
-        return Generation([[1] * new_tokens] * len(prompts), torch.zeros(len(prompts), 64), self.PREFILL_S[r],
-                          [self.DECODE_S[r]] * (new_tokens - 1))
+        return Generation(
+            [[1] * new_tokens] * len(prompts),
+            torch.zeros(len(prompts), 64),
+            self.PREFILL_S[r],
+            [self.DECODE_S[r]] * (new_tokens - 1),
+        )
 
 
 def _slowest_job(comm, device, cell):
@@ -233,14 +264,21 @@ def test_each_repetition_keeps_the_slowest_rank():
 
 # ---------------------------------------------------------------- the CLI end to end
 
+
 @pytest.fixture(scope="module")
 def matrix_run(tmp_path_factory):
     """A tiny matrix: 2 strategies x N in 1, 2, 8; an unknown strategy; an SPD cell that fails while running
     (block 3 of a 2-block model: found when the model loads), followed by one that works."""
     tmp = tmp_path_factory.mktemp("bench")
-    config = write_config(tmp / "m.yaml", TINY | {"strategies": ["baseline", "nocomm"], "tp": [1, 2, 8],
-                                                  "matrices": [{}, {"strategies": ["nosuch"], "tp": 1},
-                                                               {"strategies": [SPD_BAD, SPD_OK], "tp": 2}]})
+    config = write_config(
+        tmp / "m.yaml",
+        TINY
+        | {
+            "strategies": ["baseline", "nocomm"],
+            "tp": [1, 2, 8],
+            "matrices": [{}, {"strategies": ["nosuch"], "tp": 1}, {"strategies": [SPD_BAD, SPD_OK], "tp": 2}],
+        },
+    )
     run = bench("--config", str(config), "--out", str(tmp / "out"))
     return config, run, ResultStore(tmp / "out" / STORE_NAME).rows()
 
@@ -288,8 +326,10 @@ def test_store_reads_with_pandas(matrix_run):
 
 
 def test_killed_run_resumes_without_losing_or_repeating_cells(tmp_path):
-    config = write_config(tmp_path / "m.yaml", TINY | {"tp": 2, "batch": [1, 2, 3, 4], "prompt_len": 32,
-                                                       "new_tokens": 8, "repetitions": 2, "warmup": 0})
+    config = write_config(
+        tmp_path / "m.yaml",
+        TINY | {"tp": 2, "batch": [1, 2, 3, 4], "prompt_len": 32, "new_tokens": 8, "repetitions": 2, "warmup": 0},
+    )
     cells = load_config(config)
     store = ResultStore(tmp_path / "out" / STORE_NAME)
     proc = bench("--config", str(config), "--out", str(tmp_path / "out"), wait=False)
@@ -309,16 +349,33 @@ def test_killed_run_resumes_without_losing_or_repeating_cells(tmp_path):
     rows = store.rows()
     assert sorted(r["cell_id"] for r in rows) == sorted(c.cell_id for c in cells)  # each cell once
     assert all(r["status"] == "ok" for r in rows)
-    assert rows[:len(before)] == before  # finished rows kept as they were
+    assert rows[: len(before)] == before  # finished rows kept as they were
 
 
 # ---------------------------------------------------------------- pytest-benchmark
 
+
 def test_pytest_benchmark_json_imports_into_the_store(tmp_path):
     out_json, store = tmp_path / "bench.json", ResultStore(tmp_path / "out" / STORE_NAME)
-    run = subprocess.run([sys.executable, "-m", "pytest", "tests/bench", "--benchmark-only", "-q", "-p",
-                          "no:cacheprovider", "-k", "baseline-2", f"--benchmark-json={out_json}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/bench",
+            "--benchmark-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "baseline-2",
+            f"--benchmark-json={out_json}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-2000:]
     imported = bench("--import-benchmark", str(out_json), "--out", str(tmp_path / "out"))
     assert imported.returncode == 0, imported.stderr

@@ -18,8 +18,10 @@ BAD_INPUT = [
     (["generate", "--model", "missing.gguf", "--prompt", "hi"], "model missing.gguf: no such GGUF file"),
     (["generate", "--strategy", "nosuch", "--prompt", "hi"], "unknown strategy 'nosuch'; choose one of: baseline"),
     (["generate", "--tp", "2", "--spd-plan", "missing.json", "--prompt", "hi"], "spd_plan missing.json: no such file"),
-    (["eval", "--tasks", "piqa", "--data-dir", "/no/such/folder", "--out", "x.jsonl"],
-     "data_dir /no/such/folder: no such data folder"),
+    (
+        ["eval", "--tasks", "piqa", "--data-dir", "/no/such/folder", "--out", "x.jsonl"],
+        "data_dir /no/such/folder: no such data folder",
+    ),
     (["bench", "--config", "missing.yaml", "--out", "out"], "config missing.yaml: no such file"),
     (["report", "missing.jsonl"], "results missing.jsonl: no such file or folder"),
     (["validate-projection", "--tp", "2", "--interconnect", "nosuch"], "interconnect 'nosuch': no such file or name"),
@@ -31,10 +33,18 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("argv, message", BAD_INPUT, ids=[" ".join(a[:2]) for a, _ in BAD_INPUT])
 def test_bad_input_is_one_line_before_torch_loads(argv, message, tmp_path):
-    code = ("import sys\nfrom suite.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
-            "    print(exc.code, 'torch' in sys.modules)")
-    run = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys\nfrom suite.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+        "    print(exc.code, 'torch' in sys.modules)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr  # exit 2, torch never imported
     assert message in run.stderr and run.stderr.count("\n") == 1, run.stderr
 
@@ -64,7 +74,11 @@ def test_help_shows_defaults_once_and_no_backticks():
 
 @pytest.mark.parametrize("strategy", [["ladder"], ["spd", "--strategy-opt", "blocks=all"]])
 def test_generate_notes_strategies_that_change_the_model(strategy, capsys):  # as nocomm's (test_baselines.py)
-    assert main(["generate", "--model", "random:tiny", "--strategy", *strategy, "--prompt", "Hi",
-                 "--max-new-tokens", "2"]) == 0
-    note = f"note: {strategy[0]} changes the model (no retraining here): its text may differ from the pretrained model's"
+    assert (
+        main(["generate", "--model", "random:tiny", "--strategy", *strategy, "--prompt", "Hi", "--max-new-tokens", "2"])
+        == 0
+    )
+    note = (
+        f"note: {strategy[0]} changes the model (no retraining here): its text may differ from the pretrained model's"
+    )
     assert note in capsys.readouterr().out

@@ -18,10 +18,16 @@ TOKENWEAVE = {"split_min_tokens": "0", "split_multiple": "2"}
 # per model: SPD blocks (dropped and kept blocks side by side), prompts of different lengths (padded) for
 # generation, and prompts of one length for the logits the reference computes
 CASES = {
-    "random:tiny": ("1", [[5, 17, 99, 3, 42, 7, 250], [1, 2, 3, 4], [9, 8, 7, 6, 5]],
-                    [[5, 17, 99, 3, 42, 7, 250, 11], [1, 2, 3, 4, 5, 6, 7, 8]]),
-    "smollm2-135m": ("2,3,7,20,28,29", [[504, 3575, 282, 4649, 314], [19556, 28, 253, 1534], [12, 200, 3000]],
-                     [[504, 3575, 282, 4649, 314, 1077, 29], [19556, 28, 253, 1534, 33, 1010, 88]]),
+    "random:tiny": (
+        "1",
+        [[5, 17, 99, 3, 42, 7, 250], [1, 2, 3, 4], [9, 8, 7, 6, 5]],
+        [[5, 17, 99, 3, 42, 7, 250, 11], [1, 2, 3, 4, 5, 6, 7, 8]],
+    ),
+    "smollm2-135m": (
+        "2,3,7,20,28,29",
+        [[504, 3575, 282, 4649, 314], [19556, 28, 253, 1534], [12, 200, 3000]],
+        [[504, 3575, 282, 4649, 314, 1077, 29], [19556, 28, 253, 1534, 33, 1010, 88]],
+    ),
 }
 
 
@@ -33,18 +39,25 @@ def _job(comm, device, model, blocks, prompts, equal):
 
     rank_model = load_runner(comm, device, model, "baseline").model
     spd = {"blocks": blocks}
-    configs = {"spd": ("spd", spd), "spd+tokenweave": ("spd+tokenweave", spd | TOKENWEAVE),
-               "spd+ladder": ("spd+ladder", spd)}
+    configs = {
+        "spd": ("spd", spd),
+        "spd+tokenweave": ("spd+tokenweave", spd | TOKENWEAVE),
+        "spd+ladder": ("spd+ladder", spd),
+    }
     if model == "random:tiny":  # the fused sync and the empty ladder set on the small model only
-        configs |= {"spd+tokenweave fused": ("spd+tokenweave", spd | TOKENWEAVE | {"fused": "true"}),
-                    "spd+ladder no ladder": ("spd+ladder", spd | {"layers": ""})}
+        configs |= {
+            "spd+tokenweave fused": ("spd+tokenweave", spd | TOKENWEAVE | {"fused": "true"}),
+            "spd+ladder no ladder": ("spd+ladder", spd | {"layers": ""}),
+        }
     out = {}
     for key, (name, options) in configs.items():
         runner = Runner(rank_model, bound_strategy(name, options, source(model), comm.world), comm)
         gen = runner.generate(prompts, NEW_TOKENS) if "ladder" not in key else None
         # numpy pickles by value (torch tensors would travel as shared memory of an exiting process)
-        out[key] = (gen.tokens, gen.prefill_logits.float().numpy()) if gen else None, \
-            runner.logits(equal).float().numpy()
+        out[key] = (
+            (gen.tokens, gen.prefill_logits.float().numpy()) if gen else None,
+            runner.logits(equal).float().numpy(),
+        )
     return out
 
 
@@ -56,8 +69,14 @@ def composite_run(request):
     model, tp = request.param
     blocks, prompts, equal = CASES[model]
     out = launch(_job, tp, model, blocks, prompts, equal)
-    return model, tp, {k: (*((gen[0], torch.from_numpy(gen[1])) if gen else (None, None)), torch.from_numpy(logits))
-                       for k, (gen, logits) in out.items()}
+    return (
+        model,
+        tp,
+        {
+            k: (*((gen[0], torch.from_numpy(gen[1])) if gen else (None, None)), torch.from_numpy(logits))
+            for k, (gen, logits) in out.items()
+        },
+    )
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor) -> bool:

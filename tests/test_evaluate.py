@@ -12,9 +12,9 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")  # absent where only the GPU tests run
 
 from suite.accuracy.lm_eval_model import SpdbenchLM, _RankScorer
+from suite.accuracy.tasks import TaskDataError, converted, data_dir, task_configs
 from suite.model.sources import embedded_gguf, gguf_to_safetensors
 from suite.parallel.strategy import available
-from suite.accuracy.tasks import TaskDataError, converted, data_dir, task_configs
 
 pytestmark = pytest.mark.skipif(data_dir() is None, reason="needs the offline data folder (SPDBENCH_DATA)")
 
@@ -23,19 +23,26 @@ pytestmark = pytest.mark.skipif(data_dir() is None, reason="needs the offline da
 SAMPLES = {"piqa": [0, 1, 2, 3], "arc_easy": [0, 1, 2, 3], "hellaswag": [0, 1], "wikitext": [29]}
 MAX_LENGTH = 64
 # generate_until: greedy, cut at the stop string (prompts of different lengths share a batch)
-GENERATE = [SimpleNamespace(args=(prompt, {"until": ["\n\n", "."], "max_gen_toks": 6}))
-            for prompt in ("The capital of France is", "Question: What do bees make?\nAnswer:")]
+GENERATE = [
+    SimpleNamespace(args=(prompt, {"until": ["\n\n", "."], "max_gen_toks": 6}))
+    for prompt in ("The capital of France is", "Question: What do bees make?\nAnswer:")
+]
 
 
 def _evaluate(lm) -> tuple[dict, dict]:
     """Metrics per task, and the per-request log-likelihoods in document order."""
     tasks, manager = task_configs(list(SAMPLES), data_dir())
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, samples=SAMPLES, log_samples=True,
-                                  verbosity="ERROR")
-    metrics = {task: {k.split(",")[0]: v for k, v in values.items() if isinstance(v, float)}
-               for task, values in out["results"].items()}
-    lls = {task: [_loglikelihood(r[0]) for s in sorted(samples, key=lambda s: s["doc_id"]) for r in s["resps"]]
-           for task, samples in out["samples"].items()}
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, task_manager=manager, samples=SAMPLES, log_samples=True, verbosity="ERROR"
+    )
+    metrics = {
+        task: {k.split(",")[0]: v for k, v in values.items() if isinstance(v, float)}
+        for task, values in out["results"].items()
+    }
+    lls = {
+        task: [_loglikelihood(r[0]) for s in sorted(samples, key=lambda s: s["doc_id"]) for r in s["resps"]]
+        for task, samples in out["samples"].items()
+    }
     return metrics, lls
 
 
@@ -58,8 +65,13 @@ def _ours(tp: int, strategy: str = "baseline") -> tuple[dict, dict, list]:
 def runs():
     from lm_eval.models.huggingface import HFLM
 
-    hf = HFLM(pretrained=str(gguf_to_safetensors(embedded_gguf())), device="cpu", dtype="float32",
-              batch_size=16, max_length=MAX_LENGTH)
+    hf = HFLM(
+        pretrained=str(gguf_to_safetensors(embedded_gguf())),
+        device="cpu",
+        dtype="float32",
+        batch_size=16,
+        max_length=MAX_LENGTH,
+    )
     results = {"hf": (*_evaluate(hf), None, hf.generate_until(GENERATE)), 1: _ours(1), 4: _ours(4)}
     if "tokenweave" in available():
         results["tokenweave"] = _ours(4, "tokenweave")
@@ -105,6 +117,7 @@ def test_projecting_communicator_is_refused():
 
 # --- the command line -----------------------------------------------------------------------
 
+
 def _cli(argv: list[str]) -> int:
     from suite.cli import main
 
@@ -113,13 +126,35 @@ def _cli(argv: list[str]) -> int:
 
 def test_eval_command_writes_accuracy_rows(tmp_path):
     out = tmp_path / "results.jsonl"
-    assert _cli(["--model", "random:tiny", "--tp", "2", "--tasks", "piqa,boolq", "--limit", "2", "--limit", "boolq=1",
-                 "--out", str(out)]) == 0
+    assert (
+        _cli(
+            [
+                "--model",
+                "random:tiny",
+                "--tp",
+                "2",
+                "--tasks",
+                "piqa,boolq",
+                "--limit",
+                "2",
+                "--limit",
+                "boolq=1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["task"], r["metric"]) for r in rows} == {("piqa", "acc"), ("piqa", "acc_norm"), ("boolq", "acc")}
     for row in rows:
         assert row["kind"] == "accuracy" and row["status"] == "ok" and row["provenance"] == "measured"
-        assert row["tp"] == 2 and row["strategy"] == "baseline" and row["usable_model"] and row["limit"] == (1 if row["task"] == "boolq" else 2)
+        assert (
+            row["tp"] == 2
+            and row["strategy"] == "baseline"
+            and row["usable_model"]
+            and row["limit"] == (1 if row["task"] == "boolq" else 2)
+        )
         assert 0.0 <= row["value"] <= 1.0 and row["command"].startswith("spdbench eval")
     assert len({r["cell_id"] for r in rows}) == len(rows)
 
@@ -135,26 +170,33 @@ def test_several_strategies_on_one_launch_score_as_each_alone(tmp_path):
     assert len(rows) == 4 and len(commands) == 2
     for command in commands:  # each row's own command, run alone into another file
         argv = shlex.split(command)[2:]
-        assert _cli([*argv[:argv.index("--out")], "--out", str(alone)]) == 0
+        assert _cli([*argv[: argv.index("--out")], "--out", str(alone)]) == 0
     by_cell = {r["cell_id"]: r for r in map(json.loads, alone.read_text().splitlines())}
     assert sorted(by_cell) == sorted(r["cell_id"] for r in rows)
     for row in rows:
         assert row["value"] == by_cell[row["cell_id"]]["value"] and row["stderr"] == by_cell[row["cell_id"]]["stderr"]
     assert {(r["strategy"], json.dumps(r["strategy_options"])) for r in rows} == {
-        ("ladder", '{"layers": "last:1"}'), ("baseline", "{}")}
+        ("ladder", '{"layers": "last:1"}'),
+        ("baseline", "{}"),
+    }
     assert _cli([*common, "--strategy", "baseline", "--strategy", "ladder:layers=last:1", "--out", str(together)]) == 0
     assert len(together.read_text().splitlines()) == 4  # resumed: nothing left to run, no row added
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tasks", "piqa", "--strategy", "baseline", "--strategy", "ladder", "--strategy-opt", "layers=last:1"],
-     "strategy_opt and spd_plan apply to a single --strategy"),
-    (["--tasks", "piqa", "--strategy", "nope"], "unknown strategy 'nope'"),
-    (["--tasks", "piqa,nope"], "unknown task 'nope'"),
-    (["--tasks", "piqa", "--data-dir", "/nonexistent/data"], "data_dir /nonexistent/data: no such data folder"),
-    (["--tasks", "piqa", "--limit", "0"], "limit 0 is invalid"),
-    (["--tasks", "piqa", "--limit", "boolq=3"], "limit boolq=3: task 'boolq' is not in tasks"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--tasks", "piqa", "--strategy", "baseline", "--strategy", "ladder", "--strategy-opt", "layers=last:1"],
+            "strategy_opt and spd_plan apply to a single --strategy",
+        ),
+        (["--tasks", "piqa", "--strategy", "nope"], "unknown strategy 'nope'"),
+        (["--tasks", "piqa,nope"], "unknown task 'nope'"),
+        (["--tasks", "piqa", "--data-dir", "/nonexistent/data"], "data_dir /nonexistent/data: no such data folder"),
+        (["--tasks", "piqa", "--limit", "0"], "limit 0 is invalid"),
+        (["--tasks", "piqa", "--limit", "boolq=3"], "limit boolq=3: task 'boolq' is not in tasks"),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_argument(tmp_path, capsys, argv, message):
     out = tmp_path / "results.jsonl"
     with pytest.raises(SystemExit) as exit_:
@@ -179,11 +221,15 @@ def test_malformed_data_file_is_named_and_nothing_is_cached(tmp_path, monkeypatc
 
 
 def test_local_documents_have_the_hub_fields():
-    docs = {t: json.loads(converted(t, data_dir()).read_text().splitlines()[0])
-            for t in ("hellaswag", "arc_challenge", "winogrande", "boolq", "lambada_openai")}
+    docs = {
+        t: json.loads(converted(t, data_dir()).read_text().splitlines()[0])
+        for t in ("hellaswag", "arc_challenge", "winogrande", "boolq", "lambada_openai")
+    }
     assert docs["hellaswag"]["activity_label"] == "Roof shingle removal" and docs["hellaswag"]["label"] == "3"
     assert len(docs["hellaswag"]["endings"]) == 4
-    assert set(docs["arc_challenge"]["choices"]) == {"text", "label"} and isinstance(docs["arc_challenge"]["question"], str)
+    assert set(docs["arc_challenge"]["choices"]) == {"text", "label"} and isinstance(
+        docs["arc_challenge"]["question"], str
+    )
     assert docs["winogrande"]["answer"] in ("1", "2") and "_" in docs["winogrande"]["sentence"]
     assert docs["boolq"]["label"] in (0, 1)
     assert converted("wikitext", data_dir()).read_text().count("\n") == 62  # articles of the test split

@@ -18,9 +18,9 @@ from spd.plan import Plan
 from suite.errors import RankError
 from suite.latency.interconnect import Profile
 from suite.latency.projection import ProjectingCommunicator
+from suite.parallel.comm import Communicator
 from suite.parallel.launch import agree, choose_backend, control_group, launch, local_ranks
 from suite.parallel.runner import load_runner
-from suite.parallel.comm import Communicator
 from tests.helpers import hf_model
 
 MODEL = "random:tiny"
@@ -28,6 +28,7 @@ H100_L2_BYTES = 50e6  # datasheet
 
 
 # ---------------------------------------------------------------- a failed cell, per cell
+
 
 def _cells_job(comm, device, fail_on: dict, grace_s: float):
     """Three steps of two collectives each; the ranks in ``fail_on[step]`` fail between them."""
@@ -61,14 +62,43 @@ def test_a_failed_cell_under_torchrun_leaves_the_other_cells_running(tmp_path):
     plan = tmp_path / "plan4.json"
     Plan(MODEL, 4, {1: {"mode": "tp"}}).save(plan)
     config = tmp_path / "cells.yaml"
-    config.write_text(json.dumps({"model": MODEL, "tp": 2, "prompt_len": 4, "new_tokens": 2, "repetitions": 1,
-                                  "warmup": 0, "timeout": 120,
-                                  "strategies": [{"name": "spd", "options": {"plan": str(plan)}}, "baseline"]}))
+    config.write_text(
+        json.dumps(
+            {
+                "model": MODEL,
+                "tp": 2,
+                "prompt_len": 4,
+                "new_tokens": 2,
+                "repetitions": 1,
+                "warmup": 0,
+                "timeout": 120,
+                "strategies": [{"name": "spd", "options": {"plan": str(plan)}}, "baseline"],
+            }
+        )
+    )
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "suite.cli", "bench", "--config", str(config), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "suite.cli",
+            "bench",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert run.returncode == 1, run.stderr[-3000:]  # a cell failed (and the run went on)
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert {r["strategy"]: r["status"] for r in rows} == {"spd": "failed", "baseline": "ok"} and len(rows) == 2
@@ -76,6 +106,7 @@ def test_a_failed_cell_under_torchrun_leaves_the_other_cells_running(tmp_path):
 
 
 # ---------------------------------------------------------------- NCCL or gloo, per node
+
 
 def test_backend_is_chosen_from_the_ranks_on_this_node(monkeypatch):
     for key, value in {"RANK": "0", "WORLD_SIZE": "8", "MASTER_ADDR": "node0", "LOCAL_WORLD_SIZE": "4"}.items():
@@ -92,6 +123,7 @@ def test_backend_is_chosen_from_the_ranks_on_this_node(monkeypatch):
 
 
 # ---------------------------------------------------------------- the decode step's inputs
+
 
 class _HostTensors(TorchDispatchMode):
     """Counts tensors made from host data (``torch.tensor(...)``: a host-to-device copy on a GPU)."""
@@ -117,10 +149,19 @@ def test_decode_makes_no_tensor_from_host_data_per_token():
 
 # ---------------------------------------------------------------- the projection at N = 1
 
+
 def test_a_projection_at_one_rank_loads_no_kernel():
     """No collective to model: a 'cuda' communicator of one rank is built without touching CUDA."""
-    profile = Profile.from_dict({"name": "flat", "sources": ["test"], "method": "constant", "sms": 8,
-                                 "sms_source": "test", "tables": {"all_reduce": {"eager": {2: [[1, 5.0, math.inf]]}}}})
+    profile = Profile.from_dict(
+        {
+            "name": "flat",
+            "sources": ["test"],
+            "method": "constant",
+            "sms": 8,
+            "sms_source": "test",
+            "tables": {"all_reduce": {"eager": {2: [[1, 5.0, math.inf]]}}},
+        }
+    )
     comm = ProjectingCommunicator(world=1, profile=profile, device="cuda")
     x = torch.ones(3)
     assert comm.all_reduce(x) is x and comm.modelled_s == 0
@@ -139,8 +180,12 @@ def test_the_wait_kernel_assembles_without_a_gpu(tmp_path, arch):
     if not ptxas.exists():
         pytest.skip("this Triton ships no ptxas")
     (tmp_path / "hold.ptx").write_text(_HOLD_SMS)
-    run = subprocess.run([str(ptxas), f"-arch={arch}", str(tmp_path / "hold.ptx"), "-o", str(tmp_path / "hold.cubin")],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [str(ptxas), f"-arch={arch}", str(tmp_path / "hold.ptx"), "-o", str(tmp_path / "hold.cubin")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
 
 
@@ -161,6 +206,7 @@ def test_every_graph_capture_is_thread_local():
 
 # ---------------------------------------------------------------- telemetry and devbench
 
+
 class _NVLinkNVML:
     NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX = 138, 139
 
@@ -170,6 +216,7 @@ class _NVLinkNVML:
     def __getattr__(self, name):  # every other query: unsupported
         def unsupported(*args):
             raise RuntimeError(f"{name}: not supported")
+
         return unsupported
 
     def nvmlDeviceGetFieldValues(self, handle, fields):
@@ -209,9 +256,15 @@ def hf_cuda_greedy():
     out = []
     with torch.no_grad():
         for prompt in GPU_PROMPTS:
-            ids = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=GPU_NEW_TOKENS, do_sample=False,
-                              min_new_tokens=GPU_NEW_TOKENS, eos_token_id=None, pad_token_id=0)
-            out.append(ids[0, len(prompt):].tolist())
+            ids = hf.generate(
+                torch.tensor([prompt], device="cuda"),
+                max_new_tokens=GPU_NEW_TOKENS,
+                do_sample=False,
+                min_new_tokens=GPU_NEW_TOKENS,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            out.append(ids[0, len(prompt) :].tolist())
     hf.to("cpu")
     return out
 

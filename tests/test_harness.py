@@ -15,8 +15,11 @@ from suite.parallel.launch import launch
 from tests.helpers import hf_greedy, source
 
 NEW_TOKENS = 32
-TEXTS = ["The capital of France is", "Tensor parallelism splits every layer of a transformer across",
-         "Once upon a time"]
+TEXTS = [
+    "The capital of France is",
+    "Tensor parallelism splits every layer of a transformer across",
+    "Once upon a time",
+]
 TINY_PROMPTS = [[5, 17, 42, 99, 3, 8, 200, 31, 7], [64, 12, 250], [1, 2, 3, 4, 5]]
 MODELS = {"smollm2-135m": None, "random:tiny-uneven": TINY_PROMPTS, "random:tiny-mqa": TINY_PROMPTS}
 
@@ -78,8 +81,10 @@ def _failing_job(comm, device, fail_rank):
     runner = load_runner(comm, device, "random:tiny", "baseline")
     layers = runner.model.layers
     if comm.rank == fail_rank:  # raise inside the second block's attention, after one all-reduce
+
         def boom(*args):
             raise RuntimeError("injected failure")
+
         layers[1].self_attn.forward = boom
     return runner.generate([[1, 2, 3]], 4).tokens
 
@@ -98,6 +103,7 @@ def _dying_job(comm, device):
     if comm.rank == 1:
         os._exit(3)
     import torch.distributed as dist
+
     dist.barrier()
 
 
@@ -113,8 +119,20 @@ def spdbench(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_json_on_two_ranks():
-    run = spdbench("generate", "--model", "random:tiny-uneven", "--tp", "2", "--prompt", "hello", "--prompt", "hi",
-                   "--max-new-tokens", "5", "--json")
+    run = spdbench(
+        "generate",
+        "--model",
+        "random:tiny-uneven",
+        "--tp",
+        "2",
+        "--prompt",
+        "hello",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert {"token_ids", "text", "prefill_ms", "decode_ms_per_token", "tp", "strategy", "model"} <= set(result)
@@ -123,18 +141,21 @@ def test_generate_json_on_two_ranks():
     assert result["token_ids"][0] == ref
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--model", "nonsense"], "unknown model"),
-    (["--model", "random:llama9-1b"], "unknown preset"),
-    (["--strategy", "nope"], "unknown strategy"),
-    (["--tp", "0"], "tp 0 is invalid"),
-    (["--tp", "16", "--model", "random:tiny"], "tp 16 is invalid"),
-    (["--strategy-opt", "novalue"], "KEY=VALUE"),
-    (["--strategy-opt", "x=1"], "no option 'x'"),
-    (["--max-new-tokens", "0"], "max_new_tokens 0 is invalid"),
-    (["--dtype", "float8"], "--dtype"),
-    (["--device", "cuda"], "cuda"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "nonsense"], "unknown model"),
+        (["--model", "random:llama9-1b"], "unknown preset"),
+        (["--strategy", "nope"], "unknown strategy"),
+        (["--tp", "0"], "tp 0 is invalid"),
+        (["--tp", "16", "--model", "random:tiny"], "tp 16 is invalid"),
+        (["--strategy-opt", "novalue"], "KEY=VALUE"),
+        (["--strategy-opt", "x=1"], "no option 'x'"),
+        (["--max-new-tokens", "0"], "max_new_tokens 0 is invalid"),
+        (["--dtype", "float8"], "--dtype"),
+        (["--device", "cuda"], "cuda"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     from suite.cli import main
 

@@ -107,8 +107,9 @@ def test_kernels_is_a_matrix_axis_with_a_device_default():
     assert [c.kernels for c in both] == ["eager", "compiled"] and both[0].cell_id != both[1].cell_id
     (bad,) = expand({"model": "random:tiny", "kernels": "fused"})
     assert check_settings(bad) == "kernels='fused': choose one of eager, compiled"
-    simulated = expand({"model": "random:tiny", "kernels": "vllm", "mode": "simulated", "interconnect": "x",
-                        "device_profile": "y"})
+    simulated = expand(
+        {"model": "random:tiny", "kernels": "vllm", "mode": "simulated", "interconnect": "x", "device_profile": "y"}
+    )
     assert check_settings(simulated[0]) is None  # regimes of the simulation are the simulation's to check
 
 

@@ -20,16 +20,24 @@ KB, MB = 2**10, 2**20
 
 def cheaper_points(slower: Profile, reference: Profile) -> list[tuple]:
     """Shared (collective, launch, N, bytes) where ``slower`` costs less than ``reference``."""
-    return [(coll, launch, n, size) for launch in LAUNCHES for n in set(slower.ns(launch)) & set(reference.ns(launch))
-            for coll in TRAFFIC for size in SIZES
-            if slower.seconds(coll, n, size, launch) < reference.seconds(coll, n, size, launch)]
+    return [
+        (coll, launch, n, size)
+        for launch in LAUNCHES
+        for n in set(slower.ns(launch)) & set(reference.ns(launch))
+        for coll in TRAFFIC
+        for size in SIZES
+        if slower.seconds(coll, n, size, launch) < reference.seconds(coll, n, size, launch)
+    ]
 
 
 def below_floors(profile: Profile) -> list[tuple]:
     """(launch, N, modelled us, floor us) where the smallest all-reduce costs less than a measured floor."""
-    return [(launch, n, 1e6 * profile.seconds("all_reduce", n, 1, launch), 1e6 * floor)
-            for launch, by_n in profile.floors.items() for n, floor in by_n.items()
-            if profile.seconds("all_reduce", n, 1, launch) < floor]
+    return [
+        (launch, n, 1e6 * profile.seconds("all_reduce", n, 1, launch), 1e6 * floor)
+        for launch, by_n in profile.floors.items()
+        for n, floor in by_n.items()
+        if profile.seconds("all_reduce", n, 1, launch) < floor
+    ]
 
 
 def split_ratios(profile: Profile) -> list[tuple]:
@@ -89,32 +97,63 @@ def test_reduce_scatter_and_all_gather_take_their_own_latency():
     for name in available_profiles():
         profile = load_profile(name)
         for n in profile.ns("cuda_graph"):
-            ar, rs, ag = (profile.seconds(c, n, 1, "cuda_graph")
-                          for c in ("all_reduce", "reduce_scatter", "all_gather"))
+            ar, rs, ag = (
+                profile.seconds(c, n, 1, "cuda_graph") for c in ("all_reduce", "reduce_scatter", "all_gather")
+            )
             assert rs == ag < ar and rs + ag == pytest.approx(ar + 1.25e-6, abs=1e-9), (name, n)
 
 
 # ---------------------------------------------------------------- against the published measurements
 # (interconnects.md; the profiles' sources)
 
-@pytest.mark.parametrize("name, collective, launch, n, points, tolerance", [
-    # 8x H100, nccl-tests, NCCL 2.24.3: the bandwidth-bound samples (the profile's eager is PyTorch's launch)
-    ("h100-nvswitch", "all_reduce", "eager", 8,
-     [(16 * MB, 125.9), (64 * MB, 328.6), (256 * MB, 1112), (1024 * MB, 4011)], 0.06),
-    # 4x H100 eager reduce-scatter and all-gather
-    ("h100-nvswitch", "reduce_scatter", "eager", 4, [(8 * KB, 21.7), (MB, 25.8), (16 * MB, 62.6), (256 * MB, 663)],
-     0.10),
-    ("h100-nvswitch", "all_gather", "eager", 4, [(MB, 27.9), (16 * MB, 67.3), (256 * MB, 659)], 0.10),
-    # Azure ND A100 v4, nccl-tests, from 1 MB
-    ("a100-nvlink", "all_reduce", "eager", 8, [(MB, 51), (4 * MB, 103), (16 * MB, 269), (64 * MB, 705),
-                                               (256 * MB, 2197), (1024 * MB, 8238)], 0.12),
-    # 2 nodes x 8 H100 through PyTorch
-    ("ib-2node", "all_reduce", "eager", 16, [(MB, 88), (10 * MB, 157), (100 * MB, 647)], 0.001),
-    # TokenWeave's artifact: the multimem all-reduce, CUDA-event timed
-    ("h100-nvswitch-multimem", "all_reduce", "cuda_graph", 8,
-     [(2**i * MB, us) for i, us in enumerate([16.51, 20.00, 28.42, 43.78, 75.14, 135.74, 257.25, 500.96, 985.98,
-                                              1956.93])], 0.001),
-])
+
+@pytest.mark.parametrize(
+    "name, collective, launch, n, points, tolerance",
+    [
+        # 8x H100, nccl-tests, NCCL 2.24.3: the bandwidth-bound samples (the profile's eager is PyTorch's launch)
+        (
+            "h100-nvswitch",
+            "all_reduce",
+            "eager",
+            8,
+            [(16 * MB, 125.9), (64 * MB, 328.6), (256 * MB, 1112), (1024 * MB, 4011)],
+            0.06,
+        ),
+        # 4x H100 eager reduce-scatter and all-gather
+        (
+            "h100-nvswitch",
+            "reduce_scatter",
+            "eager",
+            4,
+            [(8 * KB, 21.7), (MB, 25.8), (16 * MB, 62.6), (256 * MB, 663)],
+            0.10,
+        ),
+        ("h100-nvswitch", "all_gather", "eager", 4, [(MB, 27.9), (16 * MB, 67.3), (256 * MB, 659)], 0.10),
+        # Azure ND A100 v4, nccl-tests, from 1 MB
+        (
+            "a100-nvlink",
+            "all_reduce",
+            "eager",
+            8,
+            [(MB, 51), (4 * MB, 103), (16 * MB, 269), (64 * MB, 705), (256 * MB, 2197), (1024 * MB, 8238)],
+            0.12,
+        ),
+        # 2 nodes x 8 H100 through PyTorch
+        ("ib-2node", "all_reduce", "eager", 16, [(MB, 88), (10 * MB, 157), (100 * MB, 647)], 0.001),
+        # TokenWeave's artifact: the multimem all-reduce, CUDA-event timed
+        (
+            "h100-nvswitch-multimem",
+            "all_reduce",
+            "cuda_graph",
+            8,
+            [
+                (2**i * MB, us)
+                for i, us in enumerate([16.51, 20.00, 28.42, 43.78, 75.14, 135.74, 257.25, 500.96, 985.98, 1956.93])
+            ],
+            0.001,
+        ),
+    ],
+)
 def test_profiles_reproduce_the_measurements_they_cite(name, collective, launch, n, points, tolerance):
     profile = load_profile(name)
     for size, us in points:
@@ -140,6 +179,7 @@ def test_multimem_at_fewer_gpus_follows_the_stated_nvls_model(n):
 
     def t(gpus, size):
         return multimem.seconds("all_reduce", gpus, size, "cuda_graph")
+
     assert t(n, MB) == pytest.approx(latency + MB * (1 + 1 / n) / w, rel=0.001)
     for size in (2 * MB, 16 * MB, 512 * MB):
         assert t(n, size) - t(n, MB) == pytest.approx((t(8, size) - t(8, MB)) * (1 + 1 / n) / (9 / 8), rel=0.002)
@@ -148,6 +188,7 @@ def test_multimem_at_fewer_gpus_follows_the_stated_nvls_model(n):
 
 # ---------------------------------------------------------------- spdbench profile
 
+
 def test_profile_command_lists_every_modelled_point(capsys):
     from suite.cli import main
 
@@ -155,7 +196,8 @@ def test_profile_command_lists_every_modelled_point(capsys):
     points = json.loads(capsys.readouterr().out)
     profile = load_profile("h100-nvswitch")
     assert {(p["collective"], p["launch"], p["n"]) for p in points} == {
-        (c, launch, n) for c in TRAFFIC for launch in LAUNCHES for n in (2, 4, 8)}
+        (c, launch, n) for c in TRAFFIC for launch in LAUNCHES for n in (2, 4, 8)
+    }
     assert {p["bytes"] for p in points} == {4**k for k in range(5, 16)}  # 1 KiB .. 1 GiB
     for p in points:
         assert set(p) == {"collective", "launch", "n", "bytes", "us"}

@@ -32,11 +32,19 @@ SMS = {"sms": 4, "sms_source": "test"}
 def flat_profile(latency_us: float, busbw_gbps: float = math.inf, ns=(2, 4)) -> Profile:
     """Every collective costs ``latency_us`` (plus the bandwidth term when busbw is finite)."""
     rows = [[1, latency_us, busbw_gbps]]
-    return Profile.from_dict({"name": "flat", "sources": ["test"], "method": "constant", **SMS,
-                              "tables": {"all_reduce": {"eager": {n: rows for n in ns}}}})
+    return Profile.from_dict(
+        {
+            "name": "flat",
+            "sources": ["test"],
+            "method": "constant",
+            **SMS,
+            "tables": {"all_reduce": {"eager": {n: rows for n in ns}}},
+        }
+    )
 
 
 # ---------------------------------------------------------------- profiles and the cost model
+
 
 @pytest.mark.parametrize("name", available_profiles())
 def test_shipped_profiles_state_their_source_and_cover_both_launch_modes(name):
@@ -55,8 +63,19 @@ def test_required_profiles_are_shipped():
 
 
 def test_cost_is_latency_plus_ring_traffic_over_bus_bandwidth():
-    p = Profile.from_dict({"name": "t", "sources": ["s"], "method": "m", **SMS, "tables": {"all_reduce": {"eager": {
-        2: [[1024, 10, 100], [1048576, 20, 200]], 4: [[1024, 30, 100], [1048576, 40, 200]]}}}})
+    p = Profile.from_dict(
+        {
+            "name": "t",
+            "sources": ["s"],
+            "method": "m",
+            **SMS,
+            "tables": {
+                "all_reduce": {
+                    "eager": {2: [[1024, 10, 100], [1048576, 20, 200]], 4: [[1024, 30, 100], [1048576, 40, 200]]}
+                }
+            },
+        }
+    )
     for n, lat, bw in ((2, 10e-6, 100e9), (4, 30e-6, 100e9)):
         for coll in RING_FACTOR:
             assert p.seconds(coll, n, 1024) == pytest.approx(lat + RING_FACTOR[coll](n) * 1024 / bw)
@@ -72,9 +91,18 @@ def test_cost_is_latency_plus_ring_traffic_over_bus_bandwidth():
 
 def test_samples_are_reproduced_exactly():
     samples = [[1024, 50], [4096, 48], [65536, 80], [1048576, 900]]  # 4096 faster than 1024: noise
-    p = Profile.from_dict({"name": "m", "sources": ["s"], "method": "m", **SMS, "tables": {
-        "reduce_scatter": {"eager": {2: {"samples_us": samples}}},
-        "all_reduce": {"eager": {2: [[1, 5, 1]]}}}})
+    p = Profile.from_dict(
+        {
+            "name": "m",
+            "sources": ["s"],
+            "method": "m",
+            **SMS,
+            "tables": {
+                "reduce_scatter": {"eager": {2: {"samples_us": samples}}},
+                "all_reduce": {"eager": {2: [[1, 5, 1]]}},
+            },
+        }
+    )
     got = [p.seconds("reduce_scatter", 2, b) * 1e6 for b, _ in samples]
     assert got == pytest.approx([48, 48, 80, 900])  # the slow outlier drops to the running minimum
     assert p.seconds("all_gather", 2, 1000) == pytest.approx(5e-6 + 0.5 * 1000 / 1e9)  # falls back to all_reduce
@@ -92,21 +120,37 @@ def test_profile_errors_name_the_problem(tmp_path):
     bad.write_text(yaml.safe_dump({"name": "bad", "tables": {"all_reduce": {"eager": {2: [[1, 2, 3]]}}}}))
     with pytest.raises(ProfileError, match="missing sources, method"):
         load_profile(bad)
-    bad.write_text(yaml.safe_dump({"name": "bad", "sources": "x", "method": "y", **SMS,
-                                   "tables": {"all_reduce": {"eager": {2: [[1, 2]]}}}}))
+    bad.write_text(
+        yaml.safe_dump(
+            {"name": "bad", "sources": "x", "method": "y", **SMS, "tables": {"all_reduce": {"eager": {2: [[1, 2]]}}}}
+        )
+    )
     with pytest.raises(ProfileError, match=r"all_reduce.eager.2: expected rows"):
         load_profile(bad)
-    bad.write_text(yaml.safe_dump({"name": "bad", "sources": "x", "method": "y",
-                                   "tables": {"all_reduce": {"eager": {2: [[1, 2, 3]]}}}}))
+    bad.write_text(
+        yaml.safe_dump(
+            {"name": "bad", "sources": "x", "method": "y", "tables": {"all_reduce": {"eager": {2: [[1, 2, 3]]}}}}
+        )
+    )
     with pytest.raises(ProfileError, match="missing sms, sms_source"):
         load_profile(bad)
-    bad.write_text(yaml.safe_dump({"name": "bad", "sources": "x", "method": {"eager": "y"}, **SMS,
-                                   "tables": {"all_reduce": {"cuda_graph": {2: [[1, 2, 3]]}}}}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bad",
+                "sources": "x",
+                "method": {"eager": "y"},
+                **SMS,
+                "tables": {"all_reduce": {"cuda_graph": {2: [[1, 2, 3]]}}},
+            }
+        )
+    )
     with pytest.raises(ProfileError, match="method must describe every launch mode"):
         load_profile(bad)
 
 
 # ---------------------------------------------------------------- the projecting communicator
+
 
 def test_projected_results_keep_shapes_and_carry_the_flag():
     comm = ProjectingCommunicator(rank=1, world=4, profile=flat_profile(1))
@@ -158,6 +202,7 @@ def test_async_waits_overlap_compute_and_queue_on_one_link():
         computed = time.perf_counter() - start
         pending.wait()
         return time.perf_counter() - start, computed, comm.stats.seconds
+
     runs = [overlapped() for _ in range(3)]
     assert all(took >= 0.03 for took, _, _ in runs)
     took, computed, blocked = min(runs, key=lambda r: r[0] - max(0.03, r[1]))  # the least disturbed (shared CPU)
@@ -168,13 +213,24 @@ def test_async_waits_overlap_compute_and_queue_on_one_link():
         first, second = comm.all_reduce(x, async_op=True), comm.all_reduce(x, async_op=True)
         first.wait()
         second.wait()
+
     times = [_elapsed(queued) for _ in range(3)]
     assert min(times) >= 0.06 and min(times) < 0.06 + TOLERANCE_S  # one link: the second starts when the first ends
 
 
 def test_fused_sync_is_one_modelled_collective_with_the_split_sync_shapes():
-    profile = Profile.from_dict({"name": "fused", "sources": ["test"], "method": "test", **SMS, "tables": {
-        "all_reduce": {"eager": {4: [[1, 1000, math.inf]]}}, FUSED_SYNC: {"eager": {4: [[1, 3000, math.inf]]}}}})
+    profile = Profile.from_dict(
+        {
+            "name": "fused",
+            "sources": ["test"],
+            "method": "test",
+            **SMS,
+            "tables": {
+                "all_reduce": {"eager": {4: [[1, 1000, math.inf]]}},
+                FUSED_SYNC: {"eager": {4: [[1, 3000, math.inf]]}},
+            },
+        }
+    )
     comm = ProjectingCommunicator(rank=1, world=4, profile=profile)
     partial, residual = torch.zeros(8, 3), torch.zeros(2, 3)
     start = time.perf_counter()
@@ -210,8 +266,12 @@ def test_the_projected_rank_is_the_heaviest_under_an_spd_plans_head_grouping(tmp
     config = source("random:tiny-uneven").config  # 9 heads: 5 + 4 on 2 ranks by default
     grouped = [{"q_heads": [5, 6, 7, 8], "ffn": [0, 100]}, {"q_heads": [0, 1, 2, 3, 4], "ffn": [100, 200]}]
     save_file({}, tmp_path / "weights.safetensors")  # no distilled tensor: the original weights serve
-    plan = Plan("random:tiny-uneven", 2, {b: {"mode": "hg+b2b", "sensitivity": 0.0, "layout": grouped}
-                                          for b in range(config.num_hidden_layers)}, weights="weights.safetensors")
+    plan = Plan(
+        "random:tiny-uneven",
+        2,
+        {b: {"mode": "hg+b2b", "sensitivity": 0.0, "layout": grouped} for b in range(config.num_hidden_layers)},
+        weights="weights.safetensors",
+    )
     path = plan.save(tmp_path / "plan.json")
     profile = flat_profile(0)
     baseline = projected_runner("random:tiny-uneven", "baseline", None, 2, profile)
@@ -221,6 +281,7 @@ def test_the_projected_rank_is_the_heaviest_under_an_spd_plans_head_grouping(tmp
 
 
 # ---------------------------------------------------------------- collectives per step, counted by kind
+
 
 @dataclass
 class _Recorder(Communicator):
@@ -254,19 +315,39 @@ COUNTS = [  # (strategy, options, prefill, decode step): every module synced onc
     ("ladder", {"layers": "all"}, {"all_reduce": 2 * L}, {"all_reduce": 2 * L}),
     ("seqpar", {}, {"reduce_scatter": 2 * L, "all_gather": 2 * L}, {"reduce_scatter": 2 * L, "all_gather": 2 * L}),
     ("seqpar", {"fused": "true"}, {FUSED_SYNC: 2 * L}, {FUSED_SYNC: 2 * L}),
-    ("tokenweave", {}, {"reduce_scatter": 2 * L, "all_gather": 2 * L},
-     {"reduce_scatter": 2 * L, "all_gather": 2 * L}),  # 16 tokens < 1024: no split
-    ("tokenweave", SPLIT, {"reduce_scatter": 4 * L, "all_gather": 4 * L},
-     {"reduce_scatter": 2 * L, "all_gather": 2 * L}),
+    (
+        "tokenweave",
+        {},
+        {"reduce_scatter": 2 * L, "all_gather": 2 * L},
+        {"reduce_scatter": 2 * L, "all_gather": 2 * L},
+    ),  # 16 tokens < 1024: no split
+    (
+        "tokenweave",
+        SPLIT,
+        {"reduce_scatter": 4 * L, "all_gather": 4 * L},
+        {"reduce_scatter": 2 * L, "all_gather": 2 * L},
+    ),
     ("tokenweave", SPLIT | {"fused": "true"}, {FUSED_SYNC: 4 * L}, {FUSED_SYNC: 2 * L}),
     # composites: the 2L - 1 syncs SPD on one block leaves, on ladder's or TokenWeave's schedule
     ("spd+ladder", {"blocks": "last:1"}, {"all_reduce": 2 * L - 1}, {"all_reduce": 2 * L - 1}),
-    ("spd+tokenweave", {"blocks": "last:1"}, {"reduce_scatter": 2 * L - 1, "all_gather": 2 * L - 1},
-     {"reduce_scatter": 2 * L - 1, "all_gather": 2 * L - 1}),
-    ("spd+tokenweave", {"blocks": "all"} | SPLIT, {"reduce_scatter": 2 * L, "all_gather": 2 * L},
-     {"reduce_scatter": L, "all_gather": L}),
-    ("spd+tokenweave", {"blocks": "last:1", "fused": "true"} | SPLIT, {FUSED_SYNC: 2 * (2 * L - 1)},
-     {FUSED_SYNC: 2 * L - 1}),
+    (
+        "spd+tokenweave",
+        {"blocks": "last:1"},
+        {"reduce_scatter": 2 * L - 1, "all_gather": 2 * L - 1},
+        {"reduce_scatter": 2 * L - 1, "all_gather": 2 * L - 1},
+    ),
+    (
+        "spd+tokenweave",
+        {"blocks": "all"} | SPLIT,
+        {"reduce_scatter": 2 * L, "all_gather": 2 * L},
+        {"reduce_scatter": L, "all_gather": L},
+    ),
+    (
+        "spd+tokenweave",
+        {"blocks": "last:1", "fused": "true"} | SPLIT,
+        {FUSED_SYNC: 2 * (2 * L - 1)},
+        {FUSED_SYNC: 2 * L - 1},
+    ),
     ("nocomm", {}, {}, {}),
 ]
 
@@ -298,6 +379,7 @@ def test_collectives_per_step_by_kind(name, options, prefill, decode):
 
 # ---------------------------------------------------------------- TokenWeave's fused sync against the all-reduce
 
+
 def test_fused_tokenweave_decode_costs_no_more_per_sync_point_than_baseline_on_h100_multimem():
     """Llama-3-70B (hidden 8192, bfloat16) at N = 8 under CUDA graphs: a decode step's fused sync of the
     token-sharded stream (tokens padded to a multiple of N) against baseline's all-reduce."""
@@ -328,9 +410,13 @@ def test_projected_fused_tokenweave_pays_one_fused_sync_per_sync_point():
 
 # ---------------------------------------------------------------- projected cells of every strategy
 
-STRATEGY_OPTIONS = {"spd": {"blocks": "all"}, "tokenweave": {"split_min_tokens": "0"},
-                    "ladder": {"layers": "all"}, "spd+ladder": {"blocks": "all"},
-                    "spd+tokenweave": {"blocks": "all", "split_min_tokens": "0"}}
+STRATEGY_OPTIONS = {
+    "spd": {"blocks": "all"},
+    "tokenweave": {"split_min_tokens": "0"},
+    "ladder": {"layers": "all"},
+    "spd+ladder": {"blocks": "all"},
+    "spd+tokenweave": {"blocks": "all", "split_min_tokens": "0"},
+}
 COST_US = 20000  # every collective costs 20 ms: more than the tiny model's compute, even on a busy CPU
 
 
@@ -348,14 +434,32 @@ def _collectives_per_step(name: str, profile: Profile) -> tuple[int, int]:
 def projected_rows(tmp_path_factory):
     folder = tmp_path_factory.mktemp("projected")
     profile_path = folder / "flat.yaml"
-    profile_path.write_text(yaml.safe_dump({"name": "flat-3ms", "sources": ["test"], "method": "3 ms per collective",
-                                            **SMS, "tables": {"all_reduce": {"eager": {2: [[1, COST_US, "inf"]]}}}}))
+    profile_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "flat-3ms",
+                "sources": ["test"],
+                "method": "3 ms per collective",
+                **SMS,
+                "tables": {"all_reduce": {"eager": {2: [[1, COST_US, "inf"]]}}},
+            }
+        )
+    )
     strategies = [{"name": n, "options": STRATEGY_OPTIONS.get(n, {})} for n in available()]
     spd = [{"name": "spd", "options": STRATEGY_OPTIONS["spd"]}] if "spd" in available() else []
-    cells = expand({"model": "random:tiny-uneven", "tp": 2, "prompt_len": 8, "new_tokens": 3, "repetitions": 2,
-                    "warmup": 1, "mode": "projected", "interconnect": str(profile_path),
-                    "matrices": [{"strategies": strategies, "batch": 2},
-                                 {"strategies": spd, "batch": 1}]})  # a second cell on SPD's own shard
+    cells = expand(
+        {
+            "model": "random:tiny-uneven",
+            "tp": 2,
+            "prompt_len": 8,
+            "new_tokens": 3,
+            "repetitions": 2,
+            "warmup": 1,
+            "mode": "projected",
+            "interconnect": str(profile_path),
+            "matrices": [{"strategies": strategies, "batch": 2}, {"strategies": spd, "batch": 1}],
+        }
+    )  # a second cell on SPD's own shard
     all_rows = run(cells, folder).rows()
     assert len(all_rows) == len(cells) and all(r["status"] == "ok" for r in all_rows), all_rows
     rows = {r["strategy"]: r for r in all_rows if r["batch"] == 2}
@@ -370,8 +474,11 @@ def test_a_projected_cell_runs_for_every_strategy(projected_rows):
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row["error"])
         assert row["provenance"] == "projected" and row["interconnect"].endswith("flat.yaml")
-        assert row["comm_fraction_status"] == ("n/a: the strategy issued no collective" if name == "nocomm" else
-                                               "modelled: host time blocked on the projection's modelled collectives")
+        assert row["comm_fraction_status"] == (
+            "n/a: the strategy issued no collective"
+            if name == "nocomm"
+            else "modelled: host time blocked on the projection's modelled collectives"
+        )
         assert row["telemetry_status"].startswith("n/a") and row["energy_j"] is None
 
 
@@ -392,13 +499,35 @@ def test_projected_times_include_every_modelled_collective(projected_rows):
 
 # ---------------------------------------------------------------- commbench and validate-projection (gloo)
 
+
 @pytest.fixture(scope="module")
 def measured_profile(tmp_path_factory):
     from suite.cli import main
 
     out = tmp_path_factory.mktemp("commbench") / "gloo.yaml"
-    assert main(["commbench", "--tp", "2", "--sizes", "1K", "256K", "--iters", "3", "--repeats", "1",
-                 "--warmup", "1", "--name", "gloo-test", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "commbench",
+                "--tp",
+                "2",
+                "--sizes",
+                "1K",
+                "256K",
+                "--iters",
+                "3",
+                "--repeats",
+                "1",
+                "--warmup",
+                "1",
+                "--name",
+                "gloo-test",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -419,9 +548,29 @@ def test_validate_projection_reports_measured_and_projected_figures_per_cell(mea
     projected decode of this tiny model has been 5x off its measurement (the cross-check is the GPU's)."""
     from suite.cli import main
 
-    assert main(["validate-projection", "--model", "random:tiny", "--tp", "2", "--strategy", "baseline,nocomm",
-                 "--interconnect", str(measured_profile), "--prompt-len", "16", "--new-tokens", "4",
-                 "--repetitions", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "validate-projection",
+                "--model",
+                "random:tiny",
+                "--tp",
+                "2",
+                "--strategy",
+                "baseline,nocomm",
+                "--interconnect",
+                str(measured_profile),
+                "--prompt-len",
+                "16",
+                "--new-tokens",
+                "4",
+                "--repetitions",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["strategy"] for r in results] == ["baseline", "nocomm"]
     for r in results:
@@ -464,6 +613,7 @@ def test_accuracy_code_refuses_a_projecting_communicator():
 
 # ---------------------------------------------------------------- GPU: the SM-holding link
 
+
 def _cuda_timed(fn) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -495,6 +645,7 @@ def test_cuda_waits_match_the_model_overlap_and_follow_the_launch_mode():
             a @ a
         for p in pending:
             p.wait()
+
     both = timed(overlapped)
     assert 0.95 * max(2e-3, compute) <= both < 0.8 * (2e-3 + compute)
     graph = torch.cuda.CUDAGraph()
@@ -506,7 +657,6 @@ def test_cuda_waits_match_the_model_overlap_and_follow_the_launch_mode():
     runner = projected_runner("random:tiny", "baseline", None, 2, profile, device="cuda")
     gen = runner.generate([[1, 2, 3, 4]], 4, cuda_graph=True)
     assert gen.prefill_s >= 4 * 0.5e-3 and all(4 * 0.1e-3 <= s < 4 * 0.5e-3 for s in gen.decode_s)
-
 
 
 @pytest.mark.gpu
@@ -527,6 +677,7 @@ def test_a_modelled_collective_takes_its_sms_from_compute():
         pending.wait()
         torch.cuda.synchronize()
         return took
+
     assert beside(available - 8) > 4 * alone  # 8 SMs left: the matmuls crawl until the collective ends
     # One SM held: work in many short blocks (flash attention, not cuBLAS's persistent GEMMs, which
     # lose a whole wave to one held SM) loses about that SM's share plus a partial wave.
@@ -534,6 +685,7 @@ def test_a_modelled_collective_takes_its_sms_from_compute():
 
     def attention():
         return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
     alone = _cuda_timed(attention)
     comm = ProjectingCommunicator(rank=0, world=2, profile=flat_profile(1e6 * 20 * alone), device=dev, sms=1)
     pending = comm.all_reduce(torch.zeros(1, device=dev), async_op=True)
@@ -546,8 +698,11 @@ def test_a_modelled_collective_takes_its_sms_from_compute():
 
 def _overlapping_kernels(prof, collective: str) -> list[tuple[str, str]]:
     """(collective kernel, other kernel) pairs where the other kernel ran entirely inside the collective."""
-    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [
+        (e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
     comm = [k for k in kernels if collective in k[0]]
     return [(c[0], k[0]) for c in comm for k in kernels if collective not in k[0] and c[1] < k[1] and k[2] < c[2]]
 
@@ -557,8 +712,9 @@ def _overlapping_kernels(prof, collective: str) -> list[tuple[str, str]]:
 def test_tokenweave_overlaps_one_halfs_modelled_sync_with_the_other_halfs_compute():
     """On the device timeline (CUPTI, through torch.profiler): while the link holds its SMs for one half's
     sync, a kernel of the other half's compute runs."""
-    runner = projected_runner("random:smollm2-135m", "tokenweave", {"split_min_tokens": "0"}, 2,
-                              flat_profile(200, ns=(2,)), device="cuda")
+    runner = projected_runner(
+        "random:smollm2-135m", "tokenweave", {"split_min_tokens": "0"}, 2, flat_profile(200, ns=(2,)), device="cuda"
+    )
     prompt = [list(range(1, 2049))]
     runner.logits(prompt)  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

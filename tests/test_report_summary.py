@@ -16,21 +16,40 @@ MODEL = "smollm2-135m"
 
 
 def _latency(strategy: str, e2e: float, usable: bool = True) -> dict:
-    cell = LatencyScenario(model=MODEL, strategy=strategy, tp=2, batch=1, prompt_len=1024, new_tokens=512,
-                           dtype="float16", device="cuda", decode_mode="cuda_graph", mode="simulated",
-                           interconnect="h100-nvswitch", device_profile="h100-sxm")
-    values = {"prefill_ms_median": e2e / 2, "prefill_ms_p10": e2e / 2, "prefill_ms_p90": e2e / 2,
-              "decode_ms_per_token_median": e2e / 1024, "decode_ms_per_token_p10": e2e / 1024,
-              "decode_ms_per_token_p90": e2e / 1024, "e2e_ms_median": e2e}
+    cell = LatencyScenario(
+        model=MODEL,
+        strategy=strategy,
+        tp=2,
+        batch=1,
+        prompt_len=1024,
+        new_tokens=512,
+        dtype="float16",
+        device="cuda",
+        decode_mode="cuda_graph",
+        mode="simulated",
+        interconnect="h100-nvswitch",
+        device_profile="h100-sxm",
+    )
+    values = {
+        "prefill_ms_median": e2e / 2,
+        "prefill_ms_p10": e2e / 2,
+        "prefill_ms_p90": e2e / 2,
+        "decode_ms_per_token_median": e2e / 1024,
+        "decode_ms_per_token_p10": e2e / 1024,
+        "decode_ms_per_token_p90": e2e / 1024,
+        "e2e_ms_median": e2e,
+    }
     return Row(scenario=cell, provenance="simulated", usable_model=usable, values=values, command="c").to_json()
 
 
 def _ppl(strategy: str, per_token: list[float]) -> dict:
-    cell = StrategyPerplexityScenario(model=MODEL, strategy=strategy, tp=2, dataset="wikitext2-test",
-                                      tokens=3 * SEQ, seq_len=SEQ)
+    cell = StrategyPerplexityScenario(
+        model=MODEL, strategy=strategy, tp=2, dataset="wikitext2-test", tokens=3 * SEQ, seq_len=SEQ
+    )
     nll = [v * (SEQ - 1) for v in per_token]
-    return Row(scenario=cell, values={"ppl": math.exp(sum(nll) / (3 * (SEQ - 1))), "window_nll": nll},
-               command="p").to_json()
+    return Row(
+        scenario=cell, values={"ppl": math.exp(sum(nll) / (3 * (SEQ - 1))), "window_nll": nll}, command="p"
+    ).to_json()
 
 
 def _accuracy(strategy: str, value: float) -> dict:
@@ -40,13 +59,21 @@ def _accuracy(strategy: str, value: float) -> dict:
 
 def rows() -> list[dict]:
     base = [3.0, 3.5, 4.0]
-    return [_latency("baseline", 100.0), _latency("tokenweave", 95.0), _latency("spd", 80.0),
-            _latency("ladder", 70.0), _latency("nocomm", 50.0, usable=False),
-            _ppl("baseline", base), _ppl("tokenweave", base),
-            _ppl("spd", [b + d for b, d in zip(base, [0.002, 0.006, 0.010])]),  # mean +0.006 per token
-            _ppl("ladder", [b + 0.03 for b in base]),  # +0.03: exp(0.03) - 1 = +3.05%
-            _accuracy("baseline", 0.700), _accuracy("tokenweave", 0.700), _accuracy("spd", 0.692),
-            _accuracy("ladder", 0.685)]
+    return [
+        _latency("baseline", 100.0),
+        _latency("tokenweave", 95.0),
+        _latency("spd", 80.0),
+        _latency("ladder", 70.0),
+        _latency("nocomm", 50.0, usable=False),
+        _ppl("baseline", base),
+        _ppl("tokenweave", base),
+        _ppl("spd", [b + d for b, d in zip(base, [0.002, 0.006, 0.010])]),  # mean +0.006 per token
+        _ppl("ladder", [b + 0.03 for b in base]),  # +0.03: exp(0.03) - 1 = +3.05%
+        _accuracy("baseline", 0.700),
+        _accuracy("tokenweave", 0.700),
+        _accuracy("spd", 0.692),
+        _accuracy("ladder", 0.685),
+    ]
 
 
 def test_paired_perplexity_change_and_its_standard_error():
@@ -65,8 +92,14 @@ def test_best_method_at_each_budget():
     best = head.split('<table class="budgets">')[1].split("</table>")[0]
     # speedups 100/95 = 1.05 (tokenweave, exact), 100/80 = 1.25 (spd: +0.60% ppl, -0.8 pp),
     # 100/70 = 1.43 (ladder: +3.05% ppl, -1.5 pp); nocomm is no model
-    expected = ["tokenweave: 1.05x", "spd: 1.25x", "ladder: 1.43x",  # exact, <= 1% ppl, <= 5% ppl
-                "tokenweave: 1.05x", "spd: 1.25x", "ladder: 1.43x"]  # <= 0.5, 1, 2 pp
+    expected = [
+        "tokenweave: 1.05x",
+        "spd: 1.25x",
+        "ladder: 1.43x",  # exact, <= 1% ppl, <= 5% ppl
+        "tokenweave: 1.05x",
+        "spd: 1.25x",
+        "ladder: 1.43x",
+    ]  # <= 0.5, 1, 2 pp
     cells = [c.split(" end to end")[0] for c in best.split("<td>")[2:]]
     assert cells == expected
     ranked = head.split('<table class="ranked">')[1]
@@ -88,13 +121,14 @@ def test_composites_reach_the_summary_and_the_pareto_as_any_strategy():
 
     composite = [_latency("spd+ladder", 60.0), _accuracy("spd+ladder", 0.68), _ppl("spd+ladder", [3.1, 3.6, 4.1])]
     data = rows() + composite
-    lat = render.latency_table(render.frame(data, "latency"),
-                               render.accuracy_deltas(render.frame(data, "accuracy"))[1])
+    lat = render.latency_table(render.frame(data, "latency"), render.accuracy_deltas(render.frame(data, "accuracy"))[1])
     assert "spd+ladder" in figures._palette(lat)
     assert "png" in figures.pareto(lat)
     page = render.render(render.Results(rows=data))
     best = page.split('<table class="budgets">')[1].split("</table>")[0]
     assert "spd+ladder: 1.67x end to end" in best  # 100/60; +10.5% ppl (exp 0.1), -2.0 pp: only the <= 2 pp budget
     assert best.count("spd+ladder") == 1
-    assert "smollm2-135m, N=2, simulated on h100-sxm + h100-nvswitch: batch 1, prompt 1024, new tokens 512, " \
-           "dtype float16, device cuda, decode cuda_graph" in best
+    assert (
+        "smollm2-135m, N=2, simulated on h100-sxm + h100-nvswitch: batch 1, prompt 1024, new tokens 512, "
+        "dtype float16, device cuda, decode cuda_graph" in best
+    )

@@ -7,7 +7,6 @@ taken from the code under test."""
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from suite.latency import devbench
 from suite.latency.bench import expand, run
 from suite.latency.device import DeviceProfile, DeviceProfileError, available_devices, load_device
 from suite.latency.interconnect import Profile
-from suite.latency.simulation import CostMode, SimulatedCommunicator, Simulator, Timeline, simulate_cells
+from suite.latency.simulation import CostMode, SimulatedCommunicator, Timeline, simulate_cells
 from suite.latency.simulation.costing import lower_right_share
 from suite.latency.simulation.validation import load_published, validate_gemm
 from suite.model.sharding import build_weightless_rank_model
@@ -36,11 +35,19 @@ US = 1e-6
 
 # A toy GPU: 100 SMs, 1000 GB/s, GEMMs at 100 TFLOP/s, attention at 50, floors 2 / 2 / 0.5 us,
 # no launch cost (so times add up by hand), 1 TB of memory.
-TOY_DEVICE = {"name": "toy", "sources": ["test"], "method": "round numbers", "sms": 100, "memory_gb": 1000,
-              "bandwidth_gbps": 1000, "floor_us": {"gemm": 2.0, "attention": 2.0, "elementwise": 0.5},
-              "launch_us": {"eager": 0.0, "graph_node": 0.0, "graph_replay": 0.0},
-              "gemm_tflops": [[1, 100]], "fp32_fraction": 0.5,
-              "attention_tflops": {"causal": [[1, 50]], "full": [[1, 50]]}}
+TOY_DEVICE = {
+    "name": "toy",
+    "sources": ["test"],
+    "method": "round numbers",
+    "sms": 100,
+    "memory_gb": 1000,
+    "bandwidth_gbps": 1000,
+    "floor_us": {"gemm": 2.0, "attention": 2.0, "elementwise": 0.5},
+    "launch_us": {"eager": 0.0, "graph_node": 0.0, "graph_replay": 0.0},
+    "gemm_tflops": [[1, 100]],
+    "fp32_fraction": 0.5,
+    "attention_tflops": {"causal": [[1, 50]], "full": [[1, 50]]},
+}
 
 
 def toy_device(**changes) -> DeviceProfile:
@@ -50,8 +57,16 @@ def toy_device(**changes) -> DeviceProfile:
 def flat_link(latency_us: float, sms: int = 0, ns=(2, 4, 8)) -> Profile:
     """Every collective costs ``latency_us``, eager or under a CUDA graph."""
     rows = {n: [[1, latency_us, math.inf]] for n in ns}
-    return Profile.from_dict({"name": "flat", "sources": ["test"], "method": "constant", "sms": sms,
-                              "sms_source": "test", "tables": {"all_reduce": {"eager": rows, "cuda_graph": rows}}})
+    return Profile.from_dict(
+        {
+            "name": "flat",
+            "sources": ["test"],
+            "method": "constant",
+            "sms": sms,
+            "sms_source": "test",
+            "tables": {"all_reduce": {"eager": rows, "cuda_graph": rows}},
+        }
+    )
 
 
 def meta(*shape, dtype=torch.float16) -> torch.Tensor:
@@ -60,14 +75,17 @@ def meta(*shape, dtype=torch.float16) -> torch.Tensor:
 
 # ---------------------------------------------------------------- device profiles
 
+
 @pytest.mark.parametrize("name", ["a100-sxm-80gb", "h100-sxm", "h200"])
 def test_shipped_device_profiles_state_their_sources(name):
     assert name in available_devices()
     device = load_device(name)
     assert device.sources and len(device.method) > 200 and device.sms > 100 and device.memory_bytes >= 80e9
     # a GEMV is bandwidth-bound, a large GEMM compute-bound; CUDA graphs cost less per kernel than eager launches
-    gemv, gemm = device.kernel_seconds("gemm", 2 * 8192**2, 2 * 8192**2), device.kernel_seconds(
-        "gemm", 2 * 4096 * 8192**2, 2 * (2 * 4096 * 8192 + 8192**2), rows=4096)
+    gemv, gemm = (
+        device.kernel_seconds("gemm", 2 * 8192**2, 2 * 8192**2),
+        device.kernel_seconds("gemm", 2 * 4096 * 8192**2, 2 * (2 * 4096 * 8192 + 8192**2), rows=4096),
+    )
     assert gemv == pytest.approx(device.floor_s["gemm"] + 2 * 8192**2 / device.bandwidth)
     assert gemm > 10 * gemv
     assert device.launch_s["graph_node"] < device.launch_s["eager"]
@@ -93,6 +111,7 @@ def test_gemm_table_interpolates_in_log_rows_and_holds_beyond_the_ends():
 
 
 # ---------------------------------------------------------------- the cost of ops, by hand
+
 
 def run_ops(fn, device=None, kernels="eager", graph=False, link=None):
     """``fn(cost)`` under a cost mode on a fresh clock; returns (clock, result)."""
@@ -120,12 +139,17 @@ def test_gemm_only_toy_by_hand():
     assert out.shape == (1024, 16) and out.device.type == "meta"
     assert clock.kernels == 2 and clock.end() == pytest.approx(first + second)
     # eager launches: the host spends 4 us per kernel; the second is issued while the first runs
-    clock, _ = run_ops(lambda c: (meta(1024, 2048) @ meta(2048, 4096)) @ meta(4096, 16),
-                       device=toy_device(launch_us={"eager": 4.0, "graph_node": 0.5, "graph_replay": 10.0}))
+    clock, _ = run_ops(
+        lambda c: (meta(1024, 2048) @ meta(2048, 4096)) @ meta(4096, 16),
+        device=toy_device(launch_us={"eager": 4.0, "graph_node": 0.5, "graph_replay": 10.0}),
+    )
     assert clock.end() == pytest.approx(4 * US + first + second)
     # one CUDA-graph replay: 10 us on the host, then 0.5 us per node on the device
-    clock, _ = run_ops(lambda c: (meta(1024, 2048) @ meta(2048, 4096)) @ meta(4096, 16), graph=True,
-                       device=toy_device(launch_us={"eager": 4.0, "graph_node": 0.5, "graph_replay": 10.0}))
+    clock, _ = run_ops(
+        lambda c: (meta(1024, 2048) @ meta(2048, 4096)) @ meta(4096, 16),
+        graph=True,
+        device=toy_device(launch_us={"eager": 4.0, "graph_node": 0.5, "graph_replay": 10.0}),
+    )
     assert clock.end() == pytest.approx(10 * US + first + second + 2 * 0.5 * US)
 
 
@@ -134,6 +158,7 @@ def test_views_cost_nothing_and_elementwise_ops_cost_their_bytes():
         x = meta(512, 1024)
         y = x.view(1024, 512).t().reshape(512, 1024)  # views only
         return (y + 1).float()  # read 1 MiB, write 1 MiB; read 1 MiB, write 2 MiB
+
     clock, out = run_ops(ops)
     assert out.dtype == torch.float32 and clock.kernels == 2
     assert clock.end() == pytest.approx(2 * 0.5 * US + (2 + 3) * 2**20 / 1000e9)
@@ -149,16 +174,20 @@ def test_gather_and_scatter_move_only_what_they_index():
     def ops(cost):
         cache.index_copy_(1, slots, source)  # writes 8 x 2 x 128 values (4 KiB) and reads them and the index
         return table[rows]  # gathers 4 rows of 2 KiB
+
     clock, _ = run_ops(ops)
     assert clock.kernels == 2
     assert clock.end() == pytest.approx(2 * 0.5 * US + (2 * (4096 + 2 * 8) + 2 * 4 * 2048) / 1000e9)
 
 
-@pytest.mark.parametrize("q_len, k_len, share", [
-    (4, 4, 10 / 16),  # 1 + 2 + 3 + 4 of 16 pairs
-    (2, 4, (3 + 4) / 8),  # the last query sees every key
-    (1, 4, 1.0),  # decode
-])
+@pytest.mark.parametrize(
+    "q_len, k_len, share",
+    [
+        (4, 4, 10 / 16),  # 1 + 2 + 3 + 4 of 16 pairs
+        (2, 4, (3 + 4) / 8),  # the last query sees every key
+        (1, 4, 1.0),  # decode
+    ],
+)
 def test_lower_right_causal_share_by_hand(q_len, k_len, share):
     assert lower_right_share(q_len, k_len) == pytest.approx(share)
 
@@ -179,6 +208,7 @@ def test_merged_gemms_keep_the_activation_run_open():
     def ops(cost):
         x = meta(64, 1024)
         return F.silu(x @ meta(1024, 4096)) * (x @ meta(1024, 4096))
+
     gemm = (64 * 1024 + 1024 * 4096 + 64 * 4096) * 2 / 1000e9 + 2 * US  # bandwidth-bound, each
     clock, _ = run_ops(ops)  # eager: two GEMMs, SiLU and the product apart (reads 1 and 2, writes 1 each)
     assert clock.kernels == 4
@@ -190,12 +220,15 @@ def test_merged_gemms_keep_the_activation_run_open():
     assert clock.end() == pytest.approx(merged + 0.5 * US + 3 * 64 * 4096 * 2 / 1000e9)
 
 
-@pytest.mark.parametrize("kernels, kernels_issued, keys, kv_copy, mask", [
-    ("eager", 1, 1000, False, True),  # the whole static cache, a mask, GQA in the kernel
-    ("compiled", 1, 600, False, False),  # the filled part, no mask
-    ("vllm", 1, 600, False, False),
-    ("gpt-fast", 2, 1000, True, True),  # 1000 rounded up to 8 is 1000; K/V copied to the query heads first
-])
+@pytest.mark.parametrize(
+    "kernels, kernels_issued, keys, kv_copy, mask",
+    [
+        ("eager", 1, 1000, False, True),  # the whole static cache, a mask, GQA in the kernel
+        ("compiled", 1, 600, False, False),  # the filled part, no mask
+        ("vllm", 1, 600, False, False),
+        ("gpt-fast", 2, 1000, True, True),  # 1000 rounded up to 8 is 1000; K/V copied to the query heads first
+    ],
+)
 def test_decode_attention_as_each_regime_runs_it(kernels, kernels_issued, keys, kv_copy, mask):
     # one decode token, 2 rows x 8 query heads, 2 KV heads, head dim 128; the model passes the whole cache of
     # 1000 slots; 600 are filled
@@ -204,6 +237,7 @@ def test_decode_attention_as_each_regime_runs_it(kernels, kernels_issued, keys, 
     def ops(cost):
         cost.start_step("decode", filled=600, cache_len=1000)
         return F.scaled_dot_product_attention(q, k, k, attn_mask=allowed, enable_gqa=True)
+
     clock, out = run_ops(ops, kernels=kernels)
     assert out.shape == q.shape and clock.kernels == kernels_issued
     shared_kv = 2 * 2 * 2 * keys * 128 * 2  # K and V of 2 rows x 2 heads
@@ -229,14 +263,26 @@ def test_static_cache_rounds_up_and_regimes_are_data():
 def test_a_simulated_cell_runs_under_each_regime_its_launches_allow():
     from suite.latency.simulation.cells import simulate_cell
 
-    cell = dict(model="random:tiny", strategy="tokenweave", tp=2, batch=2, prompt_len=16, new_tokens=4,
-                dtype="bfloat16", device="cuda", mode="simulated", device_profile="h100-sxm",
-                interconnect="h100-nvswitch-multimem")
+    cell = dict(
+        model="random:tiny",
+        strategy="tokenweave",
+        tp=2,
+        batch=2,
+        prompt_len=16,
+        new_tokens=4,
+        dtype="bfloat16",
+        device="cuda",
+        mode="simulated",
+        device_profile="h100-sxm",
+        interconnect="h100-nvswitch-multimem",
+    )
     eager, error = simulate_cell(LatencyScenario(**cell, kernels="eager"))
     compiled, _ = simulate_cell(LatencyScenario(**cell, kernels="compiled"))
     assert error is None and compiled["prefill_ms_median"] < eager["prefill_ms_median"]  # fewer, fused kernels
     values, error = simulate_cell(LatencyScenario(**cell, kernels="gpt-fast"))
-    assert values is None and error == "kernels=gpt-fast runs its decode with cuda_graph launches, not decode_mode=eager"
+    assert (
+        values is None and error == "kernels=gpt-fast runs its decode with cuda_graph launches, not decode_mode=eager"
+    )
     values, error = simulate_cell(LatencyScenario(**cell, kernels="gpt-fast", decode_mode="cuda_graph"))
     assert error is None and values["decode_ms_per_token_median"] > 0
 
@@ -244,16 +290,18 @@ def test_a_simulated_cell_runs_under_each_regime_its_launches_allow():
 def test_reading_a_value_back_waits_for_the_device():
     def ops(cost):
         x = meta(1024, 1024)
-        y = x @ x  # 2 * 1024^3 FLOPs -> 21.47 us + 2 us
+        x @ x  # 2 * 1024^3 FLOPs -> 21.47 us + 2 us
         host_before = cost.clock.host
         bool(torch.zeros(1).any())  # a host tensor's value: the host waits for everything issued
         return host_before, cost.clock.host
+
     clock, (before, after) = run_ops(ops)
     # the GEMM, then the host tensor's two tiny kernels (zeros, any) of 0.5 us each
     assert before == 0 and after == pytest.approx(2 * 1024**3 / 100e12 + 2 * US + 2 * 0.5 * US)
 
 
 # ---------------------------------------------------------------- the clock: streams, the link, SMs
+
 
 def test_compute_during_a_collective_runs_at_the_remaining_share_of_sms():
     clock = Timeline(toy_device(), collective_sms=50)  # half of the 100 SMs
@@ -303,19 +351,30 @@ def _side_sync(cost, link):
     ready = cost.clock.free["compute"]
     with comm.side_stream(partial.device):
         synced = comm.all_reduce(partial)
-    out = synced + meta(512, 1024)  # on the compute stream: waits for the all-reduce's result
+    synced + meta(512, 1024)  # on the compute stream: waits for the all-reduce's result
     return ready, cost.clock.free["compute"]
 
 
 def test_fused_sync_is_one_communication_op():
-    link = Profile.from_dict({"name": "fused", "sources": ["test"], "method": "constant", "sms": 0,
-                              "sms_source": "test", "tables": {
-        "all_reduce": {"eager": {2: [[1, 40, math.inf]]}}, "fused_sync": {"eager": {2: [[1, 25, math.inf]]}}}})
+    link = Profile.from_dict(
+        {
+            "name": "fused",
+            "sources": ["test"],
+            "method": "constant",
+            "sms": 0,
+            "sms_source": "test",
+            "tables": {
+                "all_reduce": {"eager": {2: [[1, 40, math.inf]]}},
+                "fused_sync": {"eager": {2: [[1, 25, math.inf]]}},
+            },
+        }
+    )
 
     def ops(cost):
         comm = SimulatedCommunicator(rank=1, world=2, profile=link, cost=cost)
         residual, gathered = comm.fused_sync(meta(8, 64), meta(4, 64), norm=None)
         return residual.shape, gathered.shape
+
     clock, shapes = run_ops(ops, link=link)
     assert shapes == ((4, 64), (8, 64)) and clock.kernels == 0 and len(clock.links) == 1
     assert clock.communication() == pytest.approx(25 * US)
@@ -323,8 +382,10 @@ def test_fused_sync_is_one_communication_op():
 
 # ---------------------------------------------------------------- strategies on toys
 
+
 def toy_layers(n: int):
     """Layers whose attention and MLP are one GEMM each: [2048, 1024] @ [1024, 1024] (fp16), no norms."""
+
     class Layer:
         def __init__(self):
             self.w = meta(1024, 1024)
@@ -341,6 +402,7 @@ def toy_layers(n: int):
 
         def ffn(self, h):
             return self.mlp(h)
+
     return [Layer() for _ in range(n)]
 
 
@@ -406,16 +468,30 @@ def bound(name: str, options: dict | None = None):
 
 # ---------------------------------------------------------------- cells
 
+
 def cell(strategy="baseline", options=None, tp=2, **kw) -> LatencyScenario:
-    settings = dict(model="random:tiny", strategy=strategy, strategy_options=options or {}, tp=tp, batch=2,
-                    prompt_len=16, new_tokens=4, mode="simulated", interconnect="h100-nvswitch",
-                    device_profile="h100-sxm", decode_mode="cuda_graph", repetitions=1, warmup=0)
+    settings = dict(
+        model="random:tiny",
+        strategy=strategy,
+        strategy_options=options or {},
+        tp=tp,
+        batch=2,
+        prompt_len=16,
+        new_tokens=4,
+        mode="simulated",
+        interconnect="h100-nvswitch",
+        device_profile="h100-sxm",
+        decode_mode="cuda_graph",
+        repetitions=1,
+        warmup=0,
+    )
     return LatencyScenario(**settings | kw)
 
 
 def test_one_rank_has_no_communication_and_equals_nocomm():
     (_, base, err1), (_, bound, err2), (_, weave, err3) = simulate_cells(
-        [cell(tp=1), cell("nocomm", tp=1), cell("tokenweave", {"split_min_tokens": 0}, tp=1)])
+        [cell(tp=1), cell("nocomm", tp=1), cell("tokenweave", {"split_min_tokens": 0}, tp=1)]
+    )
     assert err1 is None and err2 is None and err3 is None
     assert base["comm_fraction"] == 0.0
     for key in ("prefill_ms_median", "decode_ms_per_token_median", "tokens_per_s"):
@@ -424,11 +500,30 @@ def test_one_rank_has_no_communication_and_equals_nocomm():
 
 
 def test_cells_of_every_strategy_give_complete_rows(tmp_path):
-    strategies = ["baseline", {"name": "spd", "options": {"blocks": "all"}}, "ladder", "seqpar", "nocomm",
-                  {"name": "tokenweave", "options": {"split_min_tokens": 0}}]  # split the prefill
-    cells = expand({"model": "random:tiny-uneven", "strategies": strategies, "tp": [2, 4], "batch": 3,
-                    "prompt_len": 16, "new_tokens": 4, "mode": "simulated", "device_profile": "h100-sxm",
-                    "interconnect": "h100-nvswitch", "decode_mode": "cuda_graph", "repetitions": 1, "warmup": 0})
+    strategies = [
+        "baseline",
+        {"name": "spd", "options": {"blocks": "all"}},
+        "ladder",
+        "seqpar",
+        "nocomm",
+        {"name": "tokenweave", "options": {"split_min_tokens": 0}},
+    ]  # split the prefill
+    cells = expand(
+        {
+            "model": "random:tiny-uneven",
+            "strategies": strategies,
+            "tp": [2, 4],
+            "batch": 3,
+            "prompt_len": 16,
+            "new_tokens": 4,
+            "mode": "simulated",
+            "device_profile": "h100-sxm",
+            "interconnect": "h100-nvswitch",
+            "decode_mode": "cuda_graph",
+            "repetitions": 1,
+            "warmup": 0,
+        }
+    )
     rows = run(cells, tmp_path).rows()
     assert len(rows) == 12 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     for r in rows:
@@ -447,14 +542,17 @@ def test_cells_of_every_strategy_give_complete_rows(tmp_path):
 def test_a_cell_that_does_not_fit_is_a_failed_row_saying_what_it_needs(tmp_path):
     profile = tmp_path / "small.yaml"
     profile.write_text(yaml.safe_dump(TOY_DEVICE | {"name": "small", "memory_gb": 1e-5}))
-    (_, values, error), = simulate_cells([cell(device_profile=str(profile), interconnect="h100-nvswitch")])
+    ((_, values, error),) = simulate_cells([cell(device_profile=str(profile), interconnect="h100-nvswitch")])
     assert values is None and "does not fit" in error and "needs" in error and "small has 0 GB" in error
 
 
 def test_unknown_profiles_are_usage_errors(tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": "random:tiny", "mode": "simulated", "device_profile": "tpu-v9",
-                                      "interconnect": "h100-nvswitch"}))
+    config.write_text(
+        yaml.safe_dump(
+            {"model": "random:tiny", "mode": "simulated", "device_profile": "tpu-v9", "interconnect": "h100-nvswitch"}
+        )
+    )
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--config", str(config), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -463,8 +561,8 @@ def test_unknown_profiles_are_usage_errors(tmp_path, capsys):
 
 
 def test_a_strategy_that_builds_its_own_model_cannot_be_simulated():
-    from suite.latency.simulation.cells import check_expressible
     from suite.errors import SpdbenchError
+    from suite.latency.simulation.cells import check_expressible
     from suite.parallel.strategy import Strategy
 
     class Custom(Strategy):
@@ -472,6 +570,7 @@ def test_a_strategy_that_builds_its_own_model_cannot_be_simulated():
 
         def load_model(self, *args):
             raise NotImplementedError
+
     with pytest.raises(SpdbenchError, match="builds its own rank model"):
         check_expressible(Custom())
 
@@ -487,10 +586,21 @@ def test_token_splitting_prefill_simulates_with_both_halves_causal(monkeypatch):
     def recorded(q_len, k_len):
         costed.append((q_len, k_len, share(q_len, k_len)))
         return costed[-1][2]
+
     monkeypatch.setattr(costing, "lower_right_share", recorded)
-    cell = LatencyScenario(model="random:llama3-70b", strategy="tokenweave", tp=8, batch=1, prompt_len=1024,
-                           new_tokens=4, dtype="float16", decode_mode="cuda_graph", mode="simulated",
-                           device_profile="h100-sxm", interconnect="h100-nvswitch")
+    cell = LatencyScenario(
+        model="random:llama3-70b",
+        strategy="tokenweave",
+        tp=8,
+        batch=1,
+        prompt_len=1024,
+        new_tokens=4,
+        dtype="float16",
+        decode_mode="cuda_graph",
+        mode="simulated",
+        device_profile="h100-sxm",
+        interconnect="h100-nvswitch",
+    )
     assert bound_strategy("tokenweave", {}, resolve(cell.model), 8).split_point(1024, 8) == 512
     ((_, values, error),) = simulate_cells([cell])
     assert error is None and values["prefill_ms_median"] > 0
@@ -512,15 +622,19 @@ def test_worker_processes_run_after_this_process_used_its_openmp_pool():
         "    cells = [LatencyScenario(model='random:llama3-70b', strategy='baseline', tp=8, batch=b, prompt_len=128,\n"
         "             new_tokens=4, dtype='float16', mode='simulated', device_profile='h100-sxm',\n"
         "             interconnect='h100-nvswitch') for b in (1, 4)]\n"
-        "    print([error for _, _, error in simulate_cells(cells, workers=2)])\n")
+        "    print([error for _, _, error in simulate_cells(cells, workers=2)])\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[None, None]"
 
 
 def test_the_grid_orders_nocomm_ladder_baseline_on_every_cell():
-    cells = [c for c in expand(yaml.safe_load((REPO / "configs" / "simulated-llama3-70b.yaml").read_text()))
-             if c.strategy in ("baseline", "ladder", "nocomm")]
+    cells = [
+        c
+        for c in expand(yaml.safe_load((REPO / "configs" / "simulated-llama3-70b.yaml").read_text()))
+        if c.strategy in ("baseline", "ladder", "nocomm")
+    ]
     assert {(c.tp, c.batch) for c in cells} == {(t, b) for t in (2, 4, 8) for b in (1, 4, 16, 64)}
     results = {}
     for unit in ([c for c in cells if c.tp == tp] for tp in (2, 4, 8)):
@@ -551,13 +665,22 @@ def test_weightless_shard_has_the_real_shapes_and_no_data():
 
 # ---------------------------------------------------------------- devbench
 
+
 def test_devbench_profile_recovers_a_straight_line_and_loads():
     # GEMV times on an exact line: 4 us + bytes / 2000 GB/s
     points = [[b, 4e-6 + b / 2000e9] for b in (32e6, 96e6, 176e6)]
-    measured = {"gpu": "NVIDIA Test GPU", "sms": 120, "memory_bytes": 96e9, "gemm_tflops": [[512, 600], [4096, 700]],
-                "gemv_points": points, "attention_tflops": {"causal": [[512, 200]], "full": [[512, 300]]},
-                "elementwise_floor_s": 1.5e-6, "eager_launch_s": 5e-6, "graph_node_s": 0.4e-6,
-                "graph_replay_s": 12e-6}
+    measured = {
+        "gpu": "NVIDIA Test GPU",
+        "sms": 120,
+        "memory_bytes": 96e9,
+        "gemm_tflops": [[512, 600], [4096, 700]],
+        "gemv_points": points,
+        "attention_tflops": {"causal": [[512, 200]], "full": [[512, 300]]},
+        "elementwise_floor_s": 1.5e-6,
+        "eager_launch_s": 5e-6,
+        "graph_node_s": 0.4e-6,
+        "graph_replay_s": 12e-6,
+    }
     data = devbench.profile(measured, when="2026-01-01")
     assert data["name"] == "measured-nvidia-test-gpu" and data["bandwidth_gbps"] == pytest.approx(2000)
     assert data["floor_us"] == {"gemm": pytest.approx(4.0), "attention": pytest.approx(4.0), "elementwise": 1.5}
@@ -568,16 +691,24 @@ def test_devbench_profile_recovers_a_straight_line_and_loads():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_devbench_refuses_without_a_gpu_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "suite.cli", "devbench", "--out", str(tmp_path / "p.yaml")],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "suite.cli", "devbench", "--out", str(tmp_path / "p.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no CUDA GPU" in result.stderr
     assert not (tmp_path / "p.yaml").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--out", "profile.txt"], "give a .yaml file name"),
-    (["--device-index", "-1"], "device_index -1 is invalid"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "profile.txt"], "give a .yaml file name"),
+        (["--device-index", "-1"], "device_index -1 is invalid"),
+    ],
+)
 def test_devbench_bad_arguments_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["devbench", *args])
@@ -586,6 +717,7 @@ def test_devbench_bad_arguments_are_one_line(args, message, capsys):
 
 
 # ---------------------------------------------------------------- validation
+
 
 def test_published_tables_carry_their_sources():
     from suite.latency.simulation.validation import DATASETS
@@ -627,5 +759,6 @@ def test_validation_page_is_what_the_command_writes():
     assert page.split(head)[0] == doc.split(head)[0]
     rows = [line for line in page.splitlines() if line.startswith("| llama")]
     assert len(rows) == 2 * len(datasets) and all(row in doc.splitlines() for row in rows)
-    assert decode["meets_bar"] == (decode["required"]["median_abs_error_pct"] <= 15
-                                   and decode["required"]["worst_abs_error_pct"] <= 35)
+    assert decode["meets_bar"] == (
+        decode["required"]["median_abs_error_pct"] <= 15 and decode["required"]["worst_abs_error_pct"] <= 35
+    )

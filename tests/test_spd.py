@@ -15,18 +15,18 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from tests.helpers import data_dir, hf_model, require_data, source
 from spd import headgroup
-from spd.distill import DistillSettings, distill_to
 from spd.data import calibration_windows
+from spd.distill import DistillSettings, distill_to
 from spd.plan import Plan, PlanError, load_plan, make_plan, restrict
 from spd.ppl import ppl_job
 from spd.ranks import BlockStream
 from spd.sensitivity import analyse, progressive_nll
+from suite.model.sharding import build_rank_model, default_layout
 from suite.parallel.launch import launch
 from suite.parallel.runner import Runner
-from suite.model.sharding import build_rank_model, default_layout
 from suite.parallel.strategy import bound_strategy, make_strategy
+from tests.helpers import data_dir, hf_model, require_data, source
 
 MODEL = "random:tiny-uneven"  # 9 heads, 3 KV heads, FFN 200: uneven splits at N = 2, 3, 4
 PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 11, 64, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
@@ -42,6 +42,7 @@ def one_thread():
 
 
 # --- an independent single-process reference of the equations in methods.md -----------------
+
 
 def _split(n: int, parts: int) -> list[range]:
     sizes = [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
@@ -70,13 +71,14 @@ def reference_partials(w, config, layer: int, cos, sin, heads, ffns):
         k, v = k.repeat_interleave(n_q // n_kv, 1), v.repeat_interleave(n_q // n_kv, 1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [b, heads, t, hd]
         wo = w(p + "self_attn.o_proj.weight")
-        return [sum(o[:, h] @ wo[:, h * hd:(h + 1) * hd].T for h in hs) for hs in heads]
+        return [sum(o[:, h] @ wo[:, h * hd : (h + 1) * hd].T for h in hs) for hs in heads]
 
     def mlp(h, rank):
         a, z = ffns[rank]
         u2 = rms(h, w(p + "post_attention_layernorm.weight"))
-        return (F.silu(u2 @ w(p + "mlp.gate_proj.weight")[a:z].T) * (u2 @ w(p + "mlp.up_proj.weight")[a:z].T)) \
-            @ w(p + "mlp.down_proj.weight")[:, a:z].T
+        return (F.silu(u2 @ w(p + "mlp.gate_proj.weight")[a:z].T) * (u2 @ w(p + "mlp.up_proj.weight")[a:z].T)) @ w(
+            p + "mlp.down_proj.weight"
+        )[:, a:z].T
 
     return attention, mlp
 
@@ -119,6 +121,7 @@ def test_reference_without_spd_is_the_hf_model():
 
 # --- fixtures: an empty plan, a distilled plan, permuted layouts --------------------------------
 
+
 def _write(path, plan: Plan):
     plan.save(path)
     return str(path)
@@ -135,8 +138,15 @@ DISTILL = DistillSettings(samples=8, seq_len=64, epochs=10, lr=1e-3, heldout_sam
 @pytest.fixture(scope="module")
 def distilled(workdir):
     """B2B on block 0 and HG+B2B on block 1 of the tiny model at N = 4 (block 2 zero-shot)."""
-    plan = Plan(MODEL, 4, {0: {"mode": "b2b", "sensitivity": 1.0}, 1: {"mode": "hg+b2b", "sensitivity": 2.0},
-                           2: {"mode": "zs", "sensitivity": 0.5}})
+    plan = Plan(
+        MODEL,
+        4,
+        {
+            0: {"mode": "b2b", "sensitivity": 1.0},
+            1: {"mode": "hg+b2b", "sensitivity": 2.0},
+            2: {"mode": "zs", "sensitivity": 0.5},
+        },
+    )
     require_data()  # calibration windows
     return load_plan(distill_to(_write(workdir / "plan.json", plan), workdir / "distilled", DISTILL))
 
@@ -160,8 +170,9 @@ def _logits_job(comm, device, model, prompts, configs, layouts, extra):
     out = {}
     for key, (name, options) in configs.items():
         strategy = bound_strategy(name, options, src, comm.world)
-        out[key] = Runner(strategy.load_model(src, comm.world, comm.rank, torch.float32, device), strategy,
-                          comm).logits(prompts)
+        out[key] = Runner(
+            strategy.load_model(src, comm.world, comm.rank, torch.float32, device), strategy, comm
+        ).logits(prompts)
     baseline = make_strategy("baseline")
     for key, layout in layouts.items():
         model_ = build_rank_model(src, comm.world, comm.rank, torch.float32, device, layout)
@@ -169,8 +180,12 @@ def _logits_job(comm, device, model, prompts, configs, layouts, extra):
     if extra:  # whole-model perplexities with SPD on blocks k..L-1, for the sensitivity steps
         windows, steps = extra
         n_layers = src.config.num_hidden_layers
-        out["ppl"] = dict(zip(steps, ppl_job(comm, device, model, [("spd", {"blocks": f"last:{n_layers - k}"})
-                                                                    for k in steps], windows, 2)))
+        out["ppl"] = dict(
+            zip(
+                steps,
+                ppl_job(comm, device, model, [("spd", {"blocks": f"last:{n_layers - k}"}) for k in steps], windows, 2),
+            )
+        )
     # numpy pickles by value (torch tensors would travel as shared memory of an exiting process)
     return {k: v.numpy() if torch.is_tensor(v) else v for k, v in out.items()}
 
@@ -181,8 +196,10 @@ HG_WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_s
 def hg_layouts(src, tp: int, split_kv_groups: bool = False):
     """The head-grouped layout of every block, from the blocks' inputs on ``HG_WINDOWS``."""
     stream = BlockStream(src, tp, torch.device("cpu"), [HG_WINDOWS])
-    return [headgroup.shards_of(headgroup.head_grouping(stream, stream.block(b), x, split_kv_groups), src.config)
-            for b, (x,), _ in stream.blocks(src.config.num_hidden_layers - 1)]
+    return [
+        headgroup.shards_of(headgroup.head_grouping(stream, stream.block(b), x, split_kv_groups), src.config)
+        for b, (x,), _ in stream.blocks(src.config.num_hidden_layers - 1)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +210,11 @@ def runs(workdir, request):
     results = {}
     for tp in (1, 2, 3, 4):
         empty = _write(workdir / f"empty-{tp}.json", Plan(MODEL, tp, {1: {"mode": "tp"}}))
-        configs = {"baseline": ("baseline", {}), "spd_all": ("spd", {"blocks": "all"}),
-                   "empty_plan": ("spd", {"plan": empty})}
+        configs = {
+            "baseline": ("baseline", {}),
+            "spd_all": ("spd", {"blocks": "all"}),
+            "empty_plan": ("spd", {"plan": empty}),
+        }
         layouts = {}
         if tp > 1:
             layouts = {"hg_layout": hg_layouts(src, tp), "scrambled_layout": _scrambled(src.config, tp)}
@@ -208,6 +228,7 @@ def runs(workdir, request):
 
 
 # --- the strategy ---------------------------------------------------------------------------
+
 
 def test_spd_at_one_rank_equals_baseline(runs):
     torch.testing.assert_close(runs[1]["spd_all"], runs[1]["baseline"], atol=1e-4, rtol=1e-4)
@@ -237,8 +258,9 @@ def test_distilled_plan_matches_reference_with_its_weights_and_layout(runs, dist
 
     overrides = load_file(str(distilled.weights_path()))
     layout = distilled.blocks[1]["layout"]
-    assert [r["q_heads"] for r in layout] != [list(r) for r in _split(9, 4)] or \
-        [r["ffn"] for r in layout] != [[r.start, r.stop] for r in _split(200, 4)]
+    assert [r["q_heads"] for r in layout] != [list(r) for r in _split(9, 4)] or [r["ffn"] for r in layout] != [
+        [r.start, r.stop] for r in _split(200, 4)
+    ]
     layouts = {1: ([r["q_heads"] for r in layout], [tuple(r["ffn"]) for r in layout])}
     ref = reference_logits(MODEL, PROMPTS, 4, {0, 1, 2}, layouts, overrides)
     torch.testing.assert_close(runs[4]["distilled"], ref, atol=1e-4, rtol=1e-4)
@@ -267,8 +289,8 @@ def reference_b2b(block: int, heads, ffns, settings: DistillSettings) -> dict[st
     gen = torch.Generator().manual_seed(settings.seed)
     for _ in range(settings.epochs):
         for i in torch.randperm(x.shape[0], generator=gen).tolist():
-            out = reference_block(trained.__getitem__, c, block, x[i:i + 1], cos[:1], sin[:1], heads, ffns, spd=True)
-            loss = F.mse_loss(out, target[i:i + 1])
+            out = reference_block(trained.__getitem__, c, block, x[i : i + 1], cos[:1], sin[:1], heads, ffns, spd=True)
+            loss = F.mse_loss(out, target[i : i + 1])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -283,8 +305,11 @@ def test_b2b_matches_an_independent_reference(distilled, block):
 
     weights, state = load_file(str(distilled.weights_path())), hf_model(MODEL).state_dict()
     layout = distilled.blocks[block].get("layout")
-    heads, ffns = ([r["q_heads"] for r in layout], [tuple(r["ffn"]) for r in layout]) if layout \
+    heads, ffns = (
+        ([r["q_heads"] for r in layout], [tuple(r["ffn"]) for r in layout])
+        if layout
         else megatron_split(source(MODEL).config, 4)
+    )
     reference = reference_b2b(block, heads, ffns, DISTILL)
     for name, ref in reference.items():
         change, ref_change = weights[name] - state[name], ref - state[name]
@@ -293,6 +318,7 @@ def test_b2b_matches_an_independent_reference(distilled, block):
             continue
         assert ref_change.norm() > 0
         assert (change - ref_change).norm() <= 1e-3 * ref_change.norm(), name
+
 
 def test_b2b_lowers_heldout_mse(distilled):
     mse = distilled.distill["heldout_mse"]
@@ -325,6 +351,7 @@ def test_head_grouping_units_respect_gqa():
 
 # --- sensitivity ----------------------------------------------------------------------------
 
+
 def test_sensitivity_steps_equal_whole_model_perplexity(runs):
     """The streamed single-process steps against N = 2 real ranks running the whole model."""
     src = source(MODEL)
@@ -356,6 +383,7 @@ def test_sensitivity_resumes_and_rejects_other_settings(tmp_path):
 
 # --- plans ----------------------------------------------------------------------------------
 
+
 def _sens_state(values):
     return {"model": MODEL, "tp": 4, "n_layers": len(values), "sensitivity": {str(b): s for b, s in enumerate(values)}}
 
@@ -375,14 +403,17 @@ def test_plan_budget_and_classes():
         make_plan(state, "150%")
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(model="random:tiny"), "was made for model"),
-    (lambda d: d.update(tp=2), "was made for tp 2"),
-    (lambda d: d["blocks"].append({"block": 7, "mode": "zs"}), "out of range"),
-    (lambda d: d["blocks"].append({"block": 2, "mode": "fast"}), "unknown mode"),
-    (lambda d: d.update(version=9), "version"),
-    (lambda d: d["blocks"].append({"block": 0, "mode": "b2b"}), "need distilled weights"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(model="random:tiny"), "was made for model"),
+        (lambda d: d.update(tp=2), "was made for tp 2"),
+        (lambda d: d["blocks"].append({"block": 7, "mode": "zs"}), "out of range"),
+        (lambda d: d["blocks"].append({"block": 2, "mode": "fast"}), "unknown mode"),
+        (lambda d: d.update(version=9), "version"),
+        (lambda d: d["blocks"].append({"block": 0, "mode": "b2b"}), "need distilled weights"),
+    ],
+)
 def test_invalid_plans_are_rejected(tmp_path, change, message):
     data = Plan(MODEL, 4, {1: {"mode": "zs"}}).to_json()
     change(data)

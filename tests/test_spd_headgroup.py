@@ -18,9 +18,17 @@ from suite.parallel.strategy import make_strategy
 
 # Llama-3-8B's head structure (32 query heads, 8 KV heads, groups of 4) at N = 8, with small widths.
 TP = 8
-CONFIG = LlamaConfig(**{**preset_config("llama3-8b").to_dict(), "hidden_size": 256, "head_dim": 8,
-                        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 256,
-                        "tie_word_embeddings": False})
+CONFIG = LlamaConfig(
+    **{
+        **preset_config("llama3-8b").to_dict(),
+        "hidden_size": 256,
+        "head_dim": 8,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "vocab_size": 256,
+        "tie_word_embeddings": False,
+    }
+)
 SOURCE = ModelSource("test:llama3-8b-heads", CONFIG, RandomWeights(CONFIG), None)
 WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 11], [1, 2, 3, 4, 5, 6, 7, 8]]
@@ -28,8 +36,10 @@ PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 11], [1, 2, 3, 4, 5, 6, 7, 8]]
 
 def hg_layouts(split: bool) -> list[list[dict]]:
     stream = BlockStream(SOURCE, TP, torch.device("cpu"), [WINDOWS])
-    return [headgroup.head_grouping(stream, stream.block(b), x, split)
-            for b, (x,), _ in stream.blocks(CONFIG.num_hidden_layers - 1)]
+    return [
+        headgroup.head_grouping(stream, stream.block(b), x, split)
+        for b, (x,), _ in stream.blocks(CONFIG.num_hidden_layers - 1)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +73,9 @@ def test_split_kv_groups_moves_heads_and_keeps_baseline_logits(layouts):
         assert cost["extra_kv_heads"] == sum(cost["kv_heads"]) - 8 > 0
         assert cost["extra_kv_cache_elements_per_token"] == 2 * 8 * cost["extra_kv_heads"]
     logits = launch(_logits_job, TP, SOURCE, {"megatron": megatron, "split": split}, PROMPTS)
-    torch.testing.assert_close(torch.from_numpy(logits["split"]), torch.from_numpy(logits["megatron"]),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.from_numpy(logits["split"]), torch.from_numpy(logits["megatron"]), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_units_per_shape_family():

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from tests.helpers import hf_model, source
 from spd.ranks import BlockStream, window_context
 from spd.strategy import run_blocks
 from suite.model.sharding import BlockShard, build_blocks, build_rank_model, default_layout, unshard_block
 from suite.parallel.comm import LocalGroup
 from suite.parallel.launch import launch
+from tests.helpers import hf_model, source
 
 MODEL = "random:tiny-uneven"  # 9 heads, 3 KV heads, FFN 200: uneven splits, KV heads replicated at N = 4
 BLOCK = 1
@@ -44,8 +44,9 @@ def _block_job(comm, device, model, layouts, x):
         ctx = window_context(rank_model, *x.shape[:2])
         block = rank_model.layers[BLOCK]
         with torch.no_grad():
-            out[name] = [run_blocks([block], x.flatten(0, 1), comm, ctx, drop).view_as(x).numpy()
-                         for drop in (set(), {0})]
+            out[name] = [
+                run_blocks([block], x.flatten(0, 1), comm, ctx, drop).view_as(x).numpy() for drop in (set(), {0})
+            ]
     return out
 
 
@@ -82,22 +83,20 @@ def test_attention_maps_and_head_partials_match_hugging_face():
     x = out.hidden_states[BLOCK]  # the input of block BLOCK
     stream = BlockStream(src, 4, torch.device("cpu"))
     per_head = stream.block(BLOCK, default_layout(src.config, src.config.num_attention_heads)[BLOCK])
-    torch.testing.assert_close(per_head.attention_probs(x), out.attentions[BLOCK].transpose(0, 1),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_head.attention_probs(x), out.attentions[BLOCK].transpose(0, 1), atol=1e-5, rtol=1e-5)
     megatron = stream.block(BLOCK)
-    torch.testing.assert_close(megatron.attention_probs(x), out.attentions[BLOCK].transpose(0, 1),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(megatron.attention_probs(x), out.attentions[BLOCK].transpose(0, 1), atol=1e-5, rtol=1e-5)
     # every head's o_proj contribution sums to the attention output of the block
-    torch.testing.assert_close(per_head.attn_partials(x).sum(0), megatron.attn_partials(x).sum(0),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_head.attn_partials(x).sum(0), megatron.attn_partials(x).sum(0), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(megatron(x), out.hidden_states[BLOCK + 1], atol=1e-5, rtol=1e-5)
 
 
 def test_rank_blocks_unshard_to_the_model_tensors():
     src = source(MODEL)
     shards = _kv_splitting(src.config, 4)
-    state = unshard_block(build_blocks(src, BLOCK, shards, torch.float32, torch.device("cpu")), shards, src.config,
-                          BLOCK)
+    state = unshard_block(
+        build_blocks(src, BLOCK, shards, torch.float32, torch.device("cpu")), shards, src.config, BLOCK
+    )
     assert len(state) == 9
     for name, tensor in state.items():
         assert torch.equal(tensor, src.weights.read(name)), name

@@ -48,11 +48,13 @@ def test_bootstrap_of_identical_windows_is_perfectly_stable():
     assert report["rank_correlation"] == {"mean": pytest.approx(1.0), "p05": pytest.approx(1.0)}
     assert all(v == {"mean": 1.0, "p05": 1.0} for v in report["chosen_set_agreement"].values())
     sens = stability.sensitivities(np.array(nll), 3)
-    assert sens.tolist() == pytest.approx([math.exp(2 / 3) - math.exp(0.5), math.exp(0.5) - math.exp(0.4),
-                                           math.exp(0.4) - math.exp(1 / 3)])
+    assert sens.tolist() == pytest.approx(
+        [math.exp(2 / 3) - math.exp(0.5), math.exp(0.5) - math.exp(0.4), math.exp(0.4) - math.exp(1 / 3)]
+    )
 
 
 # --- thresholds and plans -------------------------------------------------------------------
+
 
 def _state(values, baseline_ppl=None):
     state = {"model": MODEL, "tp": 4, "n_layers": len(values), "sensitivity": {str(b): s for b, s in enumerate(values)}}
@@ -87,14 +89,18 @@ def test_plan_for_given_blocks(variant, mode):
 
 def test_plan_command_without_sensitivity(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["spd", "plan", "--model", MODEL, "--tp", "2", "--blocks", "last:2", "--variant", "zs",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["spd", "plan", "--model", MODEL, "--tp", "2", "--blocks", "last:2", "--variant", "zs", "--out", str(out)])
+        == 0
+    )
     assert "2 of 3 blocks SPD: zs 2" in capsys.readouterr().out
     strategy = make_strategy("spd", {"plan": str(out)})
     strategy.bind(source(MODEL), 2)
     assert strategy.describe() == {"spd_variant": "zs", "spd_blocks_pct": pytest.approx(200 / 3)}
-    for argv in (["--tp", "2", "--out", str(out)],  # no blocks
-                 ["--sensitivity", str(out), "--budget", "50%", "--blocks", "0", "--out", str(out)]):
+    for argv in (
+        ["--tp", "2", "--out", str(out)],  # no blocks
+        ["--sensitivity", str(out), "--budget", "50%", "--blocks", "0", "--out", str(out)],
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(["spd", "plan", *argv])
         assert exit_.value.code == 2 and "plan: give" in capsys.readouterr().err
@@ -102,16 +108,56 @@ def test_plan_command_without_sensitivity(tmp_path, capsys):
 
 # --- the accuracy sweep and the report ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Sensitivity (with its stability rows), the accuracy and perplexity sweeps at N = 2 on the tiny model, twice."""
     require_data()
     out = tmp_path_factory.mktemp("sweep")
     results = out / "results.jsonl"
-    assert main(["spd", "sensitivity", "--model", MODEL, "--tp", "2", "--samples", "4", "--seq-len", "32",
-                 "--resamples", "100", "--out", str(out / "sens.json"), "--results", str(results)]) == 0
-    common = ["--model", MODEL, "--tp", "2", "--sensitivity", str(out / "sens.json"), "--samples", "2",
-              "--seq-len", "32", "--epochs", "1", "--heldout-samples", "1", "--budgets", "0,100", "--out", str(out)]
+    assert (
+        main(
+            [
+                "spd",
+                "sensitivity",
+                "--model",
+                MODEL,
+                "--tp",
+                "2",
+                "--samples",
+                "4",
+                "--seq-len",
+                "32",
+                "--resamples",
+                "100",
+                "--out",
+                str(out / "sens.json"),
+                "--results",
+                str(results),
+            ]
+        )
+        == 0
+    )
+    common = [
+        "--model",
+        MODEL,
+        "--tp",
+        "2",
+        "--sensitivity",
+        str(out / "sens.json"),
+        "--samples",
+        "2",
+        "--seq-len",
+        "32",
+        "--epochs",
+        "1",
+        "--heldout-samples",
+        "1",
+        "--budgets",
+        "0,100",
+        "--out",
+        str(out),
+    ]
     argv = ["spd", "sweep", "--metric", "accuracy", *common, "--tasks", "piqa,arc_easy", "--limit", "3"]
     ppl = ["spd", "sweep", "--metric", "ppl", *common, "--eval-samples", "2", "--eval-seq-len", "16"]
     assert main(argv) == 0
@@ -146,11 +192,9 @@ def test_report_draws_the_accuracy_figure_and_the_stability_table(sweep):
     assert all(-1 <= r["rank_corr_mean"] <= 1 and 0 <= r["set_agreement_mean"] <= 1 for r in stab)
     table = html.split("Stability of the sensitivity analysis")[1].split("</table>")[0]
     assert table.count("<tr>") == 1 + 3 and f"{stab[0]['rank_corr_mean']:.6g}" in table
-    figures = dict(re.findall(r'<h3>([^<]+)</h3><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"',
-                              html))
+    figures = dict(re.findall(r'<h3>([^<]+)</h3><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html))
     for title in ("Accuracy vs % of SPD blocks", "Per-block SPD sensitivity", "Perplexity vs % of SPD blocks"):
         image = Image.open(io.BytesIO(base64.b64decode(figures[title])))
         lo, hi = image.convert("L").getextrema()
         assert image.width > 200 and hi - lo > 100, title
     assert "Perplexity vs % of SPD blocks" in figures
-

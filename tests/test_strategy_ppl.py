@@ -24,8 +24,26 @@ def approx(value):
 def test_perplexity_rows_match_the_hf_model_and_resume(tmp_path, capsys):
     require_data()
     out = tmp_path / "perplexity.jsonl"
-    args = ["spd", "ppl", "--model", MODEL, "--tp", "2", "--strategy", "baseline", "--strategy", "tokenweave",
-            "--strategy", "ladder", "--samples", "4", "--seq-len", "32", "--out", str(out)]
+    args = [
+        "spd",
+        "ppl",
+        "--model",
+        MODEL,
+        "--tp",
+        "2",
+        "--strategy",
+        "baseline",
+        "--strategy",
+        "tokenweave",
+        "--strategy",
+        "ladder",
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     rows = {r["strategy"]: r for r in map(json.loads, out.read_text().splitlines())}
     windows = wikitext2_windows(source(MODEL), 4, 32)

@@ -96,8 +96,11 @@ def suite_naming_plugins(root: Path) -> list[str]:
             if imported.split(".")[0] in PLUGINS:
                 found.append(f"{name} imports {imported}")
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
-                    node.value.split(":")[0] in plugin_modules:
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value.split(":")[0] in plugin_modules
+            ):
                 found.append(f"{name} names {node.value!r}")
     return found
 
@@ -120,6 +123,7 @@ def reaches_torch(root: Path, start: str = "reports") -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------- the project itself
+
 
 def test_no_import_cycle():
     edges, _ = graph(REPO)
@@ -147,8 +151,10 @@ MODEL_MATH = {"RMSNorm": re.compile(r"\brsqrt\("), "SwiGLU": re.compile(r"\bsilu
 
 def model_math(root: Path) -> dict[str, list[str]]:
     """For RMSNorm and SwiGLU, the project files that compute them."""
-    return {what: [str(p.relative_to(root)) for p in modules(root).values() if pattern.search(p.read_text())]
-            for what, pattern in MODEL_MATH.items()}
+    return {
+        what: [str(p.relative_to(root)) for p in modules(root).values() if pattern.search(p.read_text())]
+        for what, pattern in MODEL_MATH.items()
+    }
 
 
 def test_model_math_is_written_once():
@@ -156,6 +162,7 @@ def test_model_math_is_written_once():
 
 
 # ---------------------------------------------------------------- the checker can fail
+
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
@@ -169,28 +176,43 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_checker_finds_a_cycle_even_through_a_function_level_import(tmp_path):
-    root = _tree(tmp_path, {"suite/a.py": "from suite.b import x\n",
-                            "suite/b.py": "def f():\n    from suite import a\n"})
+    root = _tree(
+        tmp_path, {"suite/a.py": "from suite.b import x\n", "suite/b.py": "def f():\n    from suite import a\n"}
+    )
     assert cycles(graph(root)[0]) == [["suite.a", "suite.b"]]
 
 
 def test_checker_finds_suite_importing_or_naming_a_plugin(tmp_path):
-    root = _tree(tmp_path, {"suite/a.py": "def f():\n    import spd.strategy\n",
-                            "suite/b.py": "MODULES = ('baselines.ladder:Ladder',)\nNAME, FILE = 'spd', 'spd.jsonl'\n",
-                            "spd/strategy.py": "", "baselines/ladder.py": ""})
+    root = _tree(
+        tmp_path,
+        {
+            "suite/a.py": "def f():\n    import spd.strategy\n",
+            "suite/b.py": "MODULES = ('baselines.ladder:Ladder',)\nNAME, FILE = 'spd', 'spd.jsonl'\n",
+            "spd/strategy.py": "",
+            "baselines/ladder.py": "",
+        },
+    )
     assert suite_naming_plugins(root) == ["suite.a imports spd.strategy", "suite.b names 'baselines.ladder:Ladder'"]
 
 
 def test_checker_finds_reports_reaching_torch_through_suite(tmp_path):
-    root = _tree(tmp_path, {"reports/render.py": "from suite.results import Row\n",
-                            "suite/results.py": "import json\nfrom suite.env import x\n",
-                            "suite/env.py": "import torch\n",
-                            "reports/fine.py": "def f():\n    import torch\n"})
+    root = _tree(
+        tmp_path,
+        {
+            "reports/render.py": "from suite.results import Row\n",
+            "suite/results.py": "import json\nfrom suite.env import x\n",
+            "suite/env.py": "import torch\n",
+            "reports/fine.py": "def f():\n    import torch\n",
+        },
+    )
     assert reaches_torch(root) == {"reports.render": ["reports.render", "suite.results", "suite.env", "torch"]}
 
 
 def test_checker_finds_model_math_twice(tmp_path):
-    root = _tree(tmp_path, {"suite/model/llama.py": "x * torch.rsqrt(v)\nF.silu(g) * u\n",
-                            "spd/shards.py": "F.silu(g) * u\n"})
-    assert model_math(root) == {"RMSNorm": ["suite/model/llama.py"],
-                                "SwiGLU": ["suite/model/llama.py", "spd/shards.py"]}
+    root = _tree(
+        tmp_path, {"suite/model/llama.py": "x * torch.rsqrt(v)\nF.silu(g) * u\n", "spd/shards.py": "F.silu(g) * u\n"}
+    )
+    assert model_math(root) == {
+        "RMSNorm": ["suite/model/llama.py"],
+        "SwiGLU": ["suite/model/llama.py", "spd/shards.py"],
+    }

@@ -6,20 +6,44 @@ import sys
 import pytest
 
 from suite.errors import SpdbenchError
-from suite.vocabulary import (check_strategy, check_variant, model_form, parse_blocks, parse_options, random_preset,
-                              strongest_mode)
+from suite.vocabulary import (
+    check_strategy,
+    check_variant,
+    model_form,
+    parse_blocks,
+    parse_options,
+    random_preset,
+    strongest_mode,
+)
 
 
-@pytest.mark.parametrize("spec, n_layers, blocks", [
-    ("all", 4, {0, 1, 2, 3}), ("last:2", 4, {2, 3}), ("last:0", 4, set()), ("0, 3", 4, {0, 3}), ("", 4, set()),
-    ("ALL", 3, {0, 1, 2}), ("last:5", None, set()), ("7", None, {7})])
+@pytest.mark.parametrize(
+    "spec, n_layers, blocks",
+    [
+        ("all", 4, {0, 1, 2, 3}),
+        ("last:2", 4, {2, 3}),
+        ("last:0", 4, set()),
+        ("0, 3", 4, {0, 3}),
+        ("", 4, set()),
+        ("ALL", 3, {0, 1, 2}),
+        ("last:5", None, set()),
+        ("7", None, {7}),
+    ],
+)
 def test_block_specs(spec, n_layers, blocks):
     assert parse_blocks(spec, n_layers) == blocks
 
 
-@pytest.mark.parametrize("spec, n_layers, message", [
-    ("top:3", None, "option layers='top:3': expected all, last:K"), ("last:-1", None, "expected all, last:K"),
-    ("last:5", 4, "expected all, last:K"), ("1,x", 4, "expected all"), ("4", 4, "block 4 is out of range")])
+@pytest.mark.parametrize(
+    "spec, n_layers, message",
+    [
+        ("top:3", None, "option layers='top:3': expected all, last:K"),
+        ("last:-1", None, "expected all, last:K"),
+        ("last:5", 4, "expected all, last:K"),
+        ("1,x", 4, "expected all"),
+        ("4", 4, "block 4 is out of range"),
+    ],
+)
 def test_bad_block_specs_name_the_option(spec, n_layers, message):
     with pytest.raises(SpdbenchError, match=message) as error:
         parse_blocks(spec, n_layers, "layers")
@@ -28,8 +52,9 @@ def test_bad_block_specs_name_the_option(spec, n_layers, message):
 
 def test_model_forms(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"")
-    assert [model_form(m) for m in ("random:llama3-8b", "smollm2-135m", str(tmp_path / "m.gguf"), str(tmp_path),
-                                    "org/name")] == ["random", "embedded", "gguf", "folder", "hub"]
+    assert [
+        model_form(m) for m in ("random:llama3-8b", "smollm2-135m", str(tmp_path / "m.gguf"), str(tmp_path), "org/name")
+    ] == ["random", "embedded", "gguf", "folder", "hub"]
     assert random_preset("random:llama3-8b") == "llama3-8b"
     with pytest.raises(SpdbenchError, match="model missing.gguf: no such GGUF file"):
         model_form("missing.gguf")

@@ -37,8 +37,9 @@ def _samples(limits: dict, names: list[str], per_task: dict, folder) -> dict | N
     return samples
 
 
-def accuracy_rows(results: dict, scenario: dict, limits: dict, *, usable: bool, describe: dict, env: dict,
-                  command: str) -> list[Row]:
+def accuracy_rows(
+    results: dict, scenario: dict, limits: dict, *, usable: bool, describe: dict, env: dict, command: str
+) -> list[Row]:
     """lm-eval's results -> one row per task and metric."""
     rows = []
     for task, values in results["results"].items():
@@ -47,16 +48,40 @@ def accuracy_rows(results: dict, scenario: dict, limits: dict, *, usable: bool, 
             if not isinstance(value, (int, float)):
                 continue
             cell = AccuracyScenario(**scenario, task=task, metric=metric, limit=limits.get(task))
-            rows.append(Row(scenario=cell, usable_model=usable, env=env, command=command,
-                            values={"value": float(value), "stderr": float(stderr) if isinstance(
-                                stderr, (int, float)) else None, **describe}))
+            rows.append(
+                Row(
+                    scenario=cell,
+                    usable_model=usable,
+                    env=env,
+                    command=command,
+                    values={
+                        "value": float(value),
+                        "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                        **describe,
+                    },
+                )
+            )
     return rows
 
 
-def evaluate(model: str, tp: int, configs: list[tuple[str, dict, str]], names: list[str], limits: list[str], folder,
-             out: str | Path, *, dtype: str = "float32", device: str = "cpu", kernels: str = "eager",
-             backend: str = "auto", timeout: float = 300, batch_size: int = 32, max_length: int | None = None,
-             bootstrap_iters: int = 1000) -> list[list[Row]]:
+def evaluate(
+    model: str,
+    tp: int,
+    configs: list[tuple[str, dict, str]],
+    names: list[str],
+    limits: list[str],
+    folder,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    kernels: str = "eager",
+    backend: str = "auto",
+    timeout: float = 300,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    bootstrap_iters: int = 1000,
+) -> list[list[Row]]:
     """Evaluate each (strategy, options, command) configuration on the tasks not yet in ``out`` and append
     their rows; returns every row of each configuration (re-running resumes). One launch of ``tp`` ranks
     serves every configuration (a model shared by several strategies is loaded once) and lm-eval's task
@@ -70,38 +95,87 @@ def evaluate(model: str, tp: int, configs: list[tuple[str, dict, str]], names: l
     task_limits = {task: per_task.get(task, default) for task in names}
     samples = _samples(task_limits, names, per_task, folder)
     store = ResultStore(out)
-    scenarios = [dict(model=model, strategy=strategy, strategy_options=options, tp=tp, dtype=dtype,
-                      data=str(folder) if folder else "hub") for strategy, options, _ in configs]
+    scenarios = [
+        dict(
+            model=model,
+            strategy=strategy,
+            strategy_options=options,
+            tp=tp,
+            dtype=dtype,
+            data=str(folder) if folder else "hub",
+        )
+        for strategy, options, _ in configs
+    ]
 
     def mine(scenario: dict) -> list[dict]:
-        return [r for r in store.rows() if r.get("kind") == "accuracy" and r.get("task") in names
-                and all(r.get(k) == v for k, v in scenario.items())]
+        return [
+            r
+            for r in store.rows()
+            if r.get("kind") == "accuracy"
+            and r.get("task") in names
+            and all(r.get(k) == v for k, v in scenario.items())
+        ]
 
-    todo = [[t for t in names if t not in {r["task"] for r in mine(scenario) if r.get("status") == "ok"
-                                             and r.get("limit") == task_limits.get(r["task"])}]
-            for scenario in scenarios]
+    todo = [
+        [
+            t
+            for t in names
+            if t
+            not in {
+                r["task"]
+                for r in mine(scenario)
+                if r.get("status") == "ok" and r.get("limit") == task_limits.get(r["task"])
+            }
+        ]
+        for scenario in scenarios
+    ]
     if any(todo):
         needed = sorted({t for tasks in todo for t in tasks}, key=names.index)
         specs, manager = task_configs(needed, folder)
-        built = dict(zip(needed, specs)) | {name: task for name, task in manager.load(specs)["tasks"].items()
-                                            if name in needed}  # a group (Hub) stays a spec, built per call
+        built = dict(zip(needed, specs)) | {
+            name: task for name, task in manager.load(specs)["tasks"].items() if name in needed
+        }  # a group (Hub) stays a spec, built per call
         lm = None
         try:
             for (strategy, options, command), scenario, tasks in zip(configs, scenarios, todo):
                 if not tasks:
                     continue
                 if lm is None:
-                    lm = SpdbenchLM(model=model, tp=tp, strategy=strategy, dtype=dtype, device=device,
-                                    kernels=kernels, backend=backend, timeout=timeout, batch_size=batch_size,
-                                    max_length=max_length, **options)
+                    lm = SpdbenchLM(
+                        model=model,
+                        tp=tp,
+                        strategy=strategy,
+                        dtype=dtype,
+                        device=device,
+                        kernels=kernels,
+                        backend=backend,
+                        timeout=timeout,
+                        batch_size=batch_size,
+                        max_length=max_length,
+                        **options,
+                    )
                 else:
                     lm.use(strategy, options)
                 results = lm_eval.simple_evaluate(
-                    model=lm, tasks=[built[t] for t in tasks], task_manager=manager,
+                    model=lm,
+                    tasks=[built[t] for t in tasks],
+                    task_manager=manager,
                     samples={t: samples[t] for t in tasks} if samples else None,
-                    limit=None if samples else default, bootstrap_iters=bootstrap_iters, verbosity="WARNING")
-                store.append(*accuracy_rows(results, scenario, task_limits, usable=lm.strategy.usable,
-                                            describe=lm.strategy.describe(), env=environment(), command=command))
+                    limit=None if samples else default,
+                    bootstrap_iters=bootstrap_iters,
+                    verbosity="WARNING",
+                )
+                store.append(
+                    *accuracy_rows(
+                        results,
+                        scenario,
+                        task_limits,
+                        usable=lm.strategy.usable,
+                        describe=lm.strategy.describe(),
+                        env=environment(),
+                        command=command,
+                    )
+                )
         finally:
             if lm is not None:
                 lm.close()

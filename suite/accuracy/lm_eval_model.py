@@ -58,7 +58,7 @@ class _RankScorer:
         h = runner.run_layers(model.layers, model.embed(ids.flatten()), ctx).view(len(inputs), width, -1)
         out = []
         for row, (tokens, n) in enumerate(batch):  # the lm_head only where a continuation token is predicted
-            logprobs = F.log_softmax(model.head(h[row, width - n:]).float(), dim=-1)
+            logprobs = F.log_softmax(model.head(h[row, width - n :]).float(), dim=-1)
             target = torch.tensor(tokens[-n:], device=runner.device)
             out.append((logprobs.gather(1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())))
         return out
@@ -72,12 +72,23 @@ class SpdbenchLM(TemplateLM):
     """lm-eval model args: model, tp, strategy, spd_plan, dtype, device, kernels, backend, timeout, max_length,
     batch_size, max_batch_tokens; any other key=value is a strategy option."""
 
-    def __init__(self, model: str = "smollm2-135m", tp: int = 1, strategy: str = "baseline",
-                 spd_plan: str | None = None, dtype: str = "float32", device: str | None = "cpu",
-                 kernels: str = "eager",
-                 backend: str = "auto", timeout: float = DEFAULT_TIMEOUT_S, max_length: int | None = None,
-                 batch_size: int | str = 32, max_batch_size: int | None = None, max_batch_tokens: int = 4096,
-                 **strategy_options):
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        tp: int = 1,
+        strategy: str = "baseline",
+        spd_plan: str | None = None,
+        dtype: str = "float32",
+        device: str | None = "cpu",
+        kernels: str = "eager",
+        backend: str = "auto",
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_length: int | None = None,
+        batch_size: int | str = 32,
+        max_batch_size: int | None = None,
+        max_batch_tokens: int = 4096,
+        **strategy_options,
+    ):
         from suite.defaults import DTYPE_NAMES, KERNELS
         from suite.model.sharding import check_tp
         from suite.model.sources import resolve
@@ -101,13 +112,16 @@ class SpdbenchLM(TemplateLM):
         check_tp(source.config, int(tp))
         self.model_name, self.source, self.tp = model, source, int(tp)
         self.dtype, self.placed_on, self.kernels = dtype, device, kernels
-        self.strategy = bound_strategy(strategy, options, source, int(tp))  # bad names, options, plans: before any spawn
+        self.strategy = bound_strategy(
+            strategy, options, source, int(tp)
+        )  # bad names, options, plans: before any spawn
         self.tokenizer = source.tokenizer()
         self.max_length = int(max_length or source.config.max_position_embeddings)
         self.batch_size = int(max_batch_size or (32 if batch_size == "auto" else batch_size))
         self.max_batch_tokens = int(max_batch_tokens)
-        self.pool = RankPool(_RankScorer, int(tp), model, dtype, kernels, device=device, backend=backend,
-                             timeout_s=float(timeout))
+        self.pool = RankPool(
+            _RankScorer, int(tp), model, dtype, kernels, device=device, backend=backend, timeout_s=float(timeout)
+        )
         self._use(strategy, options)
 
     def use(self, strategy: str, options: dict) -> None:
@@ -119,9 +133,15 @@ class SpdbenchLM(TemplateLM):
 
     def _use(self, strategy: str, options: dict) -> None:
         self.pool.call("use", strategy, options)
-        self.description = dict(model=self.model_name, tp=self.tp, strategy=strategy,
-                                strategy_options=self.strategy.options(), dtype=self.dtype, device=self.placed_on,
-                                kernels=self.kernels)
+        self.description = dict(
+            model=self.model_name,
+            tp=self.tp,
+            strategy=strategy,
+            strategy_options=self.strategy.options(),
+            dtype=self.dtype,
+            device=self.placed_on,
+            kernels=self.kernels,
+        )
 
     @property
     def eot_token_id(self) -> int:
@@ -140,7 +160,8 @@ class SpdbenchLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _batches(self, items: list, length) -> list[list[int]]:
-        """Indices of ``items``, longest first, in batches of at most batch_size rows and max_batch_tokens padded tokens."""
+        """Indices of ``items``, longest first, in batches of at most batch_size rows and max_batch_tokens
+        padded tokens."""
         order = sorted(range(len(items)), key=lambda i: -length(items[i]))
         batches, current = [], []
         for i in order:
@@ -155,7 +176,7 @@ class SpdbenchLM(TemplateLM):
         """log P(continuation | context) for token pairs, truncated on the left to max_length inputs."""
         items = []
         for context, continuation in pairs:
-            tokens = (context + continuation)[-(self.max_length + 1):]
+            tokens = (context + continuation)[-(self.max_length + 1) :]
             items.append((tokens, min(len(continuation), len(tokens) - 1)))
         out = [None] * len(items)
         batches = self._batches(items, lambda item: len(item[0]) - 1)
@@ -176,8 +197,12 @@ class SpdbenchLM(TemplateLM):
         """Perplexity: disjoint windows of at most max_length tokens, each with its preceding context."""
         windows, owner = [], []
         for index, (text,) in enumerate(req.args for req in requests):
-            for window in get_rolling_token_windows(token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                                                    max_seq_len=self.max_length, context_len=1):
+            for window in get_rolling_token_windows(
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            ):
                 windows.append(make_disjoint_window(window))
                 owner.append(index)
         totals = [0.0] * len(requests)
@@ -201,11 +226,13 @@ class SpdbenchLM(TemplateLM):
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
                 new = int(kwargs.get("max_gen_toks", 256))
-                prompts = [self.tok_encode(requests[i].args[0])[-max(1, self.max_length - new):] for i in indices]
+                prompts = [self.tok_encode(requests[i].args[0])[-max(1, self.max_length - new) :] for i in indices]
                 for batch in self._batches(prompts, len):
                     generated = self.pool.call("generate", [prompts[j] for j in batch], new)
-                    texts = [self.tok_decode(ids[:ids.index(self.eot_token_id)] if self.eot_token_id in ids else ids)
-                             for ids in generated]
+                    texts = [
+                        self.tok_decode(ids[: ids.index(self.eot_token_id)] if self.eot_token_id in ids else ids)
+                        for ids in generated
+                    ]
                     for j, text in zip(batch, texts):
                         for stop in until:
                             if stop:

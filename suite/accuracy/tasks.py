@@ -17,8 +17,8 @@ from pathlib import Path
 
 from suite.errors import SpdbenchError
 from suite.files import atomic_output
-from suite.results import parse_jsonl
 from suite.model.sources import cache_dir
+from suite.results import parse_jsonl
 
 _REPO_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -51,8 +51,10 @@ def _field(path: Path, n: int, row: dict, *keys: str):
 def _labels(path: Path, count: int, allowed: set[str]) -> list[str]:
     labels = _read(path).split()
     if len(labels) != count or not set(labels) <= allowed:
-        raise TaskDataError(f"{path}: expected {count} labels from {sorted(allowed)}, found {len(labels)} "
-                            f"({sorted(set(labels) - allowed)[:3] or 'count differs'})")
+        raise TaskDataError(
+            f"{path}: expected {count} labels from {sorted(allowed)}, found {len(labels)} "
+            f"({sorted(set(labels) - allowed)[:3] or 'count differs'})"
+        )
     return labels
 
 
@@ -90,12 +92,21 @@ def _hellaswag(folder: Path) -> list[dict]:
         raise TaskDataError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, label, 4 endings)")
     docs = []
     for i in range(0, len(lines), 6):
-        context, label, *endings = lines[i:i + 6]
+        context, label, *endings = lines[i : i + 6]
         if label not in {"0", "1", "2", "3"}:
             raise TaskDataError(f"{path}:{i + 2}: label {label!r} is not 0-3")
         activity, _, ctx = context.partition(": ")
-        docs.append({"ind": i // 6, "activity_label": activity, "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
-                     "endings": endings, "label": label})
+        docs.append(
+            {
+                "ind": i // 6,
+                "activity_label": activity,
+                "ctx_a": ctx,
+                "ctx_b": "",
+                "ctx": ctx,
+                "endings": endings,
+                "label": label,
+            }
+        )
     return docs
 
 
@@ -103,8 +114,10 @@ def _piqa(folder: Path) -> list[dict]:
     path = folder / "valid.jsonl"
     rows = _jsonl(path)
     labels = _labels(folder / "valid-labels.lst", len(rows), {"0", "1"})
-    return [dict(zip(("goal", "sol1", "sol2"), _field(path, n, row, "goal", "sol1", "sol2")), label=int(label))
-            for n, (row, label) in enumerate(zip(rows, labels), 1)]
+    return [
+        dict(zip(("goal", "sol1", "sol2"), _field(path, n, row, "goal", "sol1", "sol2")), label=int(label))
+        for n, (row, label) in enumerate(zip(rows, labels), 1)
+    ]
 
 
 def _arc(filename: str):
@@ -117,9 +130,16 @@ def _arc(filename: str):
             labels = [_field(path, n, c, "label") for c in choices]
             if key not in labels:
                 raise TaskDataError(f"{path}:{n}: answerKey {key!r} is not one of the choice labels {labels}")
-            docs.append({"id": ident, "question": stem, "answerKey": key,
-                         "choices": {"text": [c["text"] for c in choices], "label": labels}})
+            docs.append(
+                {
+                    "id": ident,
+                    "question": stem,
+                    "answerKey": key,
+                    "choices": {"text": [c["text"] for c in choices], "label": labels},
+                }
+            )
         return docs
+
     return convert
 
 
@@ -127,8 +147,13 @@ def _winogrande(folder: Path) -> list[dict]:
     path = folder / "dev.jsonl"
     rows = _jsonl(path)
     labels = _labels(folder / "dev-labels.lst", len(rows), {"1", "2"})
-    return [dict(zip(("sentence", "option1", "option2"), _field(path, n, row, "sentence", "option1", "option2")),
-                 answer=label) for n, (row, label) in enumerate(zip(rows, labels), 1)]
+    return [
+        dict(
+            zip(("sentence", "option1", "option2"), _field(path, n, row, "sentence", "option1", "option2")),
+            answer=label,
+        )
+        for n, (row, label) in enumerate(zip(rows, labels), 1)
+    ]
 
 
 def _boolq(folder: Path) -> list[dict]:
@@ -162,8 +187,10 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
         folder = Path(chosen).expanduser()
         if not folder.is_dir():
             source = "data_dir" if explicit else "SPDBENCH_DATA"
-            raise TaskDataError(f"{source} {folder}: no such data folder; point it at the offline data "
-                                "or leave it unset to use the Hugging Face Hub")
+            raise TaskDataError(
+                f"{source} {folder}: no such data folder; point it at the offline data "
+                "or leave it unset to use the Hugging Face Hub"
+            )
         return folder
     return _REPO_DATA if _REPO_DATA.is_dir() else None
 
@@ -194,10 +221,14 @@ def _lm_eval_tasks() -> Path:
 def _local_config(name: str, folder: Path) -> dict:
     """Overrides that point lm-eval's own task ``name`` at the converted local documents."""
     _, _, split, _ = LOCAL_TASKS[name]
-    return {"dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": {split: str(converted(name, folder))}},
-            "training_split": None, "validation_split": split if split == "validation" else None,
-            "test_split": split if split == "test" else None}
+    return {
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(converted(name, folder))}},
+        "training_split": None,
+        "validation_split": split if split == "validation" else None,
+        "test_split": split if split == "test" else None,
+    }
 
 
 def include_dir(folder: Path) -> Path:
@@ -205,8 +236,10 @@ def include_dir(folder: Path) -> Path:
     lm-eval's config and reads the local documents (so ``--tasks piqa`` runs offline)."""
     import yaml
 
-    configs = {name: {"include": str(_lm_eval_tasks() / LOCAL_TASKS[name][0]), "task": name,
-                      **_local_config(name, folder)} for name in LOCAL_TASKS}
+    configs = {
+        name: {"include": str(_lm_eval_tasks() / LOCAL_TASKS[name][0]), "task": name, **_local_config(name, folder)}
+        for name in LOCAL_TASKS
+    }
     key = hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir() / "tasks" / f"lm-eval-{key}"
     if out.is_dir():
@@ -230,8 +263,11 @@ def task_configs(names: list[str], folder: Path | None):
         return list(names), manager
     unknown = [n for n in names if n not in LOCAL_TASKS]
     if unknown:
-        raise TaskDataError(f"unknown task {unknown[0]!r} in tasks; with local data choose from: "
-                            f"{', '.join(LOCAL_TASKS)}")
-    configs = [{**load_yaml(_lm_eval_tasks() / LOCAL_TASKS[name][0], resolve_func=True), **_local_config(name, folder)}
-               for name in names]
+        raise TaskDataError(
+            f"unknown task {unknown[0]!r} in tasks; with local data choose from: {', '.join(LOCAL_TASKS)}"
+        )
+    configs = [
+        {**load_yaml(_lm_eval_tasks() / LOCAL_TASKS[name][0], resolve_func=True), **_local_config(name, folder)}
+        for name in names
+    ]
     return configs, TaskManager(include_defaults=False)  # no need to index lm-eval's thousands of tasks

@@ -30,8 +30,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         text = (action.help or "").replace("`", "'")
         default = action.default
-        if ("%(default)" in text or not action.option_strings or default is None or default is False
-                or default == [] or default is argparse.SUPPRESS):
+        if (
+            "%(default)" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"
@@ -46,16 +52,24 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                          help="show third-party warnings, log messages and progress bars (hidden by default)")
+        self.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show third-party warnings, log messages and progress bars (hidden by default)",
+        )
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="spdbench", description="Benchmark and validation suite for tensor-parallel "
-                    "communication methods (SPD, ladder residual, token splitting) on LLaMA models.")
+    parser = Parser(
+        prog="spdbench",
+        description="Benchmark and validation suite for tensor-parallel "
+        "communication methods (SPD, ladder residual, token splitting) on LLaMA models.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for ep in sorted(entry_points(group=ENTRY_POINTS), key=lambda ep: ep.name):
         ep.load()(sub)

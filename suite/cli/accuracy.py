@@ -42,17 +42,32 @@ def cmd_eval(args, parser) -> int:
     folder = data_dir(args.data_dir)
     ResultStore(args.out).rows()  # a broken results file fails now, not after the evaluation
     start = time.perf_counter()
-    results = evaluate(args.model, args.tp, [(s, o, canonical_command(args, s, o)) for s, o in configs], names,
-                       args.limit, folder, args.out, dtype=args.dtype, device=args.device, kernels=kernels_of(args),
-                       backend=args.backend, timeout=args.timeout, batch_size=args.batch_size,
-                       max_length=args.max_length, bootstrap_iters=args.bootstrap_iters)
+    results = evaluate(
+        args.model,
+        args.tp,
+        [(s, o, canonical_command(args, s, o)) for s, o in configs],
+        names,
+        args.limit,
+        folder,
+        args.out,
+        dtype=args.dtype,
+        device=args.device,
+        kernels=kernels_of(args),
+        backend=args.backend,
+        timeout=args.timeout,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        bootstrap_iters=args.bootstrap_iters,
+    )
     for (strategy, options), rows in zip(configs, results):
         print(f"{strategy}{' ' + str(options) if options else ''} N={args.tp}:")
         print_model_warning(strategy_class(strategy), "score")
         for row in rows:
             stderr = row.values["stderr"]
-            print(f"  {row.scenario.task:16s} {row.scenario.metric:16s} {row.values['value']:.4f}"
-                  + (f" ± {stderr:.4f}" if stderr is not None else ""))
+            print(
+                f"  {row.scenario.task:16s} {row.scenario.metric:16s} {row.values['value']:.4f}"
+                + (f" ± {stderr:.4f}" if stderr is not None else "")
+            )
     print(f"{sum(map(len, results))} rows in {args.out} ({time.perf_counter() - start:.0f} s, tp={args.tp})")
     return 0
 
@@ -77,26 +92,46 @@ def cmd_lm_eval(args, parser) -> int:
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy and perplexity with lm-eval's tasks on N tensor-parallel ranks")
     add_model_args(p, several=True)
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. piqa,arc_easy,hellaswag,wikitext")
-    p.add_argument("--limit", action="append", default=[], metavar="K | TASK=K",
-                   help="documents per task (default: all); TASK=K sets one task's, repeatable "
-                        "(e.g. --limit 50 --limit wikitext=2)")
-    p.add_argument("--data-dir", help="offline data folder (default: $SPDBENCH_DATA, else ../shared/data next to "
-                                      "the project if present, else the Hugging Face Hub)")
+    p.add_argument(
+        "--tasks", required=True, help="comma-separated lm-eval tasks, e.g. piqa,arc_easy,hellaswag,wikitext"
+    )
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="K | TASK=K",
+        help="documents per task (default: all); TASK=K sets one task's, repeatable "
+        "(e.g. --limit 50 --limit wikitext=2)",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="offline data folder (default: $SPDBENCH_DATA, else ../shared/data next to "
+        "the project if present, else the Hugging Face Hub)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    p.add_argument("--max-length", type=int, help="context window in tokens (default: the model's); longer "
-                                                  "documents are scored in rolling windows")
-    p.add_argument("--bootstrap-iters", type=int, default=1000,
-                   help="bootstrap resamples for the stderr of perplexity-like metrics (lm-eval's default: 100000)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="context window in tokens (default: the model's); longer documents are scored in rolling windows",
+    )
+    p.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for the stderr of perplexity-like metrics (lm-eval's default: 100000)",
+    )
     p.add_argument("--out", required=True, help="results file (JSONL), appended to; re-running resumes")
     p.set_defaults(handler=cmd_eval)
 
 
 def add_lm_eval(sub) -> None:
-    p = sub.add_parser("lm-eval", help="lm-eval's own command line with the spdbench model and the local data",
-                       description="Runs lm-eval's CLI (arguments after --) with the model spdbench registered, "
-                                   "e.g. spdbench lm-eval -- --model spdbench --model_args "
-                                   "model=smollm2-135m,tp=4,strategy=spd,spd_plan=plan.json --tasks piqa --device cpu")
+    p = sub.add_parser(
+        "lm-eval",
+        help="lm-eval's own command line with the spdbench model and the local data",
+        description="Runs lm-eval's CLI (arguments after --) with the model spdbench registered, "
+        "e.g. spdbench lm-eval -- --model spdbench --model_args "
+        "model=smollm2-135m,tp=4,strategy=spd,spd_plan=plan.json --tasks piqa --device cpu",
+    )
     p.add_argument("--data-dir", help="offline data folder, as for 'spdbench eval'; its tasks replace the Hub's")
     p.add_argument("lm_eval_args", nargs="...", help="-- then lm-eval's arguments")
     p.set_defaults(handler=cmd_lm_eval)

@@ -18,26 +18,43 @@ _ARGV: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("argv",
 
 def add_model_args(p: argparse.ArgumentParser, tp_default: int | None = 1, several: bool = False) -> None:
     """``several``: --strategy is repeatable, each NAME[:KEY=VALUE,...] (``strategy_specs``)."""
-    p.add_argument("--model", default=EMBEDDED_MODEL,
-                   help="smollm2-135m (embedded), random:<preset>, a .gguf path, an HF folder or hub id")
-    p.add_argument("--tp", type=int, default=tp_default, required=tp_default is None,
-                   help="tensor-parallel degree N")
+    p.add_argument(
+        "--model",
+        default=EMBEDDED_MODEL,
+        help="smollm2-135m (embedded), random:<preset>, a .gguf path, an HF folder or hub id",
+    )
+    p.add_argument("--tp", type=int, default=tp_default, required=tp_default is None, help="tensor-parallel degree N")
     if several:
-        p.add_argument("--strategy", action="append", metavar="NAME[:KEY=VALUE,...]",
-                       help="a strategy and its options, repeatable: all run on the same N ranks "
-                            "(e.g. --strategy baseline --strategy spd:plan=plan.json); default baseline")
+        p.add_argument(
+            "--strategy",
+            action="append",
+            metavar="NAME[:KEY=VALUE,...]",
+            help="a strategy and its options, repeatable: all run on the same N ranks "
+            "(e.g. --strategy baseline --strategy spd:plan=plan.json); default baseline",
+        )
     else:
         p.add_argument("--strategy", default="baseline", help="baseline, spd, ladder, tokenweave, seqpar, nocomm, ...")
-    p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="strategy option, repeatable (e.g. layers=last:16, split_min_tokens=0)")
-    p.add_argument("--spd-plan", metavar="PLAN.json",
-                   help="SPD plan file (implies --strategy spd unless spd+ladder or spd+tokenweave is named; "
-                        "same as --strategy-opt plan=PLAN.json)")
+    p.add_argument(
+        "--strategy-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy option, repeatable (e.g. layers=last:16, split_min_tokens=0)",
+    )
+    p.add_argument(
+        "--spd-plan",
+        metavar="PLAN.json",
+        help="SPD plan file (implies --strategy spd unless spd+ladder or spd+tokenweave is named; "
+        "same as --strategy-opt plan=PLAN.json)",
+    )
     add_placement_args(p)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    p.add_argument("--kernels", choices=KERNELS,
-                   help="eager (op by op) or compiled (merged GEMMs, torch.compile, attention over the filled cache; "
-                        "see docs/kernels.md); default: compiled on cuda, eager on cpu")
+    p.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        help="eager (op by op) or compiled (merged GEMMs, torch.compile, attention over the filled cache; "
+        "see docs/kernels.md); default: compiled on cuda, eager on cpu",
+    )
 
 
 def kernels_of(args) -> str:
@@ -47,10 +64,15 @@ def kernels_of(args) -> str:
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="cpu")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="process-group backend (auto: NCCL when every rank has its own GPU, else gloo)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds a collective may wait before the run fails")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="process-group backend (auto: NCCL when every rank has its own GPU, else gloo)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds a collective may wait before the run fails"
+    )
 
 
 def strategy_options(args) -> tuple[str, dict[str, str]]:
@@ -64,8 +86,10 @@ def strategy_options(args) -> tuple[str, dict[str, str]]:
     for strategy in name.split(","):  # validate-projection takes a list
         check_strategy(strategy)
     if options.get("plan") and not Path(options["plan"]).is_file():
-        raise SpdbenchError(f"spd_plan {options['plan']}: no such file; make one with 'spdbench spd plan' "
-                            "(or run 'spdbench run', which writes OUT/spd/plan-tpN.json)")
+        raise SpdbenchError(
+            f"spd_plan {options['plan']}: no such file; make one with 'spdbench spd plan' "
+            "(or run 'spdbench run', which writes OUT/spd/plan-tpN.json)"
+        )
     return name, options
 
 
@@ -84,12 +108,15 @@ def strategy_specs(args) -> list[tuple[str, dict[str, str]]]:
     specs = args.strategy or ["baseline"]
     if len(specs) == 1:
         name, options = parse_strategy(specs[0])
-        name, extra = strategy_options(argparse.Namespace(strategy=name, strategy_opt=args.strategy_opt,
-                                                          spd_plan=args.spd_plan))
+        name, extra = strategy_options(
+            argparse.Namespace(strategy=name, strategy_opt=args.strategy_opt, spd_plan=args.spd_plan)
+        )
         return [(name, options | extra)]
     if args.strategy_opt or args.spd_plan:
-        raise SpdbenchError("strategy_opt and spd_plan apply to a single --strategy; with several, give each its "
-                            "options: --strategy NAME:KEY=VALUE,...")
+        raise SpdbenchError(
+            "strategy_opt and spd_plan apply to a single --strategy; with several, give each its "
+            "options: --strategy NAME:KEY=VALUE,..."
+        )
     return [parse_strategy(spec) for spec in specs]
 
 
@@ -100,8 +127,10 @@ def check_model(model: str) -> None:
 
 def check_data_dir(folder: str | None) -> None:
     if folder is not None and not Path(folder).expanduser().is_dir():
-        raise SpdbenchError(f"data_dir {folder}: no such data folder; point it at the offline data or leave it unset "
-                            "to use the Hugging Face Hub")
+        raise SpdbenchError(
+            f"data_dir {folder}: no such data folder; point it at the offline data or leave it unset "
+            "to use the Hugging Face Hub"
+        )
 
 
 def at_least(minimum: float, **values) -> None:

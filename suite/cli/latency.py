@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from suite.cli.common import (add_model_args, add_placement_args, at_least, check_model, command_line, kernels_of,
-                              strategy_options)
+from suite.cli.common import (
+    add_model_args,
+    add_placement_args,
+    at_least,
+    check_model,
+    command_line,
+    kernels_of,
+    strategy_options,
+)
 from suite.defaults import BENCH_STORE as STORE_NAME
 from suite.errors import SpdbenchError
 
@@ -26,8 +33,10 @@ def cmd_bench(args, parser) -> int:
         try:
             rows = import_benchmark(args.import_benchmark, command=command)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SpdbenchError(f"import_benchmark {args.import_benchmark}: not a pytest-benchmark JSON file "
-                                f"({exc.__class__.__name__}: {exc})") from None
+            raise SpdbenchError(
+                f"import_benchmark {args.import_benchmark}: not a pytest-benchmark JSON file "
+                f"({exc.__class__.__name__}: {exc})"
+            ) from None
         new = store.append(*rows)
         print(f"imported {len(new)} benchmark rows into {store.path} ({len(rows) - len(new)} were there already)")
     if not cells:
@@ -61,8 +70,17 @@ def cmd_commbench(args, parser) -> int:
     for tp in args.tp:
         launching.placement(tp, args.device, args.backend)
     launches = ("eager", "cuda_graph") if args.cuda_graph else ("eager",)
-    measured = commbench(args.tp, args.device, args.backend, sizes, launches=launches, iters=args.iters,
-                         warmup=args.warmup, repeats=args.repeats, timeout_s=args.timeout)
+    measured = commbench(
+        args.tp,
+        args.device,
+        args.backend,
+        sizes,
+        launches=launches,
+        iters=args.iters,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        timeout_s=args.timeout,
+    )
     print(bandwidth_table(measured))
     out = write_profile(measured, args.out, args.name, args.device, backend, args.iters, args.repeats, args.sms)
     print(f"profile written to {out}; use it with --interconnect {out}")
@@ -83,17 +101,27 @@ def cmd_profile(args, parser) -> int:
     import pandas as pd
 
     print(f"{profile.name}: {profile.description}")
-    print(textwrap.fill(f"SMs a collective holds: {profile.sms} ({' '.join(profile.sms_source.split())})", 100,
-                        subsequent_indent="  "))
+    print(
+        textwrap.fill(
+            f"SMs a collective holds: {profile.sms} ({' '.join(profile.sms_source.split())})",
+            100,
+            subsequent_indent="  ",
+        )
+    )
     for launch, text in profile.method.items():
         print(textwrap.fill(f"{launch}: {' '.join(text.split())}", 100, subsequent_indent="  "))
-    print("sources:\n" + "\n".join(textwrap.fill(s, 100, initial_indent="  - ", subsequent_indent="    ")
-                                   for s in profile.sources))
-    table = pd.DataFrame(points).pivot_table(index=["collective", "launch", "n"], columns="bytes", values="us",
-                                             sort=False)
+    print(
+        "sources:\n"
+        + "\n".join(textwrap.fill(s, 100, initial_indent="  - ", subsequent_indent="    ") for s in profile.sources)
+    )
+    table = pd.DataFrame(points).pivot_table(
+        index=["collective", "launch", "n"], columns="bytes", values="us", sort=False
+    )
     table.columns = [_size(b) for b in table.columns]
-    print("modelled time of one collective (us); fused_sync without a table of its own is a reduce-scatter "
-          "plus an all-gather")
+    print(
+        "modelled time of one collective (us); fused_sync without a table of its own is a reduce-scatter "
+        "plus an all-gather"
+    )
     print(table.to_string(float_format=lambda v: f"{v:.1f}"))
     return 0
 
@@ -110,8 +138,13 @@ def cmd_validate(args, parser) -> int:
 
     if args.tp < 2:
         raise SpdbenchError(f"tp {args.tp}: validation compares N >= 2 real ranks with their projection")
-    at_least(1, new_tokens=args.new_tokens, repetitions=args.repetitions, batch=min(args.batch),
-             prompt_len=min(args.prompt_len))
+    at_least(
+        1,
+        new_tokens=args.new_tokens,
+        repetitions=args.repetitions,
+        batch=min(args.batch),
+        prompt_len=min(args.prompt_len),
+    )
     at_least(0, warmup=args.warmup)
     if args.cuda_graph and args.device != "cuda":
         parser.error("--cuda-graph needs --device cuda")
@@ -135,9 +168,23 @@ def cmd_validate(args, parser) -> int:
         bound_strategy(strategy, options, source, args.tp)
     launching.placement(args.tp, args.device, args.backend)
     profile.seconds("all_reduce", args.tp, 1, "cuda_graph" if args.cuda_graph else "eager")  # covers N
-    cells = validate.cells(args.model, strategies, options, args.tp, args.batch, args.prompt_len, args.new_tokens,
-                           args.repetitions, args.warmup, args.cuda_graph, args.dtype, args.device, args.backend,
-                           args.timeout, kernels_of(args))
+    cells = validate.cells(
+        args.model,
+        strategies,
+        options,
+        args.tp,
+        args.batch,
+        args.prompt_len,
+        args.new_tokens,
+        args.repetitions,
+        args.warmup,
+        args.cuda_graph,
+        args.dtype,
+        args.device,
+        args.backend,
+        args.timeout,
+        kernels_of(args),
+    )
     results = validate.validate(cells, profile, args.sms)
     if args.json:
         print(json.dumps(results))
@@ -151,8 +198,11 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency matrix from a YAML config into a results store")
     p.add_argument("--config", help="YAML scenario matrix (see configs/)")
     p.add_argument("--out", required=True, help=f"output folder; rows go to OUT/{STORE_NAME}")
-    p.add_argument("--import-benchmark", metavar="JSON",
-                   help="add the rows of a pytest-benchmark JSON file (pytest tests/bench --benchmark-json=...)")
+    p.add_argument(
+        "--import-benchmark",
+        metavar="JSON",
+        help="add the rows of a pytest-benchmark JSON file (pytest tests/bench --benchmark-json=...)",
+    )
     p.set_defaults(handler=cmd_bench)
 
 
@@ -165,16 +215,23 @@ def add_commbench(sub) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="timed loops per size (the median is kept)")
     p.add_argument("--cuda-graph", action="store_true", help="also measure collectives replayed from a CUDA graph")
-    p.add_argument("--sms", type=int, default=16,
-                   help="SMs a collective holds, written into the profile (not measured; NCCL uses one per channel)")
+    p.add_argument(
+        "--sms",
+        type=int,
+        default=16,
+        help="SMs a collective holds, written into the profile (not measured; NCCL uses one per channel)",
+    )
     p.add_argument("--name", help="profile name (default: measured-HOST-BACKEND)")
     p.add_argument("--out", help="profile file to write (default: NAME.yaml)")
     p.set_defaults(handler=cmd_commbench)
 
 
 def add_profile(sub) -> None:
-    p = sub.add_parser("profile", help="what an interconnect profile models: the time of every collective, "
-                                       "launch mode, N and size, with its method and sources")
+    p = sub.add_parser(
+        "profile",
+        help="what an interconnect profile models: the time of every collective, "
+        "launch mode, N and size, with its method and sources",
+    )
     p.add_argument("name", help="a shipped profile (h100-nvswitch, ...) or a profile file")
     p.add_argument("--sizes", nargs="+", metavar="SIZE", help="message sizes (e.g. 16K 1M); default 1K..1G x4")
     p.add_argument("--json", action="store_true", help="print a list of {collective, launch, n, bytes, us}")
@@ -182,14 +239,20 @@ def add_profile(sub) -> None:
 
 
 def add_validate_projection(sub) -> None:
-    v = sub.add_parser("validate-projection",
-                       help="run the same cells measured on N ranks and projected; report the error",
-                       description="Runs each cell (strategy x batch x prompt length) measured on --tp real "
-                       "ranks and projected on the heaviest rank with --interconnect, and reports the "
-                       "relative error of prefill and decode time. --strategy takes a comma-separated list.")
+    v = sub.add_parser(
+        "validate-projection",
+        help="run the same cells measured on N ranks and projected; report the error",
+        description="Runs each cell (strategy x batch x prompt length) measured on --tp real "
+        "ranks and projected on the heaviest rank with --interconnect, and reports the "
+        "relative error of prefill and decode time. --strategy takes a comma-separated list.",
+    )
     add_model_args(v)
-    v.add_argument("--interconnect", required=True, help="a shipped link profile (h100-nvswitch, a100-nvlink, "
-                                                         "pcie-nop2p, ib-2node) or a file from 'spdbench commbench'")
+    v.add_argument(
+        "--interconnect",
+        required=True,
+        help="a shipped link profile (h100-nvswitch, a100-nvlink, "
+        "pcie-nop2p, ib-2node) or a file from 'spdbench commbench'",
+    )
     v.add_argument("--batch", type=int, nargs="+", default=[1])
     v.add_argument("--prompt-len", type=int, nargs="+", default=[32])
     v.add_argument("--new-tokens", type=int, default=8)

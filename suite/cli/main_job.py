@@ -28,13 +28,28 @@ PPL_SAMPLES, PPL_SEQ_LEN = 16, 128
 # The simulated scenario: the ladder paper's (prompt 1024, 512 new tokens, decode in a CUDA graph),
 # at batch 1 (latency-bound decode) and 16 (a served batch), in half precision, with the kernels a
 # deployment runs (compiled: fused, merged GEMMs, flash attention over the filled cache).
-SIMULATED = {"batch": [1, 16], "prompt_len": 1024, "new_tokens": 512, "dtype": "float16", "device": "cuda",
-             "decode_mode": "cuda_graph", "kernels": "compiled"}
+SIMULATED = {
+    "batch": [1, 16],
+    "prompt_len": 1024,
+    "new_tokens": 512,
+    "dtype": "float16",
+    "device": "cuda",
+    "decode_mode": "cuda_graph",
+    "kernels": "compiled",
+}
 LARGE_TP = [4, 8]
 # Measured on this machine: a check that every strategy runs, so one small repetition (on a CPU the
 # timings rank nothing; more repetitions would only cost time).
-MEASURED = {"dtype": "float32", "device": "cpu", "decode_mode": "eager", "batch": 2, "prompt_len": 32,
-            "new_tokens": 8, "repetitions": 1, "warmup": 0}
+MEASURED = {
+    "dtype": "float32",
+    "device": "cpu",
+    "decode_mode": "eager",
+    "batch": 2,
+    "prompt_len": 16,
+    "new_tokens": 4,
+    "repetitions": 1,
+    "warmup": 0,
+}
 
 
 def _spd_options(tp: int, plans: dict[int, Path]) -> dict[str, str]:
@@ -48,9 +63,16 @@ def _options(name: str, tp: int, plans: dict[int, Path]) -> dict[str, str]:
 
 def _strategy_args(names: list[str], tp: int, plans: dict[int, Path]) -> list[str]:
     """``--strategy NAME[:KEY=VALUE,...]`` per strategy, as ``spd ppl`` and ``eval`` take them."""
-    return [w for name in names
-            for w in ("--strategy", name + ":" * bool(_options(name, tp, plans)) + ",".join(
-                f"{k}={v}" for k, v in _options(name, tp, plans).items()))]
+    return [
+        w
+        for name in names
+        for w in (
+            "--strategy",
+            name
+            + ":" * bool(_options(name, tp, plans))
+            + ",".join(f"{k}={v}" for k, v in _options(name, tp, plans).items()),
+        )
+    ]
 
 
 def _strategies(tp: int, plans: dict[int, Path]) -> list[dict]:
@@ -58,22 +80,37 @@ def _strategies(tp: int, plans: dict[int, Path]) -> list[dict]:
 
 
 def measured_matrix(model: str, tps: list[int], plans: dict[int, Path]) -> dict:
-    return {"model": model, **MEASURED,
-            "matrices": [{"tp": tp, "strategies": _strategies(tp, plans)} for tp in tps]}
+    return {"model": model, **MEASURED, "matrices": [{"tp": tp, "strategies": _strategies(tp, plans)} for tp in tps]}
 
 
-def simulated_matrix(model: str, tps: list[int], plans: dict[int, Path], system: tuple[str, str],
-                     large: str | None, large_spd_blocks: int) -> dict:
+def simulated_matrix(
+    model: str,
+    tps: list[int],
+    plans: dict[int, Path],
+    system: tuple[str, str],
+    large: str | None,
+    large_spd_blocks: int,
+) -> dict:
     """The same strategies and plans at the model's shape, and at the large model's with SPD on
     ``large_spd_blocks`` blocks, simulated on ``system`` (device profile, interconnect)."""
     device_profile, interconnect = system
     matrices = [{"model": model, "tp": tp, "strategies": _strategies(tp, plans)} for tp in tps]
     if large:
         spd = {"blocks": f"last:{large_spd_blocks}"}
-        matrices.append({"model": large, "tp": LARGE_TP, "strategies": [
-            {"name": s, "options": spd if s in SPD_STRATEGIES else {}} for s in STRATEGIES]})
-    return {"mode": "simulated", "device_profile": device_profile, "interconnect": interconnect, **SIMULATED,
-            "matrices": matrices}
+        matrices.append(
+            {
+                "model": large,
+                "tp": LARGE_TP,
+                "strategies": [{"name": s, "options": spd if s in SPD_STRATEGIES else {}} for s in STRATEGIES],
+            }
+        )
+    return {
+        "mode": "simulated",
+        "device_profile": device_profile,
+        "interconnect": interconnect,
+        **SIMULATED,
+        "matrices": matrices,
+    }
 
 
 def parse_system(text: str) -> tuple[str, str] | None:
@@ -82,8 +119,9 @@ def parse_system(text: str) -> tuple[str, str] | None:
         return None
     device_profile, sep, interconnect = text.partition(":")
     if not sep or not device_profile or not interconnect:
-        raise SpdbenchError(f"simulate {text!r}: expected DEVICE_PROFILE:INTERCONNECT (e.g. h100-sxm:h100-nvswitch) "
-                            "or none")
+        raise SpdbenchError(
+            f"simulate {text!r}: expected DEVICE_PROFILE:INTERCONNECT (e.g. h100-sxm:h100-nvswitch) or none"
+        )
     return device_profile, interconnect
 
 
@@ -104,34 +142,112 @@ def steps_of(args) -> list[list[str]]:
     steps, plans = [], {}
     for tp in (n for n in args.tp if n > 1):
         sensitivity, plans[tp] = out / "spd" / f"sensitivity-tp{tp}.json", out / "spd" / f"plan-tp{tp}.json"
-        steps.append(["spd", "sensitivity", "--model", args.model, "--tp", str(tp), "--samples", str(args.samples),
-                      "--seq-len", str(args.seq_len), "--out", str(sensitivity), "--results", str(out / "spd.jsonl")])
-        steps.append(["spd", "plan", "--sensitivity", str(sensitivity), "--budget", f"{SPD_BUDGET}%",
-                      "--variant", "zs", "--out", str(plans[tp])])
+        steps.append(
+            [
+                "spd",
+                "sensitivity",
+                "--model",
+                args.model,
+                "--tp",
+                str(tp),
+                "--samples",
+                str(args.samples),
+                "--seq-len",
+                str(args.seq_len),
+                "--out",
+                str(sensitivity),
+                "--results",
+                str(out / "spd.jsonl"),
+            ]
+        )
+        steps.append(
+            [
+                "spd",
+                "plan",
+                "--sensitivity",
+                str(sensitivity),
+                "--budget",
+                f"{SPD_BUDGET}%",
+                "--variant",
+                "zs",
+                "--out",
+                str(plans[tp]),
+            ]
+        )
     system = parse_system(args.simulate)
     if system:
         large = None if args.large_model == "none" else args.large_model
-        matrix = simulated_matrix(args.model, args.tp, plans, system, large,
-                                  _spd_blocks(large, SPD_BUDGET) if large else 0)
+        matrix = simulated_matrix(
+            args.model, args.tp, plans, system, large, _spd_blocks(large, SPD_BUDGET) if large else 0
+        )
         steps.append(["bench", "--config", _write(out / "simulated.yaml", matrix), "--out", str(out)])
     measured = measured_matrix(args.model, [max(args.tp)], plans)  # the check needs one N: the most ranks
     steps.append(["bench", "--config", _write(out / "measured.yaml", measured), "--out", str(out)])
     communicating = [tp for tp in args.tp if tp > 1] or args.tp  # accuracy costs matter where there is a sync
     for tp in communicating:
-        steps.append(["spd", "ppl", "--model", args.model, "--tp", str(tp),
-                      *_strategy_args(ACCURACY_STRATEGIES, tp, plans), "--samples", str(PPL_SAMPLES),
-                      "--seq-len", str(PPL_SEQ_LEN), "--out", str(out / "perplexity.jsonl")])
+        steps.append(
+            [
+                "spd",
+                "ppl",
+                "--model",
+                args.model,
+                "--tp",
+                str(tp),
+                *_strategy_args(ACCURACY_STRATEGIES, tp, plans),
+                "--samples",
+                str(PPL_SAMPLES),
+                "--seq-len",
+                str(PPL_SEQ_LEN),
+                "--out",
+                str(out / "perplexity.jsonl"),
+            ]
+        )
     if plans:
         tp = max(plans)
-        steps.append(["spd", "sweep", "--model", args.model, "--tp", str(tp), "--sensitivity",
-                      str(out / "spd" / f"sensitivity-tp{tp}.json"), "--metric", "ppl", "--variants", "zs",
-                      "--budgets", SWEEP_BUDGETS, "--eval-samples", str(PPL_SAMPLES), "--eval-seq-len",
-                      str(PPL_SEQ_LEN), "--out", str(out / "spd" / f"sweep-tp{tp}"), "--results",
-                      str(out / "spd.jsonl")])
+        steps.append(
+            [
+                "spd",
+                "sweep",
+                "--model",
+                args.model,
+                "--tp",
+                str(tp),
+                "--sensitivity",
+                str(out / "spd" / f"sensitivity-tp{tp}.json"),
+                "--metric",
+                "ppl",
+                "--variants",
+                "zs",
+                "--budgets",
+                SWEEP_BUDGETS,
+                "--eval-samples",
+                str(PPL_SAMPLES),
+                "--eval-seq-len",
+                str(PPL_SEQ_LEN),
+                "--out",
+                str(out / "spd" / f"sweep-tp{tp}"),
+                "--results",
+                str(out / "spd.jsonl"),
+            ]
+        )
     for tp in communicating:  # every strategy of N on one launch of N ranks
         names = [n for n in ACCURACY_STRATEGIES if n != REFERENCE or tp == communicating[0]]
-        steps.append(["eval", "--model", args.model, "--tp", str(tp), *_strategy_args(names, tp, plans),
-                      "--tasks", args.tasks, "--limit", str(args.limit), "--out", str(out / "accuracy.jsonl")])
+        steps.append(
+            [
+                "eval",
+                "--model",
+                args.model,
+                "--tp",
+                str(tp),
+                *_strategy_args(names, tp, plans),
+                "--tasks",
+                args.tasks,
+                "--limit",
+                str(args.limit),
+                "--out",
+                str(out / "accuracy.jsonl"),
+            ]
+        )
     return [*steps, report]
 
 
@@ -177,23 +293,36 @@ def cmd_run(args, parser) -> int:
     print(f"done in {time.monotonic() - start:.0f} s; report: {report}")
     print("seconds per step: " + ", ".join(f"{i} {what} {t:.0f}" for i, what, t in took))
     if failed:
-        print(f"spdbench run: step{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed; "
-              "re-run the same command to retry (finished work is kept)")
+        print(
+            f"spdbench run: step{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed; "
+            "re-run the same command to retry (finished work is kept)"
+        )
         return 1
     return 0
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("run", help="the main job: SPD plans, simulated and measured latency, accuracy, report",
-                       description="The main job on the embedded default, as spdbench commands it prints: see "
-                       "docs/main-job.md. Re-running resumes and adds no rows.")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="the model (smollm2-135m: the embedded SmolLM2-135M-Instruct)")
+    p = sub.add_parser(
+        "run",
+        help="the main job: SPD plans, simulated and measured latency, accuracy, report",
+        description="The main job on the embedded default, as spdbench commands it prints: see "
+        "docs/main-job.md. Re-running resumes and adds no rows.",
+    )
+    p.add_argument(
+        "--model", default="smollm2-135m", help="the model (smollm2-135m: the embedded SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="TP degrees N of every step")
-    p.add_argument("--simulate", default="h100-sxm:h100-nvswitch", metavar="DEVICE_PROFILE:INTERCONNECT",
-                   help="the GPU system the latency is simulated on (8 GPUs and their links); none: no simulation")
-    p.add_argument("--large-model", default="random:llama3-70b",
-                   help=f"also simulated, at N = {' and '.join(map(str, LARGE_TP))}; none: only --model")
+    p.add_argument(
+        "--simulate",
+        default="h100-sxm:h100-nvswitch",
+        metavar="DEVICE_PROFILE:INTERCONNECT",
+        help="the GPU system the latency is simulated on (8 GPUs and their links); none: no simulation",
+    )
+    p.add_argument(
+        "--large-model",
+        default="random:llama3-70b",
+        help=f"also simulated, at N = {' and '.join(map(str, LARGE_TP))}; none: only --model",
+    )
     p.add_argument("--config", help="run this YAML latency matrix instead (no SPD, simulated or accuracy steps)")
     p.add_argument("--tasks", default="piqa,arc_easy", help="lm-eval tasks of the accuracy pass")
     p.add_argument("--limit", type=int, default=20, help="documents per task in the accuracy pass")

@@ -34,22 +34,30 @@ def cmd_validate(args, parser) -> int:
         import pandas as pd
 
         table = pd.DataFrame(decode["cells"])[["model", "tp", "published", "simulated", "error_pct"]]
-        print(f"{decode['title']}: simulated on {decode['simulation']['device_profile']} + "
-              f"{decode['simulation']['interconnect']}; error = simulated / measured - 1 (tokens/s)")
+        print(
+            f"{decode['title']}: simulated on {decode['simulation']['device_profile']} + "
+            f"{decode['simulation']['interconnect']}; error = simulated / measured - 1 (tokens/s)"
+        )
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         for key, label in (("required", "the bar's cells"), ("all", "every row")):
             s = decode[key]
-            print(f"{label}: median |error| {s['median_abs_error_pct']:.1f}%, worst {s['worst_abs_error_pct']:.1f}% "
-                  f"({s['worst_cell']}), OOM matched {s['oom_matched']} of {s['oom_cells']}")
+            print(
+                f"{label}: median |error| {s['median_abs_error_pct']:.1f}%, worst {s['worst_abs_error_pct']:.1f}% "
+                f"({s['worst_cell']}), OOM matched {s['oom_matched']} of {s['oom_cells']}"
+            )
         bar = decode["bar"]
-        print(f"bar (median <= {bar['median_abs_error_pct']}%, worst <= {bar['worst_abs_error_pct']}%): "
-              f"{'met' if decode['meets_bar'] else 'not met'}")
+        print(
+            f"bar (median <= {bar['median_abs_error_pct']}%, worst <= {bar['worst_abs_error_pct']}%): "
+            f"{'met' if decode['meets_bar'] else 'not met'}"
+        )
         for data in datasets:
             s = data["summary"]
-            print(f"{data['name']} ({data['measure']}, kernels {data['simulation']['kernels']}): {s['cells']} cells, "
-                  f"median |error| {s['median_abs_error_pct']:.1f}%, worst {s['worst_abs_error_pct']:.1f}% "
-                  f"(target {data['target']['median_abs_error_pct']}% / {data['target']['worst_abs_error_pct']}%): "
-                  f"{'met' if data['meets_target'] else 'not met'}")
+            print(
+                f"{data['name']} ({data['measure']}, kernels {data['simulation']['kernels']}): {s['cells']} cells, "
+                f"median |error| {s['median_abs_error_pct']:.1f}%, worst {s['worst_abs_error_pct']:.1f}% "
+                f"(target {data['target']['median_abs_error_pct']}% / {data['target']['worst_abs_error_pct']}%): "
+                f"{'met' if data['meets_target'] else 'not met'}"
+            )
     if args.write:
         path = Path(args.write)
         path.write_text(validation.markdown(decode, gemm, datasets, command_line()))
@@ -58,9 +66,12 @@ def cmd_validate(args, parser) -> int:
 
 
 def add_devbench(sub) -> None:
-    p = sub.add_parser("devbench", help="measure a device profile on the GPU at hand (for mode: simulated)",
-                       description="Times GEMMs, GEMVs, attention, tiny kernels and launches on this GPU with "
-                       "CUDA events (well under a minute) and writes a device profile file.")
+    p = sub.add_parser(
+        "devbench",
+        help="measure a device profile on the GPU at hand (for mode: simulated)",
+        description="Times GEMMs, GEMVs, attention, tiny kernels and launches on this GPU with "
+        "CUDA events (well under a minute) and writes a device profile file.",
+    )
     p.add_argument("--out", help="profile file to write (default: NAME.yaml)")
     p.add_argument("--name", help="profile name (default: measured-GPU-NAME)")
     p.add_argument("--device-index", type=int, default=0, help="CUDA device to measure")
@@ -68,10 +79,13 @@ def add_devbench(sub) -> None:
 
 
 def add_validate_simulation(sub) -> None:
-    p = sub.add_parser("validate-simulation", help="simulated cells against published measurements, error per cell",
-                       description="Simulates every cell of a published end-to-end table as it was measured "
-                       "(default: gpt-fast's tensor-parallel decode on 8x A100) and prints the error of tokens/s "
-                       "per cell, the median and the worst; --write renders docs/validation.md.")
+    p = sub.add_parser(
+        "validate-simulation",
+        help="simulated cells against published measurements, error per cell",
+        description="Simulates every cell of a published end-to-end table as it was measured "
+        "(default: gpt-fast's tensor-parallel decode on 8x A100) and prints the error of tokens/s "
+        "per cell, the median and the worst; --write renders docs/validation.md.",
+    )
     p.add_argument("--published", default="gpt-fast-tp", help="published table: a shipped name or a file")
     p.add_argument("--kernels", default="vidur-gemm", help="published per-kernel GEMM times: a shipped name or a file")
     p.add_argument("--device-profile", help="device profile (default: the table's own)")

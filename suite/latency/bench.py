@@ -12,7 +12,7 @@ each merged over the top level, whose cells are added together::
     dtype: bfloat16                  # float32 | bfloat16 | float16
     device: cuda                     # cpu | cuda
     decode_mode: cuda_graph          # eager | cuda_graph
-    kernels: compiled                # eager | compiled (default: compiled on cuda, eager on cpu); simulated: also gpt-fast | vllm
+    kernels: compiled                # eager | compiled (default by device); simulated: also gpt-fast, vllm
     mode: measured                   # measured | projected | simulated
     interconnect: null               # link profile (mode: projected or simulated)
     device_profile: null             # device profile (mode: simulated)
@@ -43,15 +43,28 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from suite.defaults import BACKENDS, BENCH_STORE as STORE_NAME, DEVICES, DTYPE_NAMES, KERNELS, default_kernels
+from suite.defaults import BACKENDS, DEVICES, DTYPE_NAMES, KERNELS, default_kernels
+from suite.defaults import BENCH_STORE as STORE_NAME
 from suite.errors import SpdbenchError
 from suite.latency.stats import Timings, summarise
 from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row, environment
 from suite.vocabulary import PROVENANCES
 
 DECODE_MODES = ("eager", "cuda_graph")
-AXES = ("model", "strategies", "tp", "batch", "prompt_len", "new_tokens", "dtype", "device", "decode_mode",
-        "kernels", "interconnect", "device_profile")
+AXES = (
+    "model",
+    "strategies",
+    "tp",
+    "batch",
+    "prompt_len",
+    "new_tokens",
+    "dtype",
+    "device",
+    "decode_mode",
+    "kernels",
+    "interconnect",
+    "device_profile",
+)
 SCALARS = ("repetitions", "warmup", "mode", "backend", "timeout", "seed")
 
 
@@ -60,6 +73,7 @@ class ConfigError(SpdbenchError):
 
 
 # ---------------------------------------------------------------- the matrix
+
 
 def _strategy_entry(entry, where: str) -> tuple[str, dict]:
     if isinstance(entry, str):
@@ -118,8 +132,13 @@ def check_settings(cell: LatencyScenario) -> str | None:
         value = getattr(cell, key)
         if not isinstance(value, int) or value < (0 if key == "warmup" else 1):
             return f"{key}={value!r} must be a{' non-negative' if key == 'warmup' else ' positive'} integer"
-    choices = {"dtype": DTYPE_NAMES, "decode_mode": DECODE_MODES, "mode": PROVENANCES, "backend": BACKENDS,
-               "device": DEVICES}
+    choices = {
+        "dtype": DTYPE_NAMES,
+        "decode_mode": DECODE_MODES,
+        "mode": PROVENANCES,
+        "backend": BACKENDS,
+        "device": DEVICES,
+    }
     for key, allowed in choices.items():
         if getattr(cell, key) not in allowed:
             return f"{key}={getattr(cell, key)!r}: choose one of {', '.join(allowed)}"
@@ -171,8 +190,10 @@ def check(cell: LatencyScenario) -> str | None:
         if cell.mode == "measured":
             backend = launching.placement(cell.tp, cell.device, cell.backend)
             if cell.decode_mode == "cuda_graph" and cell.tp > 1 and backend != "nccl":
-                return (f"decode_mode=cuda_graph with tp={cell.tp} needs NCCL (one GPU per rank): "
-                        f"{backend} collectives cannot be captured in a CUDA graph")
+                return (
+                    f"decode_mode=cuda_graph with tp={cell.tp} needs NCCL (one GPU per rank): "
+                    f"{backend} collectives cannot be captured in a CUDA graph"
+                )
         else:
             _profile(cell.interconnect).seconds("all_reduce", cell.tp, 1, _launch(cell))  # it covers N
         config = _model_config(cell.model)
@@ -181,19 +202,35 @@ def check(cell: LatencyScenario) -> str | None:
         return str(exc)
     context = cell.prompt_len + cell.new_tokens
     if context > config.max_position_embeddings:
-        return (f"prompt_len + new_tokens = {context} exceeds the model's context of "
-                f"{config.max_position_embeddings} tokens")
+        return (
+            f"prompt_len + new_tokens = {context} exceeds the model's context of "
+            f"{config.max_position_embeddings} tokens"
+        )
     return None
 
 
 # ---------------------------------------------------------------- rows
 
-def latency_row(cell: LatencyScenario, values: dict | None = None, error: str | None = None, *,
-                env: dict | None = None, command: str = "") -> Row:
+
+def latency_row(
+    cell: LatencyScenario,
+    values: dict | None = None,
+    error: str | None = None,
+    *,
+    env: dict | None = None,
+    command: str = "",
+) -> Row:
     """One result row: the scenario, then the figures (or null figures and the error)."""
-    return Row(scenario=cell, provenance=cell.provenance, usable_model=_usable(cell.strategy),
-               status="failed" if error else "ok", error=error, values=values or {},
-               env=env if env is not None else environment(), command=command)
+    return Row(
+        scenario=cell,
+        provenance=cell.provenance,
+        usable_model=_usable(cell.strategy),
+        status="failed" if error else "ok",
+        error=error,
+        values=values or {},
+        env=env if env is not None else environment(),
+        command=command,
+    )
 
 
 def _usable(name: str) -> bool:
@@ -232,8 +269,9 @@ def _unit_job(comm, device, cells, store_path, command, done, total):
             values, error = None, None
             try:
                 strategy = bound_strategy(cell.strategy, cell.strategy_options, models.source(cell.model), comm.world)
-                values = measure_cell(cell, models.runner(cell.model, cell.dtype, strategy, comm, cell.kernels), comm,
-                                     device)
+                values = measure_cell(
+                    cell, models.runner(cell.model, cell.dtype, strategy, comm, cell.kernels), comm, device
+                )
             except Exception as exc:
                 error = f"{exc.__class__.__name__}: {exc}"
             try:
@@ -249,6 +287,7 @@ def _unit_job(comm, device, cells, store_path, command, done, total):
 def _units(cells: list[LatencyScenario]) -> list[list[LatencyScenario]]:
     """Launch units: cells sharing (tp, device, backend, timeout, mode, profiles), each ordered so that
     one loaded model serves consecutive cells (model, dtype, then strategies that run their own)."""
+
     def unit_key(c):
         return c.tp, c.device, c.backend, c.timeout, c.mode, c.interconnect, c.device_profile
 
@@ -285,8 +324,10 @@ def run(cells: list[LatencyScenario], out: str | os.PathLike, command: str = "")
     finished = store.finished()
     pending = [c for c in cells if c.cell_id not in finished]
     if main and len(pending) < len(cells):
-        tqdm.write(f"bench: {len(cells) - len(pending)} of {len(cells)} cells already finished in {store.path}",
-                   file=sys.stderr)
+        tqdm.write(
+            f"bench: {len(cells) - len(pending)} of {len(cells)} cells already finished in {store.path}",
+            file=sys.stderr,
+        )
     env = environment() if main else {}
 
     def report(cell, error):
@@ -316,18 +357,37 @@ def run(cells: list[LatencyScenario], out: str | os.PathLike, command: str = "")
 
         here = [c for c in mine if place(c) == place(mine[0])]
         if main and len(here) < len(runnable):
-            tqdm.write(f"bench: under torchrun with {world} ranks, {len(runnable) - len(here)} cells of other "
-                       f"tp, device or mode are left for another launch", file=sys.stderr)
+            tqdm.write(
+                f"bench: under torchrun with {world} ranks, {len(runnable) - len(here)} cells of other "
+                f"tp, device or mode are left for another launch",
+                file=sys.stderr,
+            )
         if here:
             device, backend, timeout = place(here[0])
-            launching.launch(_unit_job, world, [c for u in _units(here) for c in u], store.path, command, done,
-                             len(cells), device=device, backend=backend, timeout_s=timeout)
+            launching.launch(
+                _unit_job,
+                world,
+                [c for u in _units(here) for c in u],
+                store.path,
+                command,
+                done,
+                len(cells),
+                device=device,
+                backend=backend,
+                timeout_s=timeout,
+            )
         return store
     for unit in _units(runnable):
         first = unit[0]
         if first.mode != "measured":
-            with tqdm(total=len(cells), initial=done, disable=not main, desc=f"bench ({first.mode})", unit="cell",
-                      file=sys.stderr) as bar:
+            with tqdm(
+                total=len(cells),
+                initial=done,
+                disable=not main,
+                desc=f"bench ({first.mode})",
+                unit="cell",
+                file=sys.stderr,
+            ) as bar:
                 for cell, values, error in _modelled_cells(first.mode)(unit):
                     if error:
                         report(cell, error)
@@ -340,8 +400,18 @@ def run(cells: list[LatencyScenario], out: str | os.PathLike, command: str = "")
         while todo:
             written = len(store.all_rows())
             try:
-                launching.launch(_unit_job, first.tp, todo, store.path, command, done, len(cells),
-                                 device=first.device, backend=first.backend, timeout_s=first.timeout)
+                launching.launch(
+                    _unit_job,
+                    first.tp,
+                    todo,
+                    store.path,
+                    command,
+                    done,
+                    len(cells),
+                    device=first.device,
+                    backend=first.backend,
+                    timeout_s=first.timeout,
+                )
                 done, todo = done + len(todo), []
             except Exception as exc:  # the cell in progress failed: record it, go on with the rest
                 finished = store.finished()
@@ -358,6 +428,7 @@ def run(cells: list[LatencyScenario], out: str | os.PathLike, command: str = "")
 
 
 # ---------------------------------------------------------------- pytest-benchmark files
+
 
 def import_benchmark(path: str | os.PathLike, command: str = "") -> list[Row]:
     """Latency rows from a pytest-benchmark JSON file (``pytest tests/bench --benchmark-json=PATH``).
@@ -378,7 +449,10 @@ def import_benchmark(path: str | os.PathLike, command: str = "") -> list[Row]:
         scenario = BenchmarkScenario(**info, benchmark=bench["fullname"], run=data["datetime"])
         values = summarise(timings, scenario.batch, scenario.new_tokens) | {
             "benchmark_e2e_ms_median": 1e3 * bench["stats"]["median"],
-            "telemetry_status": "n/a: not sampled by pytest-benchmark", "telemetry": {}}
-        rows.append(Row(scenario=scenario, usable_model=usable, values=values, env=env, command=command,
-                        time=data["datetime"]))
+            "telemetry_status": "n/a: not sampled by pytest-benchmark",
+            "telemetry": {},
+        }
+        rows.append(
+            Row(scenario=scenario, usable_model=usable, values=values, env=env, command=command, time=data["datetime"])
+        )
     return rows

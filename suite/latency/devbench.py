@@ -77,8 +77,14 @@ def measure(device_index: int = 0) -> dict:
     props = torch.cuda.get_device_properties(device)
     bf16 = dict(dtype=torch.bfloat16, device=device)
     k, n = GEMM_SHAPE
-    out = {"gpu": props.name, "sms": props.multi_processor_count, "memory_bytes": props.total_memory,
-           "gemm_tflops": [], "gemv_points": [], "attention_tflops": {"causal": [], "full": []}}
+    out = {
+        "gpu": props.name,
+        "sms": props.multi_processor_count,
+        "memory_bytes": props.total_memory,
+        "gemm_tflops": [],
+        "gemv_points": [],
+        "attention_tflops": {"causal": [], "full": []},
+    }
     with torch.inference_mode():
         for m in GEMM_ROWS:
             a, b = torch.randn(m, k, **bf16), torch.randn(k, n, **bf16)
@@ -97,6 +103,7 @@ def measure(device_index: int = 0) -> dict:
         def adds():
             for _ in range(NODES):
                 x.add_(1)
+
         torch.cuda._sleep(50_000_000)  # hold the stream: the adds queue, and their device time is measured alone
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         issued = time.perf_counter()
@@ -130,21 +137,28 @@ def profile(measured: dict, name: str | None = None, when: str | None = None) ->
         "name": name or f"measured-{measured['gpu'].lower().replace(' ', '-')}",
         "description": f"{measured['gpu']}, measured by spdbench devbench on {when}",
         "sources": [f"spdbench devbench on {measured['gpu']} ({when})"],
-        "method": (f"GEMM TFLOP/s: bfloat16 matmuls of K = {GEMM_SHAPE[0]}, N = {GEMM_SHAPE[1]} at M = "
-                   f"{', '.join(map(str, GEMM_ROWS))}; bandwidth and GEMM floor: a least-squares line through M = 1 "
-                   f"GEMVs of N = {', '.join(map(str, GEMV_WIDTHS))}; attention: SDPA forward, {HEADS} heads of "
-                   f"{HEAD_DIM}, {ATTENTION_TOKENS} tokens per call; elementwise floor: {NODES} queued tiny adds, "
-                   f"device time; launch: host time per eager op and per replay, extra device time per graph "
-                   f"node. Times are medians of CUDA-event-timed loops. The attention floor is the GEMM floor "
-                   f"and fp32_fraction is the H100's datasheet ratio (not measured)."),
+        "method": (
+            f"GEMM TFLOP/s: bfloat16 matmuls of K = {GEMM_SHAPE[0]}, N = {GEMM_SHAPE[1]} at M = "
+            f"{', '.join(map(str, GEMM_ROWS))}; bandwidth and GEMM floor: a least-squares line through M = 1 "
+            f"GEMVs of N = {', '.join(map(str, GEMV_WIDTHS))}; attention: SDPA forward, {HEADS} heads of "
+            f"{HEAD_DIM}, {ATTENTION_TOKENS} tokens per call; elementwise floor: {NODES} queued tiny adds, "
+            f"device time; launch: host time per eager op and per replay, extra device time per graph "
+            f"node. Times are medians of CUDA-event-timed loops. The attention floor is the GEMM floor "
+            f"and fp32_fraction is the H100's datasheet ratio (not measured)."
+        ),
         "sms": measured["sms"],
         "memory_gb": round(measured["memory_bytes"] / 1e9, 1),
         "bandwidth_gbps": round(1 / seconds_per_byte / 1e9, 1),
-        "floor_us": {"gemm": round(max(floor, 0.0) * 1e6, 2), "attention": round(max(floor, 0.0) * 1e6, 2),
-                     "elementwise": round(measured["elementwise_floor_s"] * 1e6, 2)},
-        "launch_us": {"eager": round(measured["eager_launch_s"] * 1e6, 2),
-                      "graph_node": round(measured["graph_node_s"] * 1e6, 2),
-                      "graph_replay": round(measured["graph_replay_s"] * 1e6, 2)},
+        "floor_us": {
+            "gemm": round(max(floor, 0.0) * 1e6, 2),
+            "attention": round(max(floor, 0.0) * 1e6, 2),
+            "elementwise": round(measured["elementwise_floor_s"] * 1e6, 2),
+        },
+        "launch_us": {
+            "eager": round(measured["eager_launch_s"] * 1e6, 2),
+            "graph_node": round(measured["graph_node_s"] * 1e6, 2),
+            "graph_replay": round(measured["graph_replay_s"] * 1e6, 2),
+        },
         "gemm_tflops": [[m, round(t, 1)] for m, t in measured["gemm_tflops"]],
         "fp32_fraction": 0.0677,
         "attention_tflops": {k: [[n, round(t, 1)] for n, t in v] for k, v in measured["attention_tflops"].items()},

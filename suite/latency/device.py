@@ -33,8 +33,19 @@ from suite.latency.profile_files import read_mapping
 DEVICE_DIR = Path(__file__).parent / "devices"
 KERNEL_CLASSES = ("gemm", "attention", "elementwise")
 LAUNCH_KEYS = ("eager", "graph_node", "graph_replay")
-REQUIRED = ("name", "sources", "method", "sms", "memory_gb", "bandwidth_gbps", "floor_us", "launch_us",
-            "gemm_tflops", "fp32_fraction", "attention_tflops")
+REQUIRED = (
+    "name",
+    "sources",
+    "method",
+    "sms",
+    "memory_gb",
+    "bandwidth_gbps",
+    "floor_us",
+    "launch_us",
+    "gemm_tflops",
+    "fp32_fraction",
+    "attention_tflops",
+)
 
 
 class DeviceProfileError(SpdbenchError):
@@ -80,8 +91,10 @@ class DeviceProfile:
         where = path or data.get("name", "device profile")
         missing = [k for k in REQUIRED if data.get(k) in (None, "", [], {})]
         if missing:
-            raise DeviceProfileError(f"{where}: missing {', '.join(missing)} (every profile states its source "
-                                     f"and method and gives {', '.join(REQUIRED[3:])})")
+            raise DeviceProfileError(
+                f"{where}: missing {', '.join(missing)} (every profile states its source "
+                f"and method and gives {', '.join(REQUIRED[3:])})"
+            )
         floor, launch, attention = data["floor_us"], data["launch_us"], data["attention_tflops"]
         if not isinstance(floor, dict) or set(floor) != set(KERNEL_CLASSES):
             raise DeviceProfileError(f"{where}: floor_us must give {', '.join(KERNEL_CLASSES)} in microseconds")
@@ -96,21 +109,35 @@ class DeviceProfile:
         except (TypeError, ValueError) as exc:
             raise DeviceProfileError(f"{where}: expected numbers ({exc})") from None
         if min(numbers.values()) <= 0 or min(floor_s.values()) < 0 or min(launch_s.values()) < 0:
-            raise DeviceProfileError(f"{where}: sms, memory, bandwidth and fp32_fraction must be positive, "
-                                     f"floors and launch times non-negative")
+            raise DeviceProfileError(
+                f"{where}: sms, memory, bandwidth and fp32_fraction must be positive, "
+                f"floors and launch times non-negative"
+            )
 
         def scaled(rows, key):
             logs, tflops = _rows(rows, f"{where}: {key}")
             return logs, tflops * 1e12
 
         sources = data["sources"] if isinstance(data["sources"], list) else [data["sources"]]
-        return cls(data["name"], data.get("description", ""), sources, data["method"], int(numbers["sms"]),
-                   numbers["memory_gb"] * 1e9, numbers["bandwidth_gbps"] * 1e9, floor_s, launch_s,
-                   scaled(data["gemm_tflops"], "gemm_tflops"), numbers["fp32_fraction"],
-                   {k: scaled(v, f"attention_tflops.{k}") for k, v in attention.items()}, path)
+        return cls(
+            data["name"],
+            data.get("description", ""),
+            sources,
+            data["method"],
+            int(numbers["sms"]),
+            numbers["memory_gb"] * 1e9,
+            numbers["bandwidth_gbps"] * 1e9,
+            floor_s,
+            launch_s,
+            scaled(data["gemm_tflops"], "gemm_tflops"),
+            numbers["fp32_fraction"],
+            {k: scaled(v, f"attention_tflops.{k}") for k, v in attention.items()},
+            path,
+        )
 
-    def flops_per_s(self, kind: str, rows: int = 1, keys: int = 1, causal: bool = False,
-                    float32: bool = False) -> float:
+    def flops_per_s(
+        self, kind: str, rows: int = 1, keys: int = 1, causal: bool = False, float32: bool = False
+    ) -> float:
         """Achievable FLOP/s of a kernel class at its shape (elementwise kernels: unbounded)."""
         if kind == "gemm":
             return _interpolate(self.gemm_flops, rows) * (self.fp32_fraction if float32 else 1.0)
@@ -118,8 +145,16 @@ class DeviceProfile:
             return _interpolate(self.attention_flops["causal" if causal else "full"], keys)
         return math.inf
 
-    def kernel_seconds(self, kind: str, flops: float, nbytes: float, rows: int = 1, keys: int = 1,
-                       causal: bool = False, float32: bool = False) -> float:
+    def kernel_seconds(
+        self,
+        kind: str,
+        flops: float,
+        nbytes: float,
+        rows: int = 1,
+        keys: int = 1,
+        causal: bool = False,
+        float32: bool = False,
+    ) -> float:
         """Device time of one kernel: its class's floor plus the roofline of its work."""
         rate = self.flops_per_s(kind, rows, keys, causal, float32)
         return self.floor_s[kind] + max(flops / rate, nbytes / self.bandwidth)
@@ -131,6 +166,7 @@ def available_devices() -> list[str]:
 
 def load_device(name_or_path: str | os.PathLike) -> DeviceProfile:
     """A shipped device profile by name (``h100-sxm``) or a profile file (e.g. from ``spdbench devbench``)."""
-    data, path = read_mapping(name_or_path, DEVICE_DIR, "device_profile", DeviceProfileError,
-                              " (or measure one with spdbench devbench)")
+    data, path = read_mapping(
+        name_or_path, DEVICE_DIR, "device_profile", DeviceProfileError, " (or measure one with spdbench devbench)"
+    )
     return DeviceProfile.from_dict(data, path)

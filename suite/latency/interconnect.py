@@ -28,15 +28,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from suite.errors import SpdbenchError
 from suite.latency.profile_files import read_mapping
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 LAUNCHES = ("eager", "cuda_graph")
-RING_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n,
-               "reduce_scatter": lambda n: (n - 1) / n,
-               "all_gather": lambda n: (n - 1) / n}
+RING_FACTOR = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+}
 FUSED_SYNC = "fused_sync"  # reduce-scatter + residual add + RMSNorm + all-gather in one kernel (TokenWeave)
 TRAFFIC = RING_FACTOR | {FUSED_SYNC: RING_FACTOR["all_reduce"]}  # bus bytes per buffer byte
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
@@ -81,8 +82,10 @@ def _table(entry, factor: float, where: str) -> list[tuple[int, float, float]]:
             entry = [(b, entry["latency_us"], bw) for b, bw in entry["busbw_GBps"]]
         rows = [(parse_bytes(b), float(lat) * 1e-6, 1 / (float(bw) * 1e9)) for b, lat, bw in entry]
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-        raise ProfileError(f"{where}: expected rows [bytes, latency_us, busbw_GBps], {{latency_us, busbw_GBps: "
-                           f"[[bytes, GBps], ...]}} or {{samples_us: [[bytes, us], ...]}} ({exc})") from None
+        raise ProfileError(
+            f"{where}: expected rows [bytes, latency_us, busbw_GBps], {{latency_us, busbw_GBps: "
+            f"[[bytes, GBps], ...]}} or {{samples_us: [[bytes, us], ...]}} ({exc})"
+        ) from None
     if not rows or [r[0] for r in rows] != sorted({r[0] for r in rows}):
         raise ProfileError(f"{where}: rows must be non-empty with increasing sizes")
     return rows
@@ -118,20 +121,31 @@ class Profile:
     @classmethod
     def from_dict(cls, data: dict, path: str | None = None) -> Profile:
         where = path or data.get("name", "profile")
-        missing = [k for k in ("name", "sources", "method", "tables", "sms", "sms_source")
-                   if data.get(k) is None or data.get(k) == "" or data.get(k) == []]
+        missing = [
+            k
+            for k in ("name", "sources", "method", "tables", "sms", "sms_source")
+            if data.get(k) is None or data.get(k) == "" or data.get(k) == []
+        ]
         if missing:
-            raise ProfileError(f"{where}: missing {', '.join(missing)} (every profile states its source and method, "
-                               "and the SMs a collective holds with their source)")
+            raise ProfileError(
+                f"{where}: missing {', '.join(missing)} (every profile states its source and method, "
+                "and the SMs a collective holds with their source)"
+            )
         if not isinstance(data["tables"], dict):
             raise ProfileError(f"{where}: tables must map collectives to launch modes to tables by N")
         tables = {}
         for coll, by_launch in data["tables"].items():
             if coll not in TRAFFIC or not isinstance(by_launch, dict) or set(by_launch) - set(LAUNCHES):
-                raise ProfileError(f"{where}: tables.{coll}: expected a collective ({', '.join(TRAFFIC)}) "
-                                   f"mapping launch modes ({', '.join(LAUNCHES)}) to tables by N")
-            tables[coll] = {launch: {int(n): _table(e, TRAFFIC[coll](int(n)), f"{where}: {coll}.{launch}.{n}")
-                                     for n, e in by_n.items()} for launch, by_n in by_launch.items()}
+                raise ProfileError(
+                    f"{where}: tables.{coll}: expected a collective ({', '.join(TRAFFIC)}) "
+                    f"mapping launch modes ({', '.join(LAUNCHES)}) to tables by N"
+                )
+            tables[coll] = {
+                launch: {
+                    int(n): _table(e, TRAFFIC[coll](int(n)), f"{where}: {coll}.{launch}.{n}") for n, e in by_n.items()
+                }
+                for launch, by_n in by_launch.items()
+            }
         if "all_reduce" not in tables:
             raise ProfileError(f"{where}: needs an all_reduce table (other collectives fall back to it)")
         method = data["method"]
@@ -143,15 +157,26 @@ class Profile:
         if not isinstance(sms, int) or sms < 0:  # 0: a transfer by the copy engines, no SM held
             raise ProfileError(f"{where}: sms {sms!r} must be a whole number of SMs (0 or more)")
         try:
-            floors = {launch: {int(n): float(us) * 1e-6 for n, us in by_n.items()}
-                      for launch, by_n in (data.get("floors_us") or {}).items()}
+            floors = {
+                launch: {int(n): float(us) * 1e-6 for n, us in by_n.items()}
+                for launch, by_n in (data.get("floors_us") or {}).items()
+            }
         except (AttributeError, TypeError, ValueError) as exc:
             raise ProfileError(f"{where}: floors_us must map launch modes to {{N: us}} ({exc})") from None
         if set(floors) - set(LAUNCHES):
             raise ProfileError(f"{where}: floors_us keys must be launch modes ({', '.join(LAUNCHES)})")
         sources = data["sources"] if isinstance(data["sources"], list) else [data["sources"]]
-        return cls(data["name"], data.get("description", ""), sources, method, tables, sms, str(data["sms_source"]),
-                   floors, path)
+        return cls(
+            data["name"],
+            data.get("description", ""),
+            sources,
+            method,
+            tables,
+            sms,
+            str(data["sms_source"]),
+            floors,
+            path,
+        )
 
     def ns(self, launch: str) -> list[int]:
         """The N the all-reduce table of ``launch`` covers (tabulated; N between them are interpolated)."""
@@ -176,11 +201,15 @@ class Profile:
         if not _covers(by_n, n):
             by_n = self.tables["all_reduce"].get(launch, {})
         if not by_n:
-            raise ProfileError(f"profile {self.name!r} has no {launch} tables; measure them with "
-                               f"'spdbench commbench{' --cuda-graph' if launch == 'cuda_graph' else ''}'")
+            raise ProfileError(
+                f"profile {self.name!r} has no {launch} tables; measure them with "
+                f"'spdbench commbench{' --cuda-graph' if launch == 'cuda_graph' else ''}'"
+            )
         if not _covers(by_n, n):
-            raise ProfileError(f"profile {self.name!r} covers N = {', '.join(map(str, sorted(by_n)))} ({launch}), "
-                               f"not N = {n}; measure it with 'spdbench commbench --tp {n}'")
+            raise ProfileError(
+                f"profile {self.name!r} covers N = {', '.join(map(str, sorted(by_n)))} ({launch}), "
+                f"not N = {n}; measure it with 'spdbench commbench --tp {n}'"
+            )
         ns = sorted(by_n)
         hi = ns[bisect.bisect_left(ns, n)]
         lo = ns[max(bisect.bisect_left(ns, n) - 1, 0)] if hi != n else n
@@ -210,7 +239,16 @@ SIZES = [4**k for k in range(5, 16)]  # 1 KiB .. 1 GiB, the sizes ``spdbench pro
 def modelled_times(profile: Profile, sizes: list[int] | None = None) -> list[dict]:
     """Every collective (``fused_sync`` included), launch mode, tabulated N and size of ``profile``:
     ``{collective, launch, n, bytes, us}``."""
-    return [{"collective": coll, "launch": launch, "n": n, "bytes": size,
-             "us": 1e6 * profile.seconds(coll, n, size, launch)}
-            for coll in TRAFFIC for launch in profile.launches() for n in profile.ns(launch)
-            for size in sizes or SIZES]
+    return [
+        {
+            "collective": coll,
+            "launch": launch,
+            "n": n,
+            "bytes": size,
+            "us": 1e6 * profile.seconds(coll, n, size, launch),
+        }
+        for coll in TRAFFIC
+        for launch in profile.launches()
+        for n in profile.ns(launch)
+        for size in sizes or SIZES
+    ]

@@ -29,8 +29,12 @@ from suite.errors import SpdbenchError
 from suite.latency.profile_files import read_mapping
 
 REGIME_DIR = Path(__file__).parent / "kernels"
-CHOICES = {"elementwise": ("per_op", "fused"), "keys": ("filled", "static_cache"), "kv_heads": ("shared", "repeated"),
-           "mask": ("causal", "explicit")}
+CHOICES = {
+    "elementwise": ("per_op", "fused"),
+    "keys": ("filled", "static_cache"),
+    "kv_heads": ("shared", "repeated"),
+    "mask": ("causal", "explicit"),
+}
 LAUNCHES = ("eager", "cuda_graph")
 PHASES = ("prefill", "decode")
 
@@ -65,8 +69,11 @@ class KernelRegime:
     @classmethod
     def from_dict(cls, data: dict, where: str) -> KernelRegime:
         attention = data.get("attention")
-        missing = [k for k in ("name", "sources", "method", "elementwise", "merged_gemms", "attention", "launches")
-                   if data.get(k) in (None, "", [], {})]
+        missing = [
+            k
+            for k in ("name", "sources", "method", "elementwise", "merged_gemms", "attention", "launches")
+            if data.get(k) in (None, "", [], {})
+        ]
         if missing:
             raise KernelRegimeError(f"{where}: missing {', '.join(missing)} (a regime states its sources and method)")
         if not isinstance(attention, dict) or not all(isinstance(attention.get(p), dict) for p in PHASES):
@@ -84,8 +91,18 @@ class KernelRegime:
             raise KernelRegimeError(f"{where}: attention.cache_multiple must be a positive integer")
         sources = data["sources"] if isinstance(data["sources"], list) else [data["sources"]]
         phases = {p: (attention[p]["keys"], attention[p]["mask"]) for p in PHASES}
-        return cls(data["name"], data.get("description", ""), tuple(sources), data["method"], data["elementwise"],
-                   bool(data["merged_gemms"]), phases, attention["kv_heads"], multiple, launches)
+        return cls(
+            data["name"],
+            data.get("description", ""),
+            tuple(sources),
+            data["method"],
+            data["elementwise"],
+            bool(data["merged_gemms"]),
+            phases,
+            attention["kv_heads"],
+            multiple,
+            launches,
+        )
 
 
 def available_regimes() -> list[str]:

@@ -65,11 +65,16 @@ def repetition(runner, comm, prompts: list[list[int]], new_tokens: int, cuda_gra
     gen = runner.generate(prompts, new_tokens, cuda_graph=cuda_graph)
     decode_s = sum(gen.decode_s)
     per_token_s = decode_s / len(gen.decode_s) if gen.decode_s else float("nan")
-    ranks = gather_rows(comm, [gen.prefill_s, per_token_s, gen.prefill_s + decode_s, comm.stats.total(),
-                               comm.stats.calls])
+    ranks = gather_rows(
+        comm, [gen.prefill_s, per_token_s, gen.prefill_s + decode_s, comm.stats.total(), comm.stats.calls]
+    )
     _, _, e2e_s, comm_s, calls = ranks[int(ranks[:, 2].argmax())].tolist()
-    return (1e3 * float(ranks[:, 0].max()), 1e3 * float(ranks[:, 1].max()) if gen.decode_s else None,
-            1e3 * e2e_s, comm_s / e2e_s if calls else None)
+    return (
+        1e3 * float(ranks[:, 0].max()),
+        1e3 * float(ranks[:, 1].max()) if gen.decode_s else None,
+        1e3 * e2e_s,
+        comm_s / e2e_s if calls else None,
+    )
 
 
 def comm_share_status(comm, device: torch.device, cuda_graph: bool) -> str:
@@ -79,16 +84,28 @@ def comm_share_status(comm, device: torch.device, cuda_graph: bool) -> str:
         return "n/a: one rank communicates nothing"
     if device.type == "cuda" and cuda_graph:
         return "n/a: decode is replayed from a CUDA graph, whose collectives are not timed one by one"
-    kind, what = ("measured", "collectives") if comm.carries_data else (
-        "modelled", "the projection's modelled collectives")
+    kind, what = (
+        ("measured", "collectives") if comm.carries_data else ("modelled", "the projection's modelled collectives")
+    )
     if device.type == "cuda":
-        return (f"{kind}: time the waiting stream stood still for {what} (CUDA events), in one extra repetition "
-                "after the timed ones")
+        return (
+            f"{kind}: time the waiting stream stood still for {what} (CUDA events), in one extra repetition "
+            "after the timed ones"
+        )
     return f"{kind}: host time blocked on {what}"
 
 
-def measure(runner, comm, prompts: list[list[int]], new_tokens: int, repetitions: int, warmup: int,
-            cuda_graph: bool = False, sampler=None, device: torch.device | None = None) -> Timings:
+def measure(
+    runner,
+    comm,
+    prompts: list[list[int]],
+    new_tokens: int,
+    repetitions: int,
+    warmup: int,
+    cuda_graph: bool = False,
+    sampler=None,
+    device: torch.device | None = None,
+) -> Timings:
     """Warm up, then time ``repetitions`` generations; ``sampler`` (telemetry) spans the timed ones.
 
     The communication share is taken as ``comm_share_status`` says: in the timed repetitions on a
@@ -140,9 +157,20 @@ def measure_cell(cell, runner, comm, device: torch.device) -> dict:
 
     prompts = prompts_for(cell, runner.model.config.vocab_size)
     sampler = Sampler(device)
-    timings = measure(runner, comm, prompts, cell.new_tokens, cell.repetitions, cell.warmup,
-                      cuda_graph=cell.decode_mode == "cuda_graph", sampler=sampler, device=device)
+    timings = measure(
+        runner,
+        comm,
+        prompts,
+        cell.new_tokens,
+        cell.repetitions,
+        cell.warmup,
+        cuda_graph=cell.decode_mode == "cuda_graph",
+        sampler=sampler,
+        device=device,
+    )
     tokens = cell.repetitions * cell.batch * cell.new_tokens
-    return (summarise(timings, cell.batch, cell.new_tokens)
-            | share_fields(timings, comm, device, cell.decode_mode == "cuda_graph")
-            | combine(gather_objects(comm, sampler.summary()), tokens))
+    return (
+        summarise(timings, cell.batch, cell.new_tokens)
+        | share_fields(timings, comm, device, cell.decode_mode == "cuda_graph")
+        | combine(gather_objects(comm, sampler.summary()), tokens)
+    )

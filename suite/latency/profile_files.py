@@ -10,8 +10,9 @@ import yaml
 from suite.errors import SpdbenchError
 
 
-def read_mapping(name_or_path: str | os.PathLike, folder: Path, what: str, error: type[SpdbenchError],
-                 hint: str = "") -> tuple[dict, str]:
+def read_mapping(
+    name_or_path: str | os.PathLike, folder: Path, what: str, error: type[SpdbenchError], hint: str = ""
+) -> tuple[dict, str]:
     """The YAML mapping of a file ``name_or_path``, or of ``folder/NAME.yaml``, and the path it came from."""
     path = Path(name_or_path)
     if not path.is_file():

@@ -26,8 +26,8 @@ import torch
 from suite.latency.interconnect import FUSED_SYNC, Profile, ProfileError, load_profile
 from suite.parallel.comm import Communicator, Pending
 
-
 # --- spending the modelled time ---------------------------------------------------------------
+
 
 class _Deadline:
     """Host side: ``wait()`` returns when the modelled collective has finished."""
@@ -111,8 +111,10 @@ def _hold_kernel(device_index: int):
     from torch.cuda import _utils
 
     if not hasattr(_utils, "_cuda_load_module"):
-        raise ProfileError(f"torch {torch.__version__} cannot load a PTX kernel (torch.cuda._utils._cuda_load_module): "
-                           "projecting on a GPU needs torch 2.8 or newer")
+        raise ProfileError(
+            f"torch {torch.__version__} cannot load a PTX kernel (torch.cuda._utils._cuda_load_module): "
+            "projecting on a GPU needs torch 2.8 or newer"
+        )
     with torch.cuda.device(device_index):
         kernel = _utils._cuda_load_module(_HOLD_SMS, ["hold_sms"])["hold_sms"]
         shared = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
@@ -138,8 +140,9 @@ class _DeviceLink:
         index = device.index if device.index is not None else torch.cuda.current_device()
         available = torch.cuda.get_device_properties(index).multi_processor_count
         if sms >= available:
-            raise ProfileError(f"sms {sms}: the device has {available} SMs, and a modelled collective must leave "
-                               "some to compute")
+            raise ProfileError(
+                f"sms {sms}: the device has {available} SMs, and a modelled collective must leave some to compute"
+            )
         self.device, self.sms = device, sms
         self.stream = torch.cuda.Stream(device)
         self.kernel, self.shared = _hold_kernel(index)
@@ -148,8 +151,13 @@ class _DeviceLink:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):  # the slot of this launch's deadline, zeroed on the link stream
             slot = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.kernel(grid=(self.sms, 1, 1), block=(1024, 1, 1), args=[slot, float(seconds)], shared_mem=self.shared,
-                    stream=self.stream)
+        self.kernel(
+            grid=(self.sms, 1, 1),
+            block=(1024, 1, 1),
+            args=[slot, float(seconds)],
+            shared_mem=self.shared,
+            stream=self.stream,
+        )
         event = torch.cuda.Event()
         event.record(self.stream)
         return _Joined(event, self.device)
@@ -229,12 +237,17 @@ def heaviest_rank(config, tp: int, layout=None) -> int:
 
     def load(rank: int) -> tuple[int, int, int]:
         shards = [layer[rank] for layer in layout]
-        return (sum(len(s.q_heads) for s in shards), sum(len(s.kv_heads) for s in shards),
-                sum(s.ffn[1] - s.ffn[0] for s in shards))
+        return (
+            sum(len(s.q_heads) for s in shards),
+            sum(len(s.kv_heads) for s in shards),
+            sum(s.ffn[1] - s.ffn[0] for s in shards),
+        )
+
     return max(range(tp), key=lambda r: (load(r), -r))
 
 
 # --- projected cells -------------------------------------------------------------------------
+
 
 @contextmanager
 def _rank_threads(device: torch.device, tp: int):
@@ -254,9 +267,18 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
-def projected_runner(model: str, strategy: str, options: dict | None, tp: int, profile: Profile,
-                     dtype: str = "float32", device: str = "cpu", sms: int | None = None, models=None,
-                     kernels: str = "eager"):
+def projected_runner(
+    model: str,
+    strategy: str,
+    options: dict | None,
+    tp: int,
+    profile: Profile,
+    dtype: str = "float32",
+    device: str = "cpu",
+    sms: int | None = None,
+    models=None,
+    kernels: str = "eager",
+):
     """A Runner of the heaviest rank's shard under the strategy's own layout (an SPD plan's head
     grouping included), whose collectives are modelled on ``profile``; ``models`` (a ``ModelCache``)
     keeps a loaded shard for the next cell."""
@@ -281,11 +303,14 @@ def project_cell(cell, runner) -> dict:
     prompts = prompts_for(cell, runner.model.config.vocab_size)
     cuda_graph = cell.decode_mode == "cuda_graph"
     with _rank_threads(runner.device, runner.comm.world):
-        timings = measure(runner, runner.comm, prompts, cell.new_tokens, cell.repetitions, cell.warmup,
-                          cuda_graph=cuda_graph)
-    return summarise(timings, cell.batch, cell.new_tokens) | share_fields(timings, runner.comm, runner.device,
-                                                                          cuda_graph) | {
-        "telemetry_status": "n/a: projected (one rank's shard; the interconnect is modelled)", "telemetry": {}}
+        timings = measure(
+            runner, runner.comm, prompts, cell.new_tokens, cell.repetitions, cell.warmup, cuda_graph=cuda_graph
+        )
+    return (
+        summarise(timings, cell.batch, cell.new_tokens)
+        | share_fields(timings, runner.comm, runner.device, cuda_graph)
+        | {"telemetry_status": "n/a: projected (one rank's shard; the interconnect is modelled)", "telemetry": {}}
+    )
 
 
 def project_cells(cells, sms: int | None = None):
@@ -301,8 +326,18 @@ def project_cells(cells, sms: int | None = None):
     models = ModelCache(_device(cells[0].device))
     for cell in cells:
         try:
-            runner = projected_runner(cell.model, cell.strategy, cell.strategy_options, cell.tp, profile, cell.dtype,
-                                      cell.device, sms, models, cell.kernels)
+            runner = projected_runner(
+                cell.model,
+                cell.strategy,
+                cell.strategy_options,
+                cell.tp,
+                profile,
+                cell.dtype,
+                cell.device,
+                sms,
+                models,
+                cell.kernels,
+            )
             yield cell, project_cell(cell, runner), None
         except Exception as exc:  # this cell fails with its reason; the rest still run
             yield cell, None, f"{exc.__class__.__name__}: {exc}"

@@ -78,7 +78,8 @@ class Segment:
         if self.mask is not None:
             return self.mask
         return torch.ones(self.length, self.kv_len, dtype=torch.bool, device=self.slots.device).tril(
-            self.kv_len - self.length)
+            self.kv_len - self.length
+        )
 
     def sub(self, rows: slice, cols: slice, offset: int) -> Segment:
         """The sub-rectangle ``rows x cols`` (relative), placed at ``offset`` in a new stream.
@@ -89,8 +90,16 @@ class Segment:
         n = (rows.stop - rows.start) * slots.shape[0]
         kv_len = self.kv_len - (self.length - cols.stop)
         mask = None if self.mask is None else self.mask[rows, :, cols, :kv_len]
-        return Segment(slice(offset, offset + n), slice(self.rows.start + rows.start, self.rows.start + rows.stop),
-                       slots, kv_len, mask, self.cos[rows, cols], self.sin[rows, cols], self.causal)
+        return Segment(
+            slice(offset, offset + n),
+            slice(self.rows.start + rows.start, self.rows.start + rows.stop),
+            slots,
+            kv_len,
+            mask,
+            self.cos[rows, cols],
+            self.sin[rows, cols],
+            self.causal,
+        )
 
 
 @dataclass
@@ -111,10 +120,12 @@ class ForwardContext:
                 second.append(seg.sub(slice(0, seg.n_rows), slice(0, width), start - at))
                 continue
             full_rows, rest = divmod(at - start, width)
-            pieces = [(first, slice(0, full_rows), slice(0, width)),
-                      (first, slice(full_rows, full_rows + 1), slice(0, rest)),
-                      (second, slice(full_rows, full_rows + 1), slice(rest, width)),
-                      (second, slice(full_rows + 1 if rest else full_rows, seg.n_rows), slice(0, width))]
+            pieces = [
+                (first, slice(0, full_rows), slice(0, width)),
+                (first, slice(full_rows, full_rows + 1), slice(0, rest)),
+                (second, slice(full_rows, full_rows + 1), slice(rest, width)),
+                (second, slice(full_rows + 1 if rest else full_rows, seg.n_rows), slice(0, width)),
+            ]
             if not rest:  # the cut falls between rows: no straddling row
                 pieces = [pieces[0], pieces[3]]
             for out, rows, cols in pieces:
@@ -181,7 +192,7 @@ class Attention(nn.Module):
         """Attention probabilities of this rank's query heads, [rows, heads, length, kv_len] (one segment)."""
         (seg,) = ctx.segments
         q, k, _ = self._qkv(x[seg.tokens], seg)
-        scores = q @ k.index_select(1, self.kv_of_q).transpose(-1, -2) / self.head_dim ** 0.5
+        scores = q @ k.index_select(1, self.kv_of_q).transpose(-1, -2) / self.head_dim**0.5
         return scores.masked_fill(~seg.allowed(), float("-inf")).softmax(-1)
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -212,8 +223,9 @@ class Attention(nn.Module):
         if self.uniform_gqa and self.fold_groups and not seg.causal:
             out = _folded_gqa(q, k, v, mask)
         elif self.uniform_gqa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                 enable_gqa=self.n_kv != self.n_q)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_q
+            )
         else:
             k, v = k.index_select(1, self.kv_of_q), v.index_select(1, self.kv_of_q)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)

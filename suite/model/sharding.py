@@ -84,8 +84,9 @@ def _runs(items: tuple[int, ...], width: int) -> Ranges:
     return runs
 
 
-def build_weightless_rank_model(config: LlamaConfig, tp: int, rank: int, dtype: torch.dtype,
-                                layout: Layout | None = None) -> Transformer:
+def build_weightless_rank_model(
+    config: LlamaConfig, tp: int, rank: int, dtype: torch.dtype, layout: Layout | None = None
+) -> Transformer:
     """Rank ``rank``'s shard with its real shapes and dtype and no weights (meta tensors): for costing
     the work of a forward pass, never for computing one."""
     with torch.device("meta"):
@@ -101,17 +102,27 @@ def _empty_block(config: LlamaConfig, shard: BlockShard) -> Block:
 
 # A block's tensors: (parameter name, dim that is split, what it is split by: query heads, KV heads,
 # FFN columns, or nothing - replicated on every rank).
-BLOCK_TENSORS = (("self_attn.q_proj.weight", 0, "q"), ("self_attn.k_proj.weight", 0, "kv"),
-                 ("self_attn.v_proj.weight", 0, "kv"), ("self_attn.o_proj.weight", 1, "q"),
-                 ("mlp.gate_proj.weight", 0, "ffn"), ("mlp.up_proj.weight", 0, "ffn"),
-                 ("mlp.down_proj.weight", 1, "ffn"), ("input_layernorm.weight", 0, None),
-                 ("post_attention_layernorm.weight", 0, None))
+BLOCK_TENSORS = (
+    ("self_attn.q_proj.weight", 0, "q"),
+    ("self_attn.k_proj.weight", 0, "kv"),
+    ("self_attn.v_proj.weight", 0, "kv"),
+    ("self_attn.o_proj.weight", 1, "q"),
+    ("mlp.gate_proj.weight", 0, "ffn"),
+    ("mlp.up_proj.weight", 0, "ffn"),
+    ("mlp.down_proj.weight", 1, "ffn"),
+    ("input_layernorm.weight", 0, None),
+    ("post_attention_layernorm.weight", 0, None),
+)
 
 
 def shard_ranges(shard: BlockShard, split: str | None, hd: int) -> Ranges | None:
     """The rows/columns of a block tensor split by ``split`` that ``shard`` holds (None: all)."""
-    return {"q": lambda: _runs(shard.q_heads, hd), "kv": lambda: _runs(shard.kv_heads, hd),
-            "ffn": lambda: [shard.ffn], None: lambda: None}[split]()
+    return {
+        "q": lambda: _runs(shard.q_heads, hd),
+        "kv": lambda: _runs(shard.kv_heads, hd),
+        "ffn": lambda: [shard.ffn],
+        None: lambda: None,
+    }[split]()
 
 
 def _block(config: LlamaConfig, shard: BlockShard, state: dict[str, torch.Tensor], device) -> Block:
@@ -127,8 +138,9 @@ def _narrow(t: torch.Tensor, dim: int, ranges: Ranges | None) -> torch.Tensor:
     return t if ranges is None else torch.cat([t.narrow(dim, a, b - a) for a, b in ranges], dim=dim)
 
 
-def build_blocks(source: ModelSource, layer: int, shards: list[BlockShard], dtype: torch.dtype,
-                 device: torch.device) -> list[Block]:
+def build_blocks(
+    source: ModelSource, layer: int, shards: list[BlockShard], dtype: torch.dtype, device: torch.device
+) -> list[Block]:
     """Block ``layer`` of every rank (one shard per rank) in one process, each tensor read once."""
     config, hd = source.config, head_dim(source.config)
     states: list[dict] = [{} for _ in shards]
@@ -169,9 +181,15 @@ def build_ends(source: ModelSource, dtype: torch.dtype, device: torch.device, bl
     def load(name: str) -> torch.Tensor:
         return source.weights.read(name).to(device=device, dtype=dtype)
 
-    model.load_state_dict({"embed_tokens.weight": load("model.embed_tokens.weight"),
-                           "norm.weight": load("model.norm.weight"), "lm_head.weight": load("lm_head.weight")},
-                          assign=True, strict=False)
+    model.load_state_dict(
+        {
+            "embed_tokens.weight": load("model.embed_tokens.weight"),
+            "norm.weight": load("model.norm.weight"),
+            "lm_head.weight": load("lm_head.weight"),
+        },
+        assign=True,
+        strict=False,
+    )
     model.rotary = type(model.rotary)(config).to(device)  # RoPE frequencies are rebuilt off the meta device
     missing = [n for n, t in model.state_dict().items() if t.is_meta]
     if missing:
@@ -179,8 +197,9 @@ def build_ends(source: ModelSource, dtype: torch.dtype, device: torch.device, bl
     return model.eval().requires_grad_(False)
 
 
-def build_rank_model(source: ModelSource, tp: int, rank: int, dtype: torch.dtype, device: torch.device,
-                     layout: Layout | None = None) -> Transformer:
+def build_rank_model(
+    source: ModelSource, tp: int, rank: int, dtype: torch.dtype, device: torch.device, layout: Layout | None = None
+) -> Transformer:
     """Rank ``rank``'s shard of the model, built on the meta device and filled tensor by tensor."""
     config, hd = source.config, head_dim(source.config)
     layout = layout or default_layout(config, tp)
@@ -188,7 +207,16 @@ def build_rank_model(source: ModelSource, tp: int, rank: int, dtype: torch.dtype
     def load(name: str, dim: int, ranges: Ranges | None) -> torch.Tensor:
         return source.weights.read(name, dim, ranges).to(device=device, dtype=dtype)
 
-    blocks = [_block(config, s, {name: load(f"model.layers.{i}.{name}", dim, shard_ranges(s, split, hd))
-                                 for name, dim, split in BLOCK_TENSORS}, device)
-              for i, s in enumerate(l[rank] for l in layout)]
+    blocks = [
+        _block(
+            config,
+            s,
+            {
+                name: load(f"model.layers.{i}.{name}", dim, shard_ranges(s, split, hd))
+                for name, dim, split in BLOCK_TENSORS
+            },
+            device,
+        )
+        for i, s in enumerate(ranks[rank] for ranks in layout)
+    ]
     return build_ends(source, dtype, device, blocks)

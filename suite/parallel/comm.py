@@ -128,20 +128,17 @@ class Communicator:
 
     def all_reduce(self, x: torch.Tensor, async_op: bool = False):
         """Sum of ``x`` over ranks (in place)."""
-        return self._run(lambda a: dist.all_reduce(x, group=self.group, async_op=a),
-                         x, async_op)
+        return self._run(lambda a: dist.all_reduce(x, group=self.group, async_op=a), x, async_op)
 
     def reduce_scatter(self, x: torch.Tensor, async_op: bool = False):
         """Rank i gets chunk i (along dim 0) of the sum over ranks; dim 0 must divide by the world size."""
         out = x.new_empty((x.shape[0] // self.world, *x.shape[1:])) if self.world > 1 else x
-        return self._run(lambda a: _reduce_scatter(out, x.contiguous(), group=self.group, async_op=a),
-                         out, async_op)
+        return self._run(lambda a: _reduce_scatter(out, x.contiguous(), group=self.group, async_op=a), out, async_op)
 
     def all_gather(self, x: torch.Tensor, async_op: bool = False):
         """Concatenation over ranks along dim 0."""
         out = x.new_empty((x.shape[0] * self.world, *x.shape[1:])) if self.world > 1 else x
-        return self._run(lambda a: _all_gather(out, x.contiguous(), group=self.group, async_op=a),
-                         out, async_op)
+        return self._run(lambda a: _all_gather(out, x.contiguous(), group=self.group, async_op=a), out, async_op)
 
     def fused_sync(self, partial: torch.Tensor, residual: torch.Tensor, norm=None):
         """TokenWeave's sync of a token-sharded residual in one kernel (multimem reduce-scatter +

@@ -34,8 +34,9 @@ class LaunchError(SpdbenchError):
 
 
 def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
-                                                  and "MASTER_ADDR" in os.environ)
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    )
 
 
 def local_ranks(tp: int) -> int:
@@ -46,8 +47,10 @@ def local_ranks(tp: int) -> int:
 def choose_backend(tp: int, local: int, gpus: int, backend: str = "auto") -> str:
     """NCCL when each of this node's ``local`` ranks of ``tp`` has its own of ``gpus`` GPUs, else gloo."""
     if backend == "nccl" and local > gpus:
-        raise LaunchError(f"tp {tp} with NCCL needs {local} GPUs on this node but {gpus} are available; "
-                          "lower tp or use backend gloo to share GPUs")
+        raise LaunchError(
+            f"tp {tp} with NCCL needs {local} GPUs on this node but {gpus} are available; "
+            "lower tp or use backend gloo to share GPUs"
+        )
     if backend == "auto":
         return "nccl" if local <= gpus else "gloo"
     return backend
@@ -84,9 +87,13 @@ def _init(rank: int, world: int, backend: str, timeout_s: float, device: torch.d
     else:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if world > 1 or dist.is_torchelastic_launched():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if backend == "nccl" else None,
+        )
     return Communicator.from_process_group()
 
 
@@ -113,8 +120,7 @@ def _raise_if_dead(procs, exclude) -> None:
             raise RankError(rank, f"process exited with code {p.exitcode}")
 
 
-def launch(fn, tp: int, *args, device: str = "cpu", backend: str = "auto",
-           timeout_s: float = DEFAULT_TIMEOUT_S):
+def launch(fn, tp: int, *args, device: str = "cpu", backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
     """``fn(comm, device, *args)`` on ``tp`` ranks; returns rank 0's result (this rank's under torchrun)."""
     backend = placement(tp, device, backend)
     if under_torchrun():
@@ -130,8 +136,10 @@ def launch(fn, tp: int, *args, device: str = "cpu", backend: str = "auto",
     ctx.set_forkserver_preload(["suite.parallel.runner"])
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, tp, port, backend, device, timeout_s, fn, args, results),
-                         daemon=True) for r in range(tp)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, tp, port, backend, device, timeout_s, fn, args, results), daemon=True)
+        for r in range(tp)
+    ]
     for p in procs:
         p.start()
     done, answer = set(), None

@@ -34,21 +34,38 @@ def _serve(comm, device, make_server, args, inboxes, outbox):
 class RankPool:
     """``pool.call("method", *args)`` runs ``server.method(*args)`` on every rank; returns rank 0's answer."""
 
-    def __init__(self, make_server, tp: int, *args, device: str = "cpu", backend: str = "auto",
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        make_server,
+        tp: int,
+        *args,
+        device: str = "cpu",
+        backend: str = "auto",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ):
         ctx = mp.get_context("spawn")
         self._inboxes = [ctx.Queue() for _ in range(tp)]
         self._outbox = ctx.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._run, args=(make_server, tp, args, device, backend, timeout_s), daemon=True)
+            target=self._run, args=(make_server, tp, args, device, backend, timeout_s), daemon=True
+        )
         self._thread.start()
         self._answer()  # the servers are built
 
     def _run(self, make_server, tp, args, device, backend, timeout_s):
         try:
-            launch(_serve, tp, make_server, args, self._inboxes, self._outbox, device=device, backend=backend,
-                   timeout_s=timeout_s)
+            launch(
+                _serve,
+                tp,
+                make_server,
+                args,
+                self._inboxes,
+                self._outbox,
+                device=device,
+                backend=backend,
+                timeout_s=timeout_s,
+            )
         except BaseException as exc:  # handed to the caller waiting for an answer
             self._error = exc
         self._outbox.put(("closed", None))

@@ -23,7 +23,6 @@ from suite.model.sources import DTYPES, resolve
 from suite.parallel.comm import Communicator
 from suite.parallel.strategy import Strategy, bound_strategy
 
-
 KV_BOUND_MIN = 16  # the smallest cache bound a compiled decode step attends over
 
 
@@ -82,8 +81,10 @@ class Runner:
             raise SpdbenchError("prompts: every prompt needs at least one token")
         width = max(len(p) for p in prompts)
         if max_len > self.model.config.max_position_embeddings:
-            raise SpdbenchError(f"prompt plus new tokens ({max_len}) exceeds the model's context "
-                             f"({self.model.config.max_position_embeddings})")
+            raise SpdbenchError(
+                f"prompt plus new tokens ({max_len}) exceeds the model's context "
+                f"({self.model.config.max_position_embeddings})"
+            )
         tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=self.device)
         pad = torch.tensor([width - len(p) for p in prompts], device=self.device)
         if self._cache_shape != (len(prompts), max_len):
@@ -100,8 +101,9 @@ class Runner:
         return self.model(tokens.flatten(), ctx, self.run_layers).view(len(prompts), width, -1)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, cuda_graph: bool = False,
-                 keep_logits: bool = False) -> Generation:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, cuda_graph: bool = False, keep_logits: bool = False
+    ) -> Generation:
         width = max(len(p) for p in prompts)
         tokens, pad = self._prepare(prompts, width + max_new_tokens)
         max_len = width + max_new_tokens
@@ -119,7 +121,7 @@ class Runner:
         decode_clock = _Clock(self.device)
         decode_clock.mark()
         for i in range(max_new_tokens - 1):
-            pos = positions[i:i + 1]
+            pos = positions[i : i + 1]
             kv_len = decode_kv_len(width + i + 1, max_len, self.model.kernels)
             logits = self._replay(kv_len, nxt, pos) if cuda_graph else self._step(nxt, pos, pad, kv_len)
             nxt = logits.argmax(-1)
@@ -164,8 +166,15 @@ class Runner:
         return out
 
 
-def load_runner(comm: Communicator, device: torch.device, model: str, strategy: str,
-                options: dict | None = None, dtype: str = "float32", kernels: str = "eager") -> Runner:
+def load_runner(
+    comm: Communicator,
+    device: torch.device,
+    model: str,
+    strategy: str,
+    options: dict | None = None,
+    dtype: str = "float32",
+    kernels: str = "eager",
+) -> Runner:
     """This rank's runner: its shard of ``model`` driven by ``strategy``, in kernel mode ``kernels``."""
     source = resolve(model, device)
     chosen = bound_strategy(strategy, options, source, comm.world)
@@ -189,8 +198,7 @@ class ModelCache:
             self.sources[model] = resolve(model, self.device)
         return self.sources[model]
 
-    def runner(self, model: str, dtype: str, strategy: Strategy, comm: Communicator,
-               kernels: str = "eager") -> Runner:
+    def runner(self, model: str, dtype: str, strategy: Strategy, comm: Communicator, kernels: str = "eager") -> Runner:
         """A runner of ``strategy`` (bound to ``model`` and ``comm.world``) on rank ``comm.rank``."""
         key = (model, dtype, kernels, strategy.model_key(), comm.rank)
         if key != self.key:
@@ -198,7 +206,8 @@ class ModelCache:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.model = apply_kernels(strategy.load_model(self.source(model), comm.world, comm.rank, DTYPES[dtype],
-                                                           self.device), kernels)
+            self.model = apply_kernels(
+                strategy.load_model(self.source(model), comm.world, comm.rank, DTYPES[dtype], self.device), kernels
+            )
             self.key = key
         return Runner(self.model, strategy, comm)

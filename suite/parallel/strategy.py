@@ -46,6 +46,7 @@ class StrategyError(SpdbenchError):
 class SyncedModule:
     """A module whose partial output one sync completes: ``partial = run(norm(x), ctx)`` on the
     residual stream ``x``; with ``norm`` None, ``run`` reads the residual stream itself."""
+
     layer: int  # the block it belongs to
     norm: Callable | None
     run: Callable
@@ -56,12 +57,15 @@ class SyncedModule:
 
 def megatron_modules(index: int, layer: Block) -> list[SyncedModule]:
     """Block ``index`` as Megatron syncs it: the attention, then the MLP."""
-    return [SyncedModule(index, layer.input_layernorm, layer.self_attn),
-            SyncedModule(index, layer.post_attention_layernorm, lambda u, ctx: layer.mlp(u))]
+    return [
+        SyncedModule(index, layer.input_layernorm, layer.self_attn),
+        SyncedModule(index, layer.post_attention_layernorm, lambda u, ctx: layer.mlp(u)),
+    ]
 
 
-def all_reduce_each(modules: list[SyncedModule], h: torch.Tensor, comm: Communicator,
-                    ctx: ForwardContext) -> torch.Tensor:
+def all_reduce_each(
+    modules: list[SyncedModule], h: torch.Tensor, comm: Communicator, ctx: ForwardContext
+) -> torch.Tensor:
     """x_k = x_{k-1} + AR(m_k(x_{k-1})): every sync completes before the next module reads the stream."""
     for module in modules:
         h = h + comm.all_reduce(module(h, ctx))
@@ -78,8 +82,7 @@ class Strategy:
         """The decoder stack as synced modules, in order."""
         return [m for i, layer in enumerate(layers) for m in megatron_modules(i, layer)]
 
-    def run_layers(self, layers: list[Block], h: torch.Tensor, comm: Communicator,
-                   ctx: ForwardContext) -> torch.Tensor:
+    def run_layers(self, layers: list[Block], h: torch.Tensor, comm: Communicator, ctx: ForwardContext) -> torch.Tensor:
         """The residual stream after the stack: the schedule of the modules' syncs."""
         return all_reduce_each(self.modules(layers), h, comm, ctx)
 
@@ -102,11 +105,18 @@ class Strategy:
         """Row fields that say what the strategy changed (after ``bind``), e.g. SPD's share of blocks."""
         return {}
 
-    def load_model(self, source: ModelSource, tp: int, rank: int, dtype: torch.dtype,
-                   device: torch.device) -> Transformer:
+    def load_model(
+        self, source: ModelSource, tp: int, rank: int, dtype: torch.dtype, device: torch.device
+    ) -> Transformer:
         """This rank's model, from the strategy's layout and weights (call ``bind`` first)."""
-        return build_rank_model(dataclasses.replace(source, weights=self.weights(source)), tp, rank, dtype, device,
-                                self.layout(source.config, tp))
+        return build_rank_model(
+            dataclasses.replace(source, weights=self.weights(source)),
+            tp,
+            rank,
+            dtype,
+            device,
+            self.layout(source.config, tp),
+        )
 
     def options(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
@@ -117,6 +127,7 @@ def register(name: str):
         cls.name = name
         _REGISTRY[name] = cls
         return cls
+
     return deco
 
 
@@ -142,8 +153,11 @@ def available() -> list[str]:
 
 
 def _convert(field: dataclasses.Field, value: str):
-    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "bool": bool}.get(
-        str(field.type), str)
+    kind = (
+        field.type
+        if isinstance(field.type, type)
+        else {"int": int, "float": float, "bool": bool}.get(str(field.type), str)
+    )
     if kind is bool:
         if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise StrategyError(f"option {field.name}={value!r}: expected true or false")

@@ -22,10 +22,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from suite.results import environment
     from test_latency import WORLD_SIZES
+
+    from suite.results import environment
 
     env = environment()
     machine_info["spdbench_env"] = env
-    machine_info |= {"torch": env["torch"], "cuda": env["cuda"], "nccl": env["nccl"], "gpus": env["gpus"],
-                     "gpu_driver": env["driver"], "world_sizes": WORLD_SIZES, "backend": "gloo"}
+    machine_info |= {
+        "torch": env["torch"],
+        "cuda": env["cuda"],
+        "nccl": env["nccl"],
+        "gpus": env["gpus"],
+        "gpu_driver": env["driver"],
+        "world_sizes": WORLD_SIZES,
+        "backend": "gloo",
+    }

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from suite.latency.measure import Timings, barrier, repetition
 from suite.parallel.comm import Communicator
 from suite.parallel.runner import load_runner
-from suite.latency.measure import Timings, barrier, repetition
 
 
 def _free_port() -> int:
@@ -38,8 +38,14 @@ def _join(rank: int, world: int, port: int) -> Communicator:
 def _follow(rank, world, port, scenario, rounds):
     comm = _join(rank, world, port)
     try:
-        runner = load_runner(comm, torch.device("cpu"), scenario["model"], scenario["strategy"],
-                             scenario["strategy_options"], scenario["dtype"])
+        runner = load_runner(
+            comm,
+            torch.device("cpu"),
+            scenario["model"],
+            scenario["strategy"],
+            scenario["strategy_options"],
+            scenario["dtype"],
+        )
         for _ in range(rounds):
             barrier(comm)
             repetition(runner, comm, scenario["prompts"], scenario["new_tokens"])
@@ -58,14 +64,17 @@ class RankGroup:
         self._threads = torch.get_num_threads()
         port = _free_port()
         ctx = mp.get_context("spawn")
-        self._procs = [ctx.Process(target=_follow, args=(r, self.world, port, self.scenario, self.rounds), daemon=True)
-                       for r in range(1, self.world)]
+        self._procs = [
+            ctx.Process(target=_follow, args=(r, self.world, port, self.scenario, self.rounds), daemon=True)
+            for r in range(1, self.world)
+        ]
         for p in self._procs:
             p.start()
         self.comm = _join(0, self.world, port)
         s = self.scenario
-        self.runner = load_runner(self.comm, torch.device("cpu"), s["model"], s["strategy"], s["strategy_options"],
-                                  s["dtype"])
+        self.runner = load_runner(
+            self.comm, torch.device("cpu"), s["model"], s["strategy"], s["strategy_options"], s["dtype"]
+        )
         return self
 
     def barrier(self) -> None:

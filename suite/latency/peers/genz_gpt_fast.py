@@ -22,8 +22,12 @@ import yaml
 HERE = Path(__file__).resolve().parent
 TABLE = HERE.parent / "published" / "gpt-fast-tp.yaml"
 OUT = HERE / "genz-gpt-fast-tp.yaml"
-GENZ_MODELS = {"Llama-2-7B": "llama2_7b", "Llama-2-70B": "llama2_70b", "Llama-3.1-8B": "meta-llama/meta-llama-3.1-8b",
-               "Llama-3.1-70B": "meta-llama/Llama-3.1-70B"}  # the table's model -> GenZ's name
+GENZ_MODELS = {
+    "Llama-2-7B": "llama2_7b",
+    "Llama-2-70B": "llama2_70b",
+    "Llama-3.1-8B": "meta-llama/meta-llama-3.1-8b",
+    "Llama-3.1-70B": "meta-llama/Llama-3.1-70B",
+}  # the table's model -> GenZ's name
 
 
 def main() -> None:
@@ -36,17 +40,38 @@ def main() -> None:
     for cell in table["cells"]:
         if "tokens_per_s" not in cell:
             continue
-        out = decode_moddeling(model=GENZ_MODELS[cell["model"]], batch_size=setting["batch"],
-                               input_tokens=setting["prompt_len"], output_tokens=setting["new_tokens"], Bb=1,
-                               system_name="A100_80GB_GPU", bits="bf16", tensor_parallel=cell["tp"])
-        cells.append({"model": cell["model"], "tp": cell["tp"], "decode_ms": round(float(out["Latency"]), 4),
-                      "tokens_per_s": round(float(out["Throughput"]), 2)})
-    OUT.write_text(yaml.safe_dump({
-        "tool": f"genz-llm {version('genz-llm')}", "table": table["name"],
-        "command": "python suite/latency/peers/genz_gpt_fast.py (with genz-llm installed)",
-        "call": "GenZ.decode_moddeling(model, batch_size=1, input_tokens=5, output_tokens=200, Bb=1, "
+        out = decode_moddeling(
+            model=GENZ_MODELS[cell["model"]],
+            batch_size=setting["batch"],
+            input_tokens=setting["prompt_len"],
+            output_tokens=setting["new_tokens"],
+            Bb=1,
+            system_name="A100_80GB_GPU",
+            bits="bf16",
+            tensor_parallel=cell["tp"],
+        )
+        cells.append(
+            {
+                "model": cell["model"],
+                "tp": cell["tp"],
+                "decode_ms": round(float(out["Latency"]), 4),
+                "tokens_per_s": round(float(out["Throughput"]), 2),
+            }
+        )
+    OUT.write_text(
+        yaml.safe_dump(
+            {
+                "tool": f"genz-llm {version('genz-llm')}",
+                "table": table["name"],
+                "command": "python suite/latency/peers/genz_gpt_fast.py (with genz-llm installed)",
+                "call": "GenZ.decode_moddeling(model, batch_size=1, input_tokens=5, output_tokens=200, Bb=1, "
                 "system_name='A100_80GB_GPU', bits='bf16', tensor_parallel=N); defaults otherwise",
-        "cells": cells}, sort_keys=False, width=110))
+                "cells": cells,
+            },
+            sort_keys=False,
+            width=110,
+        )
+    )
     print(f"written {OUT}")
 
 

@@ -82,8 +82,10 @@ def check_expressible(strategy: Strategy) -> None:
     """The simulation builds a rank's weightless shard from ``layout()``: a strategy that builds its
     own rank model cannot be simulated."""
     if type(strategy).load_model is not Strategy.load_model:
-        raise SpdbenchError(f"strategy {strategy.name!r} builds its own rank model (load_model); the simulation "
-                            f"can only build shards from a strategy's layout()")
+        raise SpdbenchError(
+            f"strategy {strategy.name!r} builds its own rank model (load_model); the simulation "
+            f"can only build shards from a strategy's layout()"
+        )
 
 
 class Simulator:
@@ -108,8 +110,17 @@ class Simulator:
             self._models = {key: (rank, build_weightless_rank_model(config, tp, rank, DTYPES[dtype], layout))}
         return self._models[key]
 
-    def generation(self, model: Transformer, strategy: Strategy, tp: int, rank: int, batch: int, prompt_len: int,
-                   new_tokens: int, decode_graph: bool) -> SimulatedGeneration:
+    def generation(
+        self,
+        model: Transformer,
+        strategy: Strategy,
+        tp: int,
+        rank: int,
+        batch: int,
+        prompt_len: int,
+        new_tokens: int,
+        decode_graph: bool,
+    ) -> SimulatedGeneration:
         """Prefill ``batch`` prompts of ``prompt_len`` tokens and decode ``new_tokens``; raises DoesNotFit."""
         comm = SimulatedCommunicator(rank=rank, world=tp, profile=self.link, cost=self.cost)
         max_len = prompt_len + new_tokens
@@ -117,8 +128,10 @@ class Simulator:
         caches = [c for layer in model.layers for c in (layer.self_attn.k_cache, layer.self_attn.v_cache)]
         for cache in caches:
             self.cost.track(cache)
-        memory = {"weights": float(sum(tensor_bytes(p) for p in model.parameters())),
-                  "kv_cache": float(sum(map(tensor_bytes, caches)))}
+        memory = {
+            "weights": float(sum(tensor_bytes(p) for p in model.parameters())),
+            "kv_cache": float(sum(map(tensor_bytes, caches))),
+        }
         self._check_fits(memory, tp, batch)
         host = self._host(model)
 
@@ -131,12 +144,18 @@ class Simulator:
                         torch.empty_like(t).copy_(t)
                 with self.clock.graph_replay() if graph else nullcontext():
                     ctx = self._context(host, batch, first, length, kv_len)
-                    logits = model(tokens, ctx, lambda layers, h, c: strategy.run_layers(layers, h, comm, c),
-                                   last_only=True)
+                    logits = model(
+                        tokens, ctx, lambda layers, h, c: strategy.run_layers(layers, h, comm, c), last_only=True
+                    )
                 logits.argmax(-1)
                 seconds = self.clock.end()
-            return SimulatedStep(seconds, self.clock.exposed_communication(), self.clock.communication(),
-                                 self.clock.kernels, self.clock.peak)
+            return SimulatedStep(
+                seconds,
+                self.clock.exposed_communication(),
+                self.clock.communication(),
+                self.clock.kernels,
+                self.clock.peak,
+            )
 
         prefill = step("prefill", 0, prompt_len, prompt_len, graph=False)
         middle = prompt_len + new_tokens // 2 - 1  # the slot whose step has the mean filled length
@@ -172,10 +191,18 @@ class Simulator:
         with self.clock.recording() as issued:
             ctx = host.context(pad, slots, kv_len)
         with self.cost.pause():
-            ctx = ForwardContext([dataclasses.replace(s, slots=s.slots.to("meta"), cos=s.cos.to("meta"),
-                                                      sin=s.sin.to("meta"),
-                                                      mask=None if s.mask is None else s.mask.to("meta"))
-                                  for s in ctx.segments])
+            ctx = ForwardContext(
+                [
+                    dataclasses.replace(
+                        s,
+                        slots=s.slots.to("meta"),
+                        cos=s.cos.to("meta"),
+                        sin=s.sin.to("meta"),
+                        mask=None if s.mask is None else s.mask.to("meta"),
+                    )
+                    for s in ctx.segments
+                ]
+            )
         self._contexts[key] = ctx, issued
         return ctx
 
@@ -183,8 +210,10 @@ class Simulator:
         need = sum(memory.values())
         if need > self.device.memory_bytes:
             parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.1f} GB" for k, v in memory.items())
-            raise DoesNotFit(f"does not fit: the heaviest rank at tp={tp}, batch={batch} needs {need / GB:.1f} GB "
-                             f"({parts}) and {self.device.name} has {self.device.memory_bytes / GB:.0f} GB")
+            raise DoesNotFit(
+                f"does not fit: the heaviest rank at tp={tp}, batch={batch} needs {need / GB:.1f} GB "
+                f"({parts}) and {self.device.name} has {self.device.memory_bytes / GB:.0f} GB"
+            )
 
 
 def load_profiles(device_profile: str, interconnect: str) -> tuple[DeviceProfile, Profile]:
@@ -194,11 +223,17 @@ def load_profiles(device_profile: str, interconnect: str) -> tuple[DeviceProfile
 def row_values(generation: SimulatedGeneration) -> dict:
     """Latency row fields of a simulated generation (the fields measured rows have)."""
     timings, decode = Timings(), generation.decode
-    timings.add(1e3 * generation.prefill.seconds, 1e3 * decode.seconds if decode else None,
-                1e3 * generation.e2e_s, generation.exposed_s / generation.e2e_s)
+    timings.add(
+        1e3 * generation.prefill.seconds,
+        1e3 * decode.seconds if decode else None,
+        1e3 * generation.e2e_s,
+        generation.exposed_s / generation.e2e_s,
+    )
     return summarise(timings, generation.batch, generation.new_tokens) | {
         "comm_fraction_status": "simulated: share of the time with a collective in flight and no compute running",
-        "telemetry_status": "n/a: simulated (no device ran)", "telemetry": {}}
+        "telemetry_status": "n/a: simulated (no device ran)",
+        "telemetry": {},
+    }
 
 
 @functools.lru_cache(maxsize=2)
@@ -214,11 +249,21 @@ def simulate_cell(cell) -> tuple[dict | None, str | None]:
         check_expressible(strategy)
         simulator = _simulator(cell.device_profile, cell.interconnect, cell.kernels)
         if cell.decode_mode not in simulator.regime.launches:
-            return None, (f"kernels={cell.kernels} runs its decode with {' or '.join(simulator.regime.launches)} "
-                          f"launches, not decode_mode={cell.decode_mode}")
+            return None, (
+                f"kernels={cell.kernels} runs its decode with {' or '.join(simulator.regime.launches)} "
+                f"launches, not decode_mode={cell.decode_mode}"
+            )
         rank, model = simulator.rank_model(cell.model, cell.dtype, cell.tp, strategy)
-        generation = simulator.generation(model, strategy, cell.tp, rank, cell.batch, cell.prompt_len,
-                                          cell.new_tokens, cell.decode_mode == "cuda_graph")
+        generation = simulator.generation(
+            model,
+            strategy,
+            cell.tp,
+            rank,
+            cell.batch,
+            cell.prompt_len,
+            cell.new_tokens,
+            cell.decode_mode == "cuda_graph",
+        )
         return row_values(generation), None
     except DoesNotFit as exc:
         return None, str(exc)

@@ -56,8 +56,10 @@ class Timeline:
 
     def __init__(self, device: DeviceProfile, collective_sms: int):
         if not 0 <= collective_sms < device.sms:
-            raise SpdbenchError(f"sms {collective_sms}: a collective's kernel must leave some of the "
-                                f"{device.sms} SMs of {device.name} to compute")
+            raise SpdbenchError(
+                f"sms {collective_sms}: a collective's kernel must leave some of the "
+                f"{device.sms} SMs of {device.name} to compute"
+            )
         self.device = device
         self.share = 1 - collective_sms / device.sms  # compute's share of the SMs while a collective runs
         self.barriers = []  # callbacks run before anything that orders work across streams
@@ -99,8 +101,12 @@ class Timeline:
             self.log.append(seconds)
         start = max(self._issued(), self.free[self.stream], ready)
         work = seconds + (self.device.launch_s["graph_node"] if self.graph else 0.0)
-        others = [k for stream, (kernels, ends) in self._stream_kernels.items() if stream != self.stream
-                  for k in kernels[bisect.bisect_right(ends, start):]]
+        others = [
+            k
+            for stream, (kernels, ends) in self._stream_kernels.items()
+            if stream != self.stream
+            for k in kernels[bisect.bisect_right(ends, start) :]
+        ]
         end = self._shared(start, work, others) if others else self._progress(start, work)
         self.free[self.stream] = end
         self.busy.append((start, end))
@@ -128,7 +134,7 @@ class Timeline:
     def _shared(self, start: float, work: float, others: list[tuple[float, float]]) -> float:
         """As ``_progress``, with kernels of other streams placed before: the device runs them first
         (two compute kernels share the SMs and the memory: the total work is what it is)."""
-        links = self.links[bisect.bisect_right(self._link_ends, start):]
+        links = self.links[bisect.bisect_right(self._link_ends, start) :]
         t, left = start, work
         while True:
             busy_until = max((end for begin, end in others if begin <= t < end), default=None)
@@ -223,7 +229,7 @@ class Timeline:
         starts, exposed = [m[0] for m in merged], 0.0
         for begin, end in self.links:
             exposed += end - begin
-            for a, b in merged[max(bisect.bisect_right(starts, begin) - 1, 0):bisect.bisect_left(starts, end)]:
+            for a, b in merged[max(bisect.bisect_right(starts, begin) - 1, 0) : bisect.bisect_left(starts, end)]:
                 exposed -= max(0.0, min(end, b) - max(begin, a))
         return exposed
 

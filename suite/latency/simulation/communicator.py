@@ -40,12 +40,19 @@ class SimulatedCommunicator(Communicator):
         if self.profile is None or self.cost is None:
             raise ProfileError("a simulated communicator needs an interconnect profile and a cost mode")
 
-    def _collective(self, collective: str, nbytes: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
-                    async_op: bool = False):
+    def _collective(
+        self,
+        collective: str,
+        nbytes: int,
+        inputs: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+        async_op: bool = False,
+    ):
         clock = self.cost.clock
         self.cost.flush()  # the kernels that make the inputs are issued first
-        end = clock.collective(self.profile.seconds(collective, self.world, nbytes, clock.launch),
-                               self.cost.ready(*inputs))
+        end = clock.collective(
+            self.profile.seconds(collective, self.world, nbytes, clock.launch), self.cost.ready(*inputs)
+        )
         self.cost.finished(end, *outputs)
         result = outputs[0] if len(outputs) == 1 else tuple(outputs)
         if async_op:
@@ -75,8 +82,9 @@ class SimulatedCommunicator(Communicator):
             return super().fused_sync(partial, residual, norm)
         synced = residual.new_empty(residual.shape)
         gathered = residual.new_empty((residual.shape[0] * self.world, *residual.shape[1:]))
-        return self._collective(FUSED_SYNC, partial.numel() * partial.element_size(), [partial, residual],
-                                [synced, gathered])
+        return self._collective(
+            FUSED_SYNC, partial.numel() * partial.element_size(), [partial, residual], [synced, gathered]
+        )
 
     def side_stream(self, device: torch.device):
         return self.cost.clock.side_stream()

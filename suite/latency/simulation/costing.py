@@ -47,8 +47,15 @@ from suite.latency.simulation.clock import Buffer, Timeline
 aten = torch.ops.aten
 GEMMS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
 GATHERS = {aten.embedding, aten.index_select, aten.index, aten.gather}
-SCATTERS = {aten.index_copy_, aten.index_copy, aten.index_put_, aten.index_put, aten.scatter_, aten.scatter,
-            aten.index_add_}
+SCATTERS = {
+    aten.index_copy_,
+    aten.index_copy,
+    aten.index_put_,
+    aten.index_put,
+    aten.scatter_,
+    aten.scatter,
+    aten.index_add_,
+}
 OVERWRITES = {aten.copy_, aten.fill_, aten.zero_}
 ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided}
 HOST_READS = {aten._local_scalar_dense}
@@ -101,15 +108,22 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def _signature(values) -> tuple:
-    return tuple((v.shape, v.stride(), v.dtype, v.device.type) if isinstance(v, torch.Tensor)
-                 else _signature(v) if isinstance(v, (list, tuple)) else v for v in values)
+    return tuple(
+        (v.shape, v.stride(), v.dtype, v.device.type)
+        if isinstance(v, torch.Tensor)
+        else _signature(v)
+        if isinstance(v, (list, tuple))
+        else v
+        for v in values
+    )
 
 
 def _plan(func) -> tuple[str, tuple[tuple[int, str], ...]]:
     """How an op is priced, and which of its arguments it writes in place (position, name)."""
     schema, packet = func._schema, func._overloadpacket
-    written = tuple((i, a.name) for i, a in enumerate(schema.arguments)
-                    if a.alias_info is not None and a.alias_info.is_write)
+    written = tuple(
+        (i, a.name) for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write
+    )
     if packet in HOST_READS:
         return "host_read", written
     if packet in METADATA or any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
@@ -301,8 +315,13 @@ class CostMode(TorchDispatchMode):
         buffer = self.buffers.get(activation)
         source = (tuple(activation.shape), activation.stride(), activation.storage_offset())
         pending = self._gemm
-        if (pending is not None and buffer is not None and pending.buffer is buffer and pending.source == source
-                and pending.rows == rows):  # one GEMM, wider
+        if (
+            pending is not None
+            and buffer is not None
+            and pending.buffer is buffer
+            and pending.source == source
+            and pending.rows == rows
+        ):  # one GEMM, wider
             # (an elementwise run on the first GEMM's output, e.g. SiLU(gate) before up, stays open)
             pending.flops += flops
             pending.nbytes += nbytes - tensor_bytes(activation)
@@ -310,15 +329,19 @@ class CostMode(TorchDispatchMode):
             pending.outputs.append(self._output(out, math.inf))
             return
         self._flush_run()
-        self._gemm = _Gemm(buffer, source, flops, nbytes, rows, float32, self._latest(inputs),
-                           [self._output(out, math.inf)])
+        self._gemm = _Gemm(
+            buffer, source, flops, nbytes, rows, float32, self._latest(inputs), [self._output(out, math.inf)]
+        )
 
     def _flush_gemm(self) -> None:
         pending, self._gemm = self._gemm, None
         if pending is not None:
-            end = self.clock.kernel(self.device.kernel_seconds("gemm", pending.flops, pending.nbytes,
-                                                               rows=pending.rows, float32=pending.float32),
-                                    pending.ready)
+            end = self.clock.kernel(
+                self.device.kernel_seconds(
+                    "gemm", pending.flops, pending.nbytes, rows=pending.rows, float32=pending.float32
+                ),
+                pending.ready,
+            )
             for buffer in pending.outputs:
                 buffer.ready = end
 
@@ -383,8 +406,9 @@ class CostMode(TorchDispatchMode):
 
     # ---------------------------------------------------------------- attention
 
-    def attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                  enable_gqa=False):
+    def attention(
+        self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    ):
         """``F.scaled_dot_product_attention`` as the regime's attention kernel runs it; returns an output of
         the right shape.
 
@@ -408,10 +432,15 @@ class CostMode(TorchDispatchMode):
             ready = self.clock.kernel(self.device.kernel_seconds("elementwise", 0, kv_bytes + repeated), ready)
             kv_bytes = repeated
         mask_bytes = q_len * k_len if mask == "explicit" else 0  # a boolean mask broadcast over rows and heads
-        flops = sdpa_flop_count((batch, heads, q_len, head_dim), (batch, heads, k_len, head_dim),
-                                (batch, heads, k_len, value.shape[-1])) * share
+        flops = (
+            sdpa_flop_count(
+                (batch, heads, q_len, head_dim), (batch, heads, k_len, head_dim), (batch, heads, k_len, value.shape[-1])
+            )
+            * share
+        )
         nbytes = 2 * tensor_bytes(query) + kv_bytes + mask_bytes
-        end = self.clock.kernel(self.device.kernel_seconds("attention", flops, nbytes, keys=k_len,
-                                                           causal=share < 1), ready)
+        end = self.clock.kernel(
+            self.device.kernel_seconds("attention", flops, nbytes, keys=k_len, causal=share < 1), ready
+        )
         self.buffers[out].ready = end
         return out

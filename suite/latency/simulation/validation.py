@@ -5,7 +5,8 @@ throughput) as the measured program ran it and gives the error of tokens/s per c
 worst; a measured OOM is matched by a simulated "does not fit". ``validate_dataset`` does the same for a
 table of prefill times, decode step times or end-to-end batch times (``measure``), each simulated under
 the kernel regime, profiles and launch mode its implementation ran; cells left out of the summary (a
-regime the simulation does not model) stay listed with the reason. ``DATASETS`` are the shipped ones. ``validate_gemm`` prices published
+regime the simulation does not model) stay listed with the reason. ``DATASETS`` are the shipped ones.
+``validate_gemm`` prices published
 per-kernel GEMM times with the device profiles. ``markdown`` renders both as ``docs/validation.md``, so the
 document is regenerated, never edited, when a profile changes.
 """
@@ -26,8 +27,11 @@ PEERS_DIR = Path(__file__).parents[1] / "peers"  # other tools' outputs on the p
 BAR = {"median_abs_error_pct": 15.0, "worst_abs_error_pct": 35.0}  # the bar of the required cells
 TARGET = {"median_abs_error_pct": 10.0, "worst_abs_error_pct": 25.0}  # per dataset, beyond batch-1 decode
 DATASETS = ("argonne-vllm-h100", "lmdeploy-llama2-70b", "splitwise-prefill")
-MEASURES = {"prefill_ms": lambda run: 1e3 * run.prefill.seconds, "e2e_s": lambda run: run.e2e_s,
-            "decode_ms": lambda run: 1e3 * run.decode.seconds}
+MEASURES = {
+    "prefill_ms": lambda run: 1e3 * run.prefill.seconds,
+    "e2e_s": lambda run: run.e2e_s,
+    "decode_ms": lambda run: 1e3 * run.decode.seconds,
+}
 TEMPLATE = Path(__file__).with_name("validation.md.j2")
 
 
@@ -42,18 +46,28 @@ def load_published(name_or_path: str) -> dict:
 def _summary(cells: list[dict]) -> dict:
     errors = [c for c in cells if c["error_pct"] is not None]
     if not errors:
-        return {"cells": 0, "median_abs_error_pct": None, "worst_abs_error_pct": None, "worst_cell": None,
-                "oom_matched": sum(c["oom_matched"] for c in cells), "oom_cells": sum(c["published"] == "OOM"
-                                                                                       for c in cells)}
-    worst = max(errors, key=lambda c: abs(c["error_pct"]))
-    return {"cells": len(errors), "median_abs_error_pct": statistics.median(abs(c["error_pct"]) for c in errors),
-            "worst_abs_error_pct": abs(worst["error_pct"]), "worst_cell": f"{worst['model']} tp={worst['tp']}",
+        return {
+            "cells": 0,
+            "median_abs_error_pct": None,
+            "worst_abs_error_pct": None,
+            "worst_cell": None,
             "oom_matched": sum(c["oom_matched"] for c in cells),
-            "oom_cells": sum(c["published"] == "OOM" for c in cells)}
+            "oom_cells": sum(c["published"] == "OOM" for c in cells),
+        }
+    worst = max(errors, key=lambda c: abs(c["error_pct"]))
+    return {
+        "cells": len(errors),
+        "median_abs_error_pct": statistics.median(abs(c["error_pct"]) for c in errors),
+        "worst_abs_error_pct": abs(worst["error_pct"]),
+        "worst_cell": f"{worst['model']} tp={worst['tp']}",
+        "oom_matched": sum(c["oom_matched"] for c in cells),
+        "oom_cells": sum(c["published"] == "OOM" for c in cells),
+    }
 
 
-def validate_decode(published: dict, device_profile: str | None = None, interconnect: str | None = None,
-                    strategy: str = "baseline") -> dict:
+def validate_decode(
+    published: dict, device_profile: str | None = None, interconnect: str | None = None, strategy: str = "baseline"
+) -> dict:
     """Every cell of ``published`` simulated as it was measured: per-cell errors and summaries."""
     import torch
 
@@ -76,33 +90,78 @@ def validate_decode(published: dict, device_profile: str | None = None, intercon
         layout = chosen.layout(source.config, cell["tp"])
         rank = heaviest_rank(source.config, cell["tp"], layout)
         model = build_weightless_rank_model(source.config, cell["tp"], rank, DTYPES[setting["dtype"]], layout)
-        row = {"model": cell["model"], "preset": cell["preset"], "tp": cell["tp"], "required": cell["required"],
-               "published": cell.get("tokens_per_s", cell.get("outcome"))}
+        row = {
+            "model": cell["model"],
+            "preset": cell["preset"],
+            "tp": cell["tp"],
+            "required": cell["required"],
+            "published": cell.get("tokens_per_s", cell.get("outcome")),
+        }
         try:
             with torch.no_grad():
-                run = simulator.generation(model, chosen, cell["tp"], rank, setting["batch"], setting["prompt_len"],
-                                           setting["new_tokens"], setting["decode_mode"] == "cuda_graph")
+                run = simulator.generation(
+                    model,
+                    chosen,
+                    cell["tp"],
+                    rank,
+                    setting["batch"],
+                    setting["prompt_len"],
+                    setting["new_tokens"],
+                    setting["decode_mode"] == "cuda_graph",
+                )
         except DoesNotFit as exc:
-            rows.append(row | {"simulated": "does not fit", "error_pct": None, "note": str(exc),
-                               "oom_matched": row["published"] == "OOM", "decode_ms": None, "link_ms": None,
-                               "kernels": None})
+            rows.append(
+                row
+                | {
+                    "simulated": "does not fit",
+                    "error_pct": None,
+                    "note": str(exc),
+                    "oom_matched": row["published"] == "OOM",
+                    "decode_ms": None,
+                    "link_ms": None,
+                    "kernels": None,
+                }
+            )
             continue
         simulated = setting["batch"] * setting["new_tokens"] / run.e2e_s
         measured = row["published"] if isinstance(row["published"], (int, float)) else None
-        rows.append(row | {"simulated": simulated, "oom_matched": False, "note": "",
-                           "error_pct": 100 * (simulated / measured - 1) if measured else None,
-                           "decode_ms": 1e3 * run.decode.seconds, "link_ms": 1e3 * run.decode.link_s,
-                           "kernels": run.decode.kernels})
+        rows.append(
+            row
+            | {
+                "simulated": simulated,
+                "oom_matched": False,
+                "note": "",
+                "error_pct": 100 * (simulated / measured - 1) if measured else None,
+                "decode_ms": 1e3 * run.decode.seconds,
+                "link_ms": 1e3 * run.decode.link_s,
+                "kernels": run.decode.kernels,
+            }
+        )
     peer = _peer(published["name"], rows)
     required = [r for r in rows if r["required"]]
     summary = _summary(required)
-    meets = (summary["cells"] > 0 and summary["oom_matched"] == summary["oom_cells"]
-             and all(summary[k] <= v for k, v in BAR.items()))
-    return {"name": published["name"], "title": published["title"], "sources": published["sources"],
-            "setting": published["setting"], "simulation": setting, "cells": rows, "required": summary,
-            "all": _summary(rows), "bar": BAR, "meets_bar": meets, "peer": peer,
-            "profiles": {"device": {"name": device.name, "sources": device.sources, "method": device.method},
-                         "interconnect": {"name": link.name, "sources": link.sources, "method": link.method}}}
+    meets = (
+        summary["cells"] > 0
+        and summary["oom_matched"] == summary["oom_cells"]
+        and all(summary[k] <= v for k, v in BAR.items())
+    )
+    return {
+        "name": published["name"],
+        "title": published["title"],
+        "sources": published["sources"],
+        "setting": published["setting"],
+        "simulation": setting,
+        "cells": rows,
+        "required": summary,
+        "all": _summary(rows),
+        "bar": BAR,
+        "meets_bar": meets,
+        "peer": peer,
+        "profiles": {
+            "device": {"name": device.name, "sources": device.sources, "method": device.method},
+            "interconnect": {"name": link.name, "sources": link.sources, "method": link.method},
+        },
+    }
 
 
 def validate_dataset(published: dict) -> dict:
@@ -129,17 +188,37 @@ def validate_dataset(published: dict) -> dict:
             chosen = bound_strategy(setting["strategy"], {}, source, cell["tp"])
             layout = chosen.layout(source.config, cell["tp"])
             rank = heaviest_rank(source.config, cell["tp"], layout)
-            models = {key: (chosen, rank, build_weightless_rank_model(source.config, cell["tp"], rank,
-                                                                      DTYPES[setting["dtype"]], layout))}
+            models = {
+                key: (
+                    chosen,
+                    rank,
+                    build_weightless_rank_model(source.config, cell["tp"], rank, DTYPES[setting["dtype"]], layout),
+                )
+            }
         chosen, rank, model = models[key]
         batch, new_tokens = cell.get("batch", 1), cell.get("new_tokens", 1)
-        row = {"model": cell["preset"], "hardware": names[0], "tp": cell["tp"], "batch": batch,
-               "prompt_len": cell["prompt_len"], "new_tokens": new_tokens, "published": cell["measured"],
-               "required": cell["required"]}
+        row = {
+            "model": cell["preset"],
+            "hardware": names[0],
+            "tp": cell["tp"],
+            "batch": batch,
+            "prompt_len": cell["prompt_len"],
+            "new_tokens": new_tokens,
+            "published": cell["measured"],
+            "required": cell["required"],
+        }
         try:
             with torch.no_grad():
-                run = simulators[names].generation(model, chosen, cell["tp"], rank, batch, cell["prompt_len"],
-                                                   new_tokens, setting["decode_mode"] == "cuda_graph")
+                run = simulators[names].generation(
+                    model,
+                    chosen,
+                    cell["tp"],
+                    rank,
+                    batch,
+                    cell["prompt_len"],
+                    new_tokens,
+                    setting["decode_mode"] == "cuda_graph",
+                )
         except DoesNotFit as exc:
             rows.append(row | {"simulated": None, "error_pct": None, "note": str(exc)})
             continue
@@ -147,15 +226,28 @@ def validate_dataset(published: dict) -> dict:
         rows.append(row | {"simulated": simulated, "error_pct": 100 * (simulated / cell["measured"] - 1), "note": ""})
     summary = _errors([r for r in rows if r["required"]])
     meets = summary["cells"] > 0 and all(summary[k] <= v for k, v in TARGET.items())
-    return {"name": published["name"], "title": published["title"], "sources": published["sources"],
-            "setting": published["setting"], "left_out": published.get("left_out", ""), "measure": published["measure"],
-            "simulation": setting, "cells": rows, "summary": summary, "target": TARGET, "meets_target": meets}
+    return {
+        "name": published["name"],
+        "title": published["title"],
+        "sources": published["sources"],
+        "setting": published["setting"],
+        "left_out": published.get("left_out", ""),
+        "measure": published["measure"],
+        "simulation": setting,
+        "cells": rows,
+        "summary": summary,
+        "target": TARGET,
+        "meets_target": meets,
+    }
 
 
 def _errors(rows: list[dict]) -> dict:
     errors = [abs(r["error_pct"]) for r in rows if r["error_pct"] is not None]
-    return {"cells": len(errors), "median_abs_error_pct": statistics.median(errors) if errors else None,
-            "worst_abs_error_pct": max(errors) if errors else None}
+    return {
+        "cells": len(errors),
+        "median_abs_error_pct": statistics.median(errors) if errors else None,
+        "worst_abs_error_pct": max(errors) if errors else None,
+    }
 
 
 def overall(decode: dict, datasets: list[dict]) -> dict:
@@ -180,8 +272,11 @@ def _peer(table: str, rows: list[dict]) -> dict | None:
     summaries = {}
     for key, chosen in (("required", [r for r in rows if r["required"]]), ("all", rows)):
         errors = [abs(r["peer_error_pct"]) for r in chosen if r["peer_error_pct"] is not None]
-        summaries[key] = {"cells": len(errors), "median_abs_error_pct": statistics.median(errors),
-                          "worst_abs_error_pct": max(errors)}
+        summaries[key] = {
+            "cells": len(errors),
+            "median_abs_error_pct": statistics.median(errors),
+            "worst_abs_error_pct": max(errors),
+        }
     return {"tool": data["tool"], "command": data["command"], "call": data["call"], **summaries}
 
 
@@ -194,13 +289,22 @@ def validate_gemm(published: dict) -> list[dict]:
         for m, ms in cell["times_ms"]:
             nbytes = size * (m * k + k * n + m * n)
             modelled = 1e3 * device.kernel_seconds("gemm", 2 * m * k * n, nbytes, rows=m)
-            rows.append({"device_profile": device.name, "m": m, "published_ms": ms, "modelled_ms": modelled,
-                         "error_pct": 100 * (modelled / ms - 1), "profile_from": m in cell.get("profile_from", [])})
+            rows.append(
+                {
+                    "device_profile": device.name,
+                    "m": m,
+                    "published_ms": ms,
+                    "modelled_ms": modelled,
+                    "error_pct": 100 * (modelled / ms - 1),
+                    "profile_from": m in cell.get("profile_from", []),
+                }
+            )
     return rows
 
 
 def markdown(decode: dict, gemm: list[dict], datasets: list[dict], command: str) -> str:
     """``docs/validation.md``: the comparison, its sources and the command that regenerates it."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(TEMPLATE.read_text()).render(decode=decode, gemm=gemm, datasets=datasets,
-                                                        overall=overall(decode, datasets), command=command)
+    return env.from_string(TEMPLATE.read_text()).render(
+        decode=decode, gemm=gemm, datasets=datasets, overall=overall(decode, datasets), command=command
+    )
