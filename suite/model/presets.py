@@ -22,6 +22,10 @@ _LLAMA31_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+_LLAMA31 = dict(_LLAMA3, max_position_embeddings=131072, rope_parameters=_LLAMA31_ROPE)  # 128K context
+_LLAMA_70B = dict(
+    hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672
+)
 
 PRESETS: dict[str, dict] = {
     "llama2-7b": dict(
@@ -40,14 +44,7 @@ PRESETS: dict[str, dict] = {
         num_key_value_heads=40,
         intermediate_size=13824,
     ),
-    "llama2-70b": dict(
-        _LLAMA2,
-        hidden_size=8192,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        intermediate_size=28672,
-    ),
+    "llama2-70b": dict(_LLAMA2, **_LLAMA_70B),
     "llama3-8b": dict(
         _LLAMA3,
         hidden_size=4096,
@@ -56,55 +53,26 @@ PRESETS: dict[str, dict] = {
         num_key_value_heads=8,
         intermediate_size=14336,
     ),
-    "llama3-70b": dict(
-        _LLAMA3,
-        hidden_size=8192,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        intermediate_size=28672,
-    ),
+    "llama3-70b": dict(_LLAMA3, **_LLAMA_70B),
     "llama3.1-8b": dict(
-        _LLAMA3,
+        _LLAMA31,
         hidden_size=4096,
         num_hidden_layers=32,
         num_attention_heads=32,
         num_key_value_heads=8,
         intermediate_size=14336,
-        max_position_embeddings=131072,
-        rope_parameters=_LLAMA31_ROPE,
     ),
     # Llama-3.1-70B and Llama-3.3-70B: Llama-3-70B's shapes with 128K context and llama3 RoPE scaling
     # (their Hugging Face config.json files)
-    "llama3.1-70b": dict(
-        _LLAMA3,
-        hidden_size=8192,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        intermediate_size=28672,
-        max_position_embeddings=131072,
-        rope_parameters=_LLAMA31_ROPE,
-    ),
-    "llama3.3-70b": dict(
-        _LLAMA3,
-        hidden_size=8192,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        intermediate_size=28672,
-        max_position_embeddings=131072,
-        rope_parameters=_LLAMA31_ROPE,
-    ),
+    "llama3.1-70b": dict(_LLAMA31, **_LLAMA_70B),
+    "llama3.3-70b": dict(_LLAMA31, **_LLAMA_70B),
     "llama3.1-405b": dict(
-        _LLAMA3,
+        _LLAMA31,
         hidden_size=16384,
         num_hidden_layers=126,
         num_attention_heads=128,
         num_key_value_heads=8,
         intermediate_size=53248,
-        max_position_embeddings=131072,
-        rope_parameters=_LLAMA31_ROPE,
     ),
     "smollm2-135m": dict(
         vocab_size=49152,
