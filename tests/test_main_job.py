@@ -71,12 +71,12 @@ def test_second_run_adds_no_rows(two_runs):
     out, _, after_first, second = two_runs
     assert set(after_first) == {"accuracy.jsonl", "bench.jsonl", "perplexity.jsonl", "spd.jsonl"}
     # 8 strategies' latency cells (the composites too) at the largest N (2); at N=2 (the N with communication)
-    # 5 usable strategies x (acc, acc_norm) of piqa and their perplexity; 2 blocks' sensitivity at
+    # 6 usable strategies x (acc, acc_norm) of piqa and their perplexity; 2 blocks' sensitivity at
     # N=2, its stability at two budgets, and the zero-shot perplexity sweep at 0/25/50/75/100% of the blocks
     assert {name: len(rows) for name, rows in after_first.items()} == {
         "bench.jsonl": 8,
-        "accuracy.jsonl": 10,
-        "perplexity.jsonl": 5,
+        "accuracy.jsonl": 12,
+        "perplexity.jsonl": 6,
         "spd.jsonl": 9,
     }
     assert (
@@ -101,10 +101,10 @@ def test_every_row_names_the_step_that_wrote_it(two_runs):
     }
     assert commands["perplexity.jsonl"] == {
         f"spdbench spd ppl --model random:tiny --tp 2 --strategy baseline --strategy spd:plan={out}/spd/plan-tp2.json "
-        f"--strategy spd+ladder:plan={out}/spd/plan-tp2.json --strategy ladder --strategy tokenweave --samples 16 "
-        f"--seq-len 128 --out {out}/perplexity.jsonl"
+        f"--strategy spd+ladder:plan={out}/spd/plan-tp2.json --strategy spd+tokenweave:plan={out}/spd/plan-tp2.json "
+        f"--strategy ladder --strategy tokenweave --samples 16 --seq-len 128 --out {out}/perplexity.jsonl"
     }
-    # one launch scored the 5 strategies; each row names the single-strategy command that reproduces it
+    # one launch scored the 6 strategies; each row names the single-strategy command that reproduces it
     plan = f"{out}/spd/plan-tp2.json"
     assert commands["accuracy.jsonl"] == {
         f"spdbench eval --model random:tiny --tp 2 --strategy {name}{options} --tasks piqa --limit 2 "
@@ -113,6 +113,7 @@ def test_every_row_names_the_step_that_wrote_it(two_runs):
             ("baseline", ""),
             ("spd", f" --strategy-opt plan={plan}"),
             ("spd+ladder", f" --strategy-opt plan={plan}"),
+            ("spd+tokenweave", f" --strategy-opt plan={plan}"),
             ("ladder", ""),
             ("tokenweave", ""),
         ]
@@ -168,13 +169,9 @@ def test_simulated_step_asks_for_the_same_strategies_and_plans(tmp_path):
     small = [c for c in cells if c.model == "smollm2-135m"]
     assert {(c.tp, c.strategy) for c in small} == {(n, s) for n in (1, 2, 4) for s in STRATEGIES}
     for c in small:  # every usable strategy's accuracy is measured with the options it is simulated with (N > 1)
-        # seqpar, spd+tokenweave compute what tokenweave, spd do; nocomm is no model; the exact baseline's
-        # accuracy does not depend on N: it runs at the first N > 1 only
-        if (
-            c.strategy not in ("seqpar", "spd+tokenweave", "nocomm")
-            and c.tp > 1
-            and (c.strategy != "baseline" or c.tp == 2)
-        ):
+        # seqpar computes what tokenweave does; nocomm is no model; the exact baseline's accuracy does not
+        # depend on N: it runs at the first N > 1 only
+        if c.strategy not in ("seqpar", "nocomm") and c.tp > 1 and (c.strategy != "baseline" or c.tp == 2):
             options = tuple(f"{k}={v}" for k, v in c.strategy_options.items())
             assert (str(c.tp), c.strategy, options) in evals
     for name in ("spd", "spd+ladder", "spd+tokenweave"):  # the composites run the same plans
