@@ -31,7 +31,7 @@ SYSTEMS = {
     "a100-nvlink": ("a100-sxm-80gb", "a100-nvlink", [2, 4, 8]),
     "a100-pcie-nop2p": ("a100-sxm-80gb", "pcie-nop2p", [2, 4, 8]),
     "h100-nvswitch": ("h100-sxm", "h100-nvswitch", [2, 4, 8]),
-    "h100-multimem": ("h100-sxm", "h100-nvswitch-multimem", [8]),  # the profile covers N = 8
+    "h100-multimem": ("h100-sxm", "h100-nvswitch-multimem", [2, 4, 8]),
     "h200-nvswitch": ("h200", "h100-nvswitch", [2, 4, 8]),
     "h100-ib-2node": ("h100-sxm", "ib-2node", [16]),
 }
