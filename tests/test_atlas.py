@@ -91,7 +91,7 @@ def test_atlas_matrix_covers_the_systems_and_passes_bench_keys_through():
     assert m["kernels"] == "compiled" and m["batch"] == [1, 16]
     assert [(s["interconnect"], s["tp"]) for s in m["matrices"]] == [("h100-nvswitch", [2, 4, 8]), ("ib-2node", [16])]
     multimem = atlas.matrix({"random:llama3-8b": 32}, ["h100-multimem"], None, [1], ["baseline"], {})
-    assert multimem["matrices"][0]["tp"] == [8]  # the only N its profile covers
+    assert multimem["matrices"][0]["tp"] == [2, 4, 8]  # its profile models NVLS at N = 2, 4 and 8
     assert m["matrices"][0]["strategies"] == [
         "baseline",
         {"name": "spd", "options": {"blocks": "last:40"}},
