@@ -8,6 +8,7 @@ taken from the code under test."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,9 @@ from suite.latency import devbench
 from suite.latency.bench import expand, run
 from suite.latency.device import DeviceProfile, DeviceProfileError, available_devices, load_device
 from suite.latency.interconnect import Profile
-from suite.latency.simulation import CostMode, SimulatedCommunicator, Timeline, simulate_cells
+from suite.latency.simulation import CostMode, SimulatedCommunicator, Timeline, kernel_checks, simulate_cells
 from suite.latency.simulation.costing import lower_right_share
-from suite.latency.simulation.validation import load_published, validate_gemm
+from suite.latency.simulation.validation import load_published
 from suite.model.sharding import build_weightless_rank_model
 from suite.model.sources import resolve
 from suite.parallel.strategy import bound_strategy
@@ -735,10 +736,54 @@ def test_published_tables_carry_their_sources():
 
 
 def test_gemm_model_against_vidur_times():
-    rows = validate_gemm(load_published("vidur-gemm"))
+    rows = kernel_checks.gemms(load_published("vidur-gemm"))
     assert {r["device_profile"] for r in rows} == {"h100-sxm", "a100-sxm-80gb"}
     for r in rows:
         assert abs(r["error_pct"]) < (30 if r["m"] == 128 else 12), r  # the ridge (M = 128) is the roofline's worst
+
+
+def test_gemm_model_holds_on_every_profiled_layer_gemm():
+    """Vidur's GEMMs of five models at TP 1-8 (none of them the points the profiles came from)."""
+    rows = kernel_checks.gemms(load_published("vidur-gemm-checks"))
+    assert len(rows) > 700
+    for group in kernel_checks.summary(rows, ("device_profile", "model")):
+        assert group["median_abs_error_pct"] < 10, group
+
+
+def test_kernel_checks_price_decode_attention_and_all_reduce_by_hand():
+    decode = next(r for r in kernel_checks.attention(load_published("vidur-attention")) if r["batch"] == 64)
+    # 32 query / 4 KV heads of 128 over 1473 keys, fp16: bandwidth-bound (8 FLOPs per byte)
+    nbytes = 2 * 64 * 128 * (2 * 32 + 2 * 4 * 1473)
+    assert decode["modelled_ms"] == pytest.approx(1e3 * (5.2e-6 + nbytes / 1700e9))
+    assert decode["error_pct"] == pytest.approx(100 * (decode["modelled_ms"] / 0.16 - 1))
+    row = next(r for r in kernel_checks.all_reduces(load_published("vidur-all-reduce")) if r["n"] == 8)
+    assert row["interconnect"] == "a100-nvlink" and row["bytes_middle"] == 23170  # sqrt(8 KiB x 64 KiB)
+    assert row["modelled_ms"] == pytest.approx(33.7e-3, rel=0.05)  # the profile's 8-GPU floor, 1 us of bandwidth
+
+
+def test_vidur_cells_are_the_data_folders_medians():
+    data = os.environ.get("SPDBENCH_DATA")
+    if not data:
+        pytest.skip("SPDBENCH_DATA is not set")
+    import pandas as pd
+
+    raw = pd.read_csv(Path(data) / "published" / "vidur-network-h100_dgx_all_reduce.csv")
+    raw = raw[(raw.num_workers == 4) & (raw.devices_per_node == 4) & raw["size"].between(1 << 20, (4 << 20) - 1)]
+    cell = next(
+        c
+        for c in load_published("vidur-all-reduce")["cells"]
+        if c["interconnect"] == "h100-nvswitch" and c["n"] == 4 and c["bytes_from"] == 1 << 20
+    )
+    assert cell["median_us"] == pytest.approx(1e3 * raw["time_stats.all_reduce.median"].median(), abs=0.05)
+    raw = pd.read_csv(Path(data) / "published" / "vidur-compute-a100-Meta-Llama-3-8B_mlp.csv")
+    raw = raw[(raw.num_tensor_parallel_workers == 4) & (raw.num_tokens == 1024)]
+    cell = next(
+        c
+        for c in load_published("vidur-gemm-checks")["cells"]
+        if c["model"] == "Meta-Llama-3-8B" and c["tp"] == 4 and c["op"] == "mlp_up_proj"
+    )
+    assert (cell["k"], cell["n"]) == (4096, 2 * 14336 // 4)
+    assert dict(cell["times_ms"])[1024] == pytest.approx(raw["time_stats.mlp_up_proj.median"].median(), abs=1e-4)
 
 
 def test_validation_page_is_what_the_command_writes():
@@ -754,9 +799,11 @@ def test_validation_page_is_what_the_command_writes():
     for name in validation.DATASETS:
         table = load_published(name)
         datasets.append(validation.validate_dataset(table | {"cells": [table["cells"][0], table["cells"][-1]]}))
-    page = validation.markdown(decode, validate_gemm(load_published("vidur-gemm")), datasets, command)
+    page = validation.markdown(decode, kernel_checks.checks(), datasets, command)
     head = "## Beyond batch-1 decode"
     assert page.split(head)[0] == doc.split(head)[0]
+    kernels = "## Per kernel"  # up to the end of the profiles used
+    assert page.split(kernels)[1].split("## Why")[0] == doc.split(kernels)[1].split("## Why")[0]
     rows = [line for line in page.splitlines() if line.startswith("| llama")]
     assert len(rows) == 2 * len(datasets) and all(row in doc.splitlines() for row in rows)
     assert decode["meets_bar"] == (

@@ -22,14 +22,14 @@ def cmd_devbench(args, parser) -> int:
 
 
 def cmd_validate(args, parser) -> int:
-    from suite.latency.simulation import validation
+    from suite.latency.simulation import kernel_checks, validation
 
     published = validation.load_published(args.published)
     decode = validation.validate_decode(published, args.device_profile, args.interconnect)
-    gemm = validation.validate_gemm(validation.load_published(args.kernels))
+    kernels = kernel_checks.checks(args.kernels)
     datasets = [validation.validate_dataset(validation.load_published(name)) for name in validation.DATASETS]
     if args.json:
-        print(json.dumps({"decode": decode, "gemm": gemm, "datasets": datasets}, default=str))
+        print(json.dumps({"decode": decode, "kernels": kernels, "datasets": datasets}, default=str))
     else:
         import pandas as pd
 
@@ -60,7 +60,7 @@ def cmd_validate(args, parser) -> int:
             )
     if args.write:
         path = Path(args.write)
-        path.write_text(validation.markdown(decode, gemm, datasets, command_line()))
+        path.write_text(validation.markdown(decode, kernels, datasets, command_line()))
         print(f"written {path}")
     return 0
 
@@ -87,7 +87,11 @@ def add_validate_simulation(sub) -> None:
         "per cell, the median and the worst; --write renders docs/validation.md.",
     )
     p.add_argument("--published", default="gpt-fast-tp", help="published table: a shipped name or a file")
-    p.add_argument("--kernels", default="vidur-gemm", help="published per-kernel GEMM times: a shipped name or a file")
+    p.add_argument(
+        "--kernels",
+        default="vidur-gemm",
+        help="the GEMM times the device profiles were derived from: a shipped name or a file",
+    )
     p.add_argument("--device-profile", help="device profile (default: the table's own)")
     p.add_argument("--interconnect", help="interconnect profile (default: the table's own)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -6,9 +6,8 @@ worst; a measured OOM is matched by a simulated "does not fit". ``validate_datas
 table of prefill times, decode step times or end-to-end batch times (``measure``), each simulated under
 the kernel regime, profiles and launch mode its implementation ran; cells left out of the summary (a
 regime the simulation does not model) stay listed with the reason. ``DATASETS`` are the shipped ones.
-``validate_gemm`` prices published
-per-kernel GEMM times with the device profiles. ``markdown`` renders both as ``docs/validation.md``, so the
-document is regenerated, never edited, when a profile changes.
+``markdown`` renders them, with the per-kernel checks of ``kernel_checks``, as ``docs/validation.md``, so
+the document is regenerated, never edited, when a profile changes.
 """
 
 from __future__ import annotations
@@ -280,31 +279,9 @@ def _peer(table: str, rows: list[dict]) -> dict | None:
     return {"tool": data["tool"], "command": data["command"], "call": data["call"], **summaries}
 
 
-def validate_gemm(published: dict) -> list[dict]:
-    """Each published GEMM time against the device profile's price of the same GEMM."""
-    k, n, size = published["shape"]["k"], published["shape"]["n"], published["shape"]["dtype_bytes"]
-    rows = []
-    for cell in published["cells"]:
-        device = load_device(cell["device_profile"])
-        for m, ms in cell["times_ms"]:
-            nbytes = size * (m * k + k * n + m * n)
-            modelled = 1e3 * device.kernel_seconds("gemm", 2 * m * k * n, nbytes, rows=m)
-            rows.append(
-                {
-                    "device_profile": device.name,
-                    "m": m,
-                    "published_ms": ms,
-                    "modelled_ms": modelled,
-                    "error_pct": 100 * (modelled / ms - 1),
-                    "profile_from": m in cell.get("profile_from", []),
-                }
-            )
-    return rows
-
-
-def markdown(decode: dict, gemm: list[dict], datasets: list[dict], command: str) -> str:
+def markdown(decode: dict, kernels: dict, datasets: list[dict], command: str) -> str:
     """``docs/validation.md``: the comparison, its sources and the command that regenerates it."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(TEMPLATE.read_text()).render(
-        decode=decode, gemm=gemm, datasets=datasets, overall=overall(decode, datasets), command=command
+        decode=decode, kernels=kernels, datasets=datasets, overall=overall(decode, datasets), command=command
     )
