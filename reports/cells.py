@@ -36,3 +36,10 @@ def na(reason: str) -> Cell:
 
 def missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def plain(value) -> str:
+    """A scenario value as text: '' when missing, integral floats without '.0'."""
+    if missing(value):
+        return ""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
