@@ -43,3 +43,17 @@ def plain(value) -> str:
     if missing(value):
         return ""
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def change_cell(r, change, random: bool, fill) -> str | Cell:
+    """Row ``r``'s accuracy or perplexity change vs the baseline (``change``, with a ``text()``): n/a for
+    a model that is not usable or has random weights, ``fill()`` (an n/a with its command) when missing."""
+    if not r.usable_model:
+        return na("not a usable model")
+    if r.strategy == REFERENCE:
+        return "0 (reference)"
+    if change is not None:
+        return change.text()
+    if random:
+        return na("random weights: accuracy says nothing")
+    return fill()

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 
 from reports.analysis import ACCURACY_CONFIG, NOISE_SE, Change, accuracy_deltas
-from reports.cells import BOUND, REFERENCE, SCENARIO, SCENARIO_LABELS, Cell, na, plain
+from reports.cells import BOUND, REFERENCE, SCENARIO, SCENARIO_LABELS, Cell, change_cell, na, plain
 from reports.cells import missing as _missing
 from reports.fills import Fills
 from reports.frames import row_keys
@@ -27,18 +27,6 @@ def percent(value, se=None) -> str:
 
 def _strategy_cell(r) -> Cell:
     return Cell(r.strategy, "") if r.usable_model else Cell(f"{r.strategy} (not a usable model)", "bound")
-
-
-def _accuracy_cell(r, fills: Fills) -> Cell | str:
-    if not r.usable_model:
-        return na("not a usable model")
-    if r.strategy == REFERENCE:
-        return "0 (reference)"
-    if r.acc_delta is not None:
-        return r.acc_delta.text()
-    if is_random(r.model):
-        return na("random weights: accuracy says nothing")
-    return fills.accuracy(r)
 
 
 def _relative_cells(r, phase: str, fills: Fills) -> list:
@@ -140,7 +128,7 @@ def latency_sections(lat: pd.DataFrame, refs: Refs, fills: Fills) -> list[dict]:
                 row += [
                     *_relative_cells(r, "prefill", fills),
                     *_relative_cells(r, "decode", fills),
-                    _accuracy_cell(r, fills),
+                    change_cell(r, r.acc_delta, is_random(r.model), lambda: fills.accuracy(r)),
                 ]
             body.append(row + [_energy_cell(r), refs.cell(r.command, r.env)])
         sections.append(
