@@ -1,5 +1,6 @@
-"""The page's shared vocabulary: table cells, n/a with its reason, the reference strategies and the
-scenario fields a latency row is compared within."""
+"""The page's shared vocabulary: table cells, n/a with its reason, a change vs the baseline as a cell,
+scenario values as text, the reference strategies and the scenario fields a latency row is compared
+within."""
 
 from __future__ import annotations
 
