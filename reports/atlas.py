@@ -15,8 +15,6 @@ a method costs in accuracy, so a fourth panel keeps to the exact methods (``repo
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 
 import jinja2
@@ -143,23 +141,13 @@ def best_cells(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def heatmaps(best: pd.DataFrame) -> list[dict]:
     """Per model and batch (and any other key that varies): systems x N, one panel per phase, the best
     method and its speedup in each cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+
+    from reports.figures import png  # with matplotlib's Agg backend; not at module level: the CLI imports this module
 
     figures = []
     keys = [c for c in best.columns if c not in ("system", "tp", "phase", "best", "speedup", "why")]
@@ -191,7 +179,7 @@ def heatmaps(best: pd.DataFrame) -> list[dict]:
             ax.set(title=f"{label}: best, speedup over baseline", xlabel="N", ylabel="")
             ax.title.set_size(9)
         fig.suptitle(f"{title} (simulated)", fontsize=10, y=1.04)
-        figures.append({"title": title, "png": _png(fig)})
+        figures.append({"title": title, "png": png(fig, dpi=80)})
     return figures
 
 

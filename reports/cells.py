@@ -1,5 +1,6 @@
-"""The page's shared vocabulary: table cells, n/a with its reason, the reference strategies and the
-scenario fields a latency row is compared within."""
+"""The page's shared vocabulary: table cells, n/a with its reason, a change vs the baseline as a cell,
+scenario values as text, the reference strategies and the scenario fields a latency row is compared
+within."""
 
 from __future__ import annotations
 
@@ -36,3 +37,24 @@ def na(reason: str) -> Cell:
 
 def missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def plain(value) -> str:
+    """A scenario value as text: '' when missing, integral floats without '.0'."""
+    if missing(value):
+        return ""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def change_cell(r, change, random: bool, fill) -> str | Cell:
+    """Row ``r``'s accuracy or perplexity change vs the baseline (``change``, with a ``text()``): n/a for
+    a model that is not usable or has random weights, ``fill()`` (an n/a with its command) when missing."""
+    if not r.usable_model:
+        return na("not a usable model")
+    if r.strategy == REFERENCE:
+        return "0 (reference)"
+    if change is not None:
+        return change.text()
+    if random:
+        return na("random weights: accuracy says nothing")
+    return fill()

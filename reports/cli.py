@@ -17,7 +17,8 @@ def cmd_report(args, parser) -> int:
     if missing:  # answered before pandas and matplotlib load
         raise SpdbenchError(f"results {missing[0]}: no such file or folder")
     from reports import gate
-    from reports.render import load, write
+    from reports.frames import load
+    from reports.render import write
 
     max_drop = gate.parse_limits(args.max_accuracy_drop, "--max-accuracy-drop")
     min_accuracy = gate.parse_limits(args.min_accuracy, "--min-accuracy")

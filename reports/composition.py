@@ -30,7 +30,7 @@ def parts(strategy: str, options: dict | None) -> list[tuple[str, dict]]:
 
 def comparisons(lat: pd.DataFrame) -> pd.DataFrame:
     """One row per (composite row, part, step) whose part row exists: both medians and, where the rows
-    have them, whether their p10-p90 spreads overlap. ``lat``: ``render.latency_table``'s frame."""
+    have them, whether their p10-p90 spreads overlap. ``lat``: ``analysis.latency_table``'s frame."""
     out = []
     for _, g in lat.groupby("scenario", sort=False):
         for r in g[g.strategy.isin(list(COMPOSITES))].itertuples():

@@ -26,18 +26,19 @@ PHASES = {"prefill_ms_median": "prefill (ms)", "decode_ms_per_token_median": "de
 SPEEDUPS = {"prefill_speedup": "prefill speedup", "decode_speedup": "decode speedup"}
 
 
-def _png(fig) -> str:
+def png(fig, dpi: int = 90) -> str:
+    """A matplotlib figure as a base64 PNG; the figure is closed."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _figure(title: str, caption: str, fig) -> dict:
-    return {"title": title, "caption": caption, "png": _png(fig)}
+def figure(title: str, caption: str, fig) -> dict:
+    return {"title": title, "caption": caption, "png": png(fig)}
 
 
-def _missing(title: str, reason: str, fill: str | None = None) -> dict:
+def missing_figure(title: str, reason: str, fill: str | None = None) -> dict:
     return {"title": title, "missing": reason, "fill": fill}
 
 
@@ -103,13 +104,13 @@ def _log_if_decades(ax, values) -> None:
 def latency_vs_n(lat: pd.DataFrame) -> dict:
     title = "Latency vs N per strategy"
     if lat.empty:
-        return _missing(title, NO_LATENCY, FILL_LATENCY)
+        return missing_figure(title, NO_LATENCY, FILL_LATENCY)
     df = lat.assign(strategy_label=_label(lat), setting=_setting(lat)).melt(
         id_vars=["strategy_label", "setting", "model", "tp"], value_vars=list(PHASES), var_name="phase", value_name="ms"
     )
     df = df.dropna(subset=["ms"]).assign(phase=lambda d: d.phase.map(PHASES))
     if df.empty:
-        return _missing(title, "the latency rows have no timings")
+        return missing_figure(title, "the latency rows have no timings")
     g = sns.relplot(
         df,
         x="tp",
@@ -135,7 +136,7 @@ def latency_vs_n(lat: pd.DataFrame) -> dict:
         ax.set_xticks(sorted(df[df.setting == setting].tp.unique()))
     g.set_titles("{row_name}\n{col_name}", size=9).set_axis_labels("N (tensor-parallel ranks)", "median latency")
     g.legend.set_title("strategy")
-    return _figure(
+    return figure(
         title,
         "median prefill latency and decode time per token; panels of one model and phase share "
         "their scale (logarithmic where the values span decades); lower is better",
@@ -146,7 +147,7 @@ def latency_vs_n(lat: pd.DataFrame) -> dict:
 def speedup_bars(lat: pd.DataFrame) -> dict:
     title = "Speedup over baseline"
     if lat.empty:
-        return _missing(title, NO_LATENCY, FILL_LATENCY)
+        return missing_figure(title, NO_LATENCY, FILL_LATENCY)
     df = lat[lat.strategy != "baseline"].assign(strategy_label=_label(lat), setting=_setting(lat))
     df = (
         df.melt(
@@ -159,7 +160,7 @@ def speedup_bars(lat: pd.DataFrame) -> dict:
         .assign(phase=lambda d: d.phase.map(SPEEDUPS))
     )
     if df.empty:
-        return _missing(
+        return missing_figure(
             title,
             "no scenario has both a baseline row and another strategy",
             "add baseline to the strategies of the latency matrix and re-run it",
@@ -184,7 +185,7 @@ def speedup_bars(lat: pd.DataFrame) -> dict:
     g.refline(y=1, color="grey", linestyle="--")
     g.set_titles("{row_name}\n{col_name}", size=9).set_axis_labels("N (tensor-parallel ranks)", "t_baseline / t")
     g.legend.set_title("strategy")
-    return _figure(
+    return figure(
         title,
         "prefill and decode of one setting share their scale; above the dashed line is faster than "
         "the baseline; nocomm is the no-communication bound (not a usable model)",
@@ -212,11 +213,11 @@ def _front(x: pd.Series, y: pd.Series) -> list[tuple[float, float]]:
 def pareto(lat: pd.DataFrame) -> dict:
     title = "Pareto: decode speedup vs accuracy change"
     if lat.empty or "acc_delta" not in lat:
-        return _missing(title, NO_LATENCY, FILL_LATENCY)
+        return missing_figure(title, NO_LATENCY, FILL_LATENCY)
     usable = lat[lat.usable_model.astype(bool) & (lat.strategy != "baseline")]
     usable = usable[usable.acc_delta.notna() & usable.decode_speedup.notna()]
     if usable.empty:
-        return _missing(
+        return missing_figure(
             title,
             "no usable strategy besides the baseline has both latency rows (simulated, GPU-measured "
             "or projected) and accuracy rows at the same N",
@@ -270,7 +271,7 @@ def pareto(lat: pd.DataFrame) -> dict:
         )
         ax.title.set_size(9)
     axes[0][-1].legend(fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return _figure(
+    return figure(
         title,
         "up and to the right is better; the star is the baseline; bars span ± 2 standard errors "
         "of the accuracy change (a bar that crosses 0 is within noise); marker shape: N; dotted: "
@@ -283,10 +284,10 @@ def accuracy_change(acc: pd.DataFrame) -> dict:
     """Mean accuracy change vs the baseline per configuration and N, with ± 2 standard errors."""
     title = "Accuracy change vs baseline"
     if acc.empty or "delta_pp" not in acc:
-        return _missing(title, "no accuracy rows in the results", FILL_ACCURACY)
+        return missing_figure(title, "no accuracy rows in the results", FILL_ACCURACY)
     df = acc[(acc.strategy != "baseline") & (acc.strategy != "nocomm") & acc.delta_pp.notna()]
     if df.empty:
-        return _missing(
+        return missing_figure(
             title, "no usable strategy besides the baseline has accuracy rows with a baseline to compare", FILL_ACCURACY
         )
     pct = df.spd_blocks_pct.map(lambda v: "" if pd.isna(v) else f" {v:.0f}%")
@@ -319,7 +320,7 @@ def accuracy_change(acc: pd.DataFrame) -> dict:
         ax.set(title=model, ylabel="mean accuracy change (pp, ± 2 s.e.)")
         ax.title.set_size(9)
         ax.legend(fontsize=7)
-    return _figure(
+    return figure(
         title,
         "mean over the evaluated tasks (acc_norm where a task has it); bars span ± 2 standard "
         "errors: a bar that crosses 0 is within noise; nocomm (not a usable model) is left out",
@@ -330,7 +331,7 @@ def accuracy_change(acc: pd.DataFrame) -> dict:
 def power_timelines(lat: pd.DataFrame) -> dict:
     title = "Power over time"
     if lat.empty or "telemetry" not in lat:
-        return _missing(title, "no latency rows with telemetry", FILL_GPU)
+        return missing_figure(title, "no latency rows with telemetry", FILL_GPU)
     samples = [
         {"model": r.model, "run": f"{r.strategy} N={r.tp}", "s": s, "W": w}
         for r in lat.itertuples()
@@ -338,7 +339,7 @@ def power_timelines(lat: pd.DataFrame) -> dict:
         for s, w in r.telemetry.get("timeline") or []
     ]
     if not samples:
-        return _missing(
+        return missing_figure(
             title,
             "no telemetry timeline was measured (only GPUs have power readings; simulated and "
             "projected rows have none)",
@@ -357,7 +358,7 @@ def power_timelines(lat: pd.DataFrame) -> dict:
         facet_kws={"sharex": False},
     )
     g.set_titles("{col_name}", size=9).set_axis_labels("seconds", "total GPU power (W)")
-    return _figure(title, "power samples during the measured runs", g.figure)
+    return figure(title, "power samples during the measured runs", g.figure)
 
 
 def all_figures(lat: pd.DataFrame, acc: pd.DataFrame) -> list[dict]:
@@ -384,5 +385,5 @@ def headlines(scenarios: list[dict]) -> list[str]:
         ax.axvline(1, color="grey", linewidth=0.8)
         ax.set_xlabel("end-to-end speedup over baseline (blue: exact; hatched: changes the model)", fontsize=7)
         ax.tick_params(labelsize=7)
-        pngs.append(_png(fig))
+        pngs.append(png(fig))
     return pngs

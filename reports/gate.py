@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 
-from reports.render import REFERENCE, accuracy_deltas, frame, headline_accuracy
+from reports.analysis import accuracy_deltas, headline_accuracy
+from reports.cells import REFERENCE
+from reports.frames import frame
 from suite.errors import SpdbenchError
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib import ticker
 
-from reports.figures import VARIANTS, _figure, _missing
+from reports.figures import VARIANTS, figure, missing_figure
 
 SWEEP = "spdbench spd sweep --model MODEL --tp N --sensitivity sensitivity.json --out sweep --results spd.jsonl"
 FILL_SENSITIVITY = "spdbench spd sensitivity --model MODEL --tp N --out sensitivity.json --results spd.jsonl"
@@ -106,11 +106,11 @@ def accuracy_vs_spd(acc: pd.DataFrame) -> dict:
     """``acc``: accuracy rows with one metric per task (acc_norm where the task has it)."""
     title = "Accuracy vs % of SPD blocks"
     if acc.empty:
-        return _missing(title, "no accuracy rows in the results", SWEEP + " --metric accuracy")
+        return missing_figure(title, "no accuracy rows in the results", SWEEP + " --metric accuracy")
     acc = acc.assign(limit_key=acc["limit"].map(lambda v: "all" if v is None or pd.isna(v) else str(int(v))))
     spd = acc[acc.spd_blocks_pct.notna() & acc.spd_variant.notna()]
     if spd.empty:
-        return _missing(title, "no accuracy rows with spd_blocks_pct", SWEEP + " --metric accuracy")
+        return missing_figure(title, "no accuracy rows with spd_blocks_pct", SWEEP + " --metric accuracy")
     spd = _with_zero_for_every_variant(spd, "spd_blocks_pct")
     setting = ["model", "tp", "limit_key"]
     points = _mean_over_tasks(spd, [*setting, "spd_variant", "spd_blocks_pct"])
@@ -151,13 +151,13 @@ def accuracy_vs_spd(acc: pd.DataFrame) -> dict:
     )
     if left_out:
         caption += f"; {left_out} points left out (not every task of their panel evaluated)"
-    return _figure(title, caption, fig)
+    return figure(title, caption, fig)
 
 
 def ppl_vs_spd(ppl: pd.DataFrame) -> dict:
     title = "Perplexity vs % of SPD blocks"
     if ppl.empty:
-        return _missing(title, "no spd_ppl rows in the results", SWEEP + " --metric ppl")
+        return missing_figure(title, "no spd_ppl rows in the results", SWEEP + " --metric ppl")
     df = _with_zero_for_every_variant(ppl, "budget_pct")
     df = df.assign(panel=_panels(df, "dataset"))
     fig, axes = _grid(sorted(df.panel.unique()), sorted(df.model.unique()))
@@ -177,13 +177,13 @@ def ppl_vs_spd(ppl: pd.DataFrame) -> dict:
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         _label(ax, panel, "perplexity (log scale)", legend=True)
-    return _figure(title, "lower is better; the 0% budget (no SPD block) starts every line", fig)
+    return figure(title, "lower is better; the 0% budget (no SPD block) starts every line", fig)
 
 
 def sensitivity(sens: pd.DataFrame) -> dict:
     title = "Per-block SPD sensitivity"
     if sens.empty:
-        return _missing(title, "no spd_sensitivity rows in the results", FILL_SENSITIVITY)
+        return missing_figure(title, "no spd_sensitivity rows in the results", FILL_SENSITIVITY)
     df = sens.assign(calibration=sens.samples.map(str) + " x " + sens.seq_len.map(str) + " tokens")
     df = df.assign(panel=_panels(df, "calibration"))
     fig, axes = _grid(sorted(df.panel.unique()), sorted(df.model.unique()), width=7, height=3.2)
@@ -201,7 +201,7 @@ def sensitivity(sens: pd.DataFrame) -> dict:
         ax.set_yscale("symlog", linthresh=max(1e-3, float(d.sensitivity.abs().median())))
         ax.axhline(0, color="grey", linewidth=0.8)
         _label(ax, panel, "PPL(SPD on i..L) - PPL(SPD on i+1..L)", xlabel="block")
-    return _figure(
+    return figure(
         title,
         "blocks with low sensitivity are the first to get SPD; symmetric log scale (linear near "
         "0, so block 0 does not flatten the rest); error bars: 5th-95th percentile over "

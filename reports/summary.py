@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from reports.cells import BOUND, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, na
+from reports.cells import BOUND, REFERENCE, SCENARIO, SCENARIO_LABELS, SETTINGS, Cell, change_cell, na
 from reports.cells import missing as _missing
 from suite.vocabulary import is_random
 
@@ -195,7 +195,7 @@ def scenarios(lat: pd.DataFrame, acc_changes: dict, ppl: dict, fills, anchors: d
                     _speedup(r.e2e_speedup),
                     _speedup(r.prefill_speedup),
                     _speedup(r.decode_speedup),
-                    _accuracy(
+                    change_cell(
                         r,
                         p,
                         random,
@@ -205,7 +205,7 @@ def scenarios(lat: pd.DataFrame, acc_changes: dict, ppl: dict, fills, anchors: d
                             ppl_command(r, fills),
                         ),
                     ),
-                    _accuracy(r, a, random, lambda: fills.accuracy(r)),
+                    change_cell(r, a, random, lambda: fills.accuracy(r)),
                 ]
             )
             if usable and not _missing(r.e2e_speedup):
@@ -228,18 +228,6 @@ def scenarios(lat: pd.DataFrame, acc_changes: dict, ppl: dict, fills, anchors: d
             }
         )
     return out
-
-
-def _accuracy(r, change, random: bool, fill) -> str | Cell:
-    if not r.usable_model:
-        return na("not a usable model")
-    if r.strategy == REFERENCE:
-        return "0 (reference)"
-    if change is not None:
-        return change.text()
-    if random:
-        return na("random weights: accuracy says nothing")
-    return fill()
 
 
 def _best(r, budget: str, random: bool) -> str | Cell:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from reports import composition, render
+from reports import analysis, composition, frames
 from reports.cells import REFERENCE
 
 SHOWN = ["spd", "spd+ladder", "ladder", "spd+tokenweave", "tokenweave"]
@@ -88,8 +88,8 @@ def main() -> None:
         device, link, tp, batch = args.clock
         clock(device, link, int(tp), int(batch), args.blocks, args.kernels)
     elif args.rows:
-        rows = render.load([args.rows])
-        lat = render.latency_table(render.frame(rows.rows, "latency"), {})
+        rows = frames.load([args.rows])
+        lat = analysis.latency_table(frames.frame(rows.rows, "latency"), {})
         print(speedups(lat, args.batch), "\n")
         for system in composition.slower(lat):
             print(f"{system['title']}: slower in {system['slower']} of {system['compared']} comparisons")

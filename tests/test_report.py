@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from reports import figures, render
+from reports import analysis, figures, frames, render
 from suite import cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -135,7 +135,7 @@ def test_only_cpu_rows_give_no_ranking_figures(tmp_path):
     cpu_only.write_text(
         "".join(json.dumps(r) + "\n" for r in fixture_rows() if r["kind"] == "latency" and r.get("device") == "cpu")
     )
-    text = render.render(render.load([cpu_only]))
+    text = render.render(frames.load([cpu_only]))
     assert len(pngs(text)) == 0
     for figure in ("Latency vs N per strategy", "Speedup over baseline", "Pareto: decode speedup vs accuracy change"):
         assert (
@@ -150,7 +150,7 @@ def test_kernel_mode_is_a_scenario_field_of_latency_tables(tmp_path):
     cpu = [r for r in fixture_rows() if r["kind"] == "latency" and r.get("device") == "cpu"]
     one = tmp_path / "one.jsonl"
     one.write_text("".join(json.dumps(r | {"kernels": "compiled"}) + "\n" for r in cpu))
-    assert "kernels compiled" in section(render.render(render.load([one])), "cpu", "benchmarks")  # the caption
+    assert "kernels compiled" in section(render.render(frames.load([one])), "cpu", "benchmarks")  # the caption
     both = tmp_path / "both.jsonl"
     both.write_text(
         "".join(
@@ -159,7 +159,7 @@ def test_kernel_mode_is_a_scenario_field_of_latency_tables(tmp_path):
             for k in ("eager", "compiled")
         )
     )
-    header = section(render.render(render.load([both])), "cpu", "benchmarks").split("<thead>")[1]
+    header = section(render.render(frames.load([both])), "cpu", "benchmarks").split("<thead>")[1]
     assert "<th>kernels</th>" in header.split("</thead>")[0]  # a column where it varies
 
 
@@ -236,9 +236,9 @@ def test_speedup_bound_share_and_accuracy_change_follow_their_definitions(proven
     expected_delta = 100 * sum(value["spd", k] - value["baseline", k] for k in tasks) / len(tasks)
     expected_se = 100 * math.sqrt(sum(stderr["spd", k] ** 2 + stderr["baseline", k] ** 2 for k in tasks)) / len(tasks)
 
-    df = render.frame(rows, "latency")
-    _, deltas = render.accuracy_deltas(render.frame(rows, "accuracy"))
-    table = render.latency_table(df, deltas)
+    df = frames.frame(rows, "latency")
+    _, deltas = analysis.accuracy_deltas(frames.frame(rows, "accuracy"))
+    table = analysis.latency_table(df, deltas)
     spd = table[
         (table.model == "smollm2-135m") & (table.tp == 4) & (table.strategy == "spd") & (table.provenance == provenance)
     ].iloc[0]
@@ -273,13 +273,13 @@ def test_no_share_of_the_bound_from_a_gap_the_inputs_do_not_resolve():
             "prefill_ms_p10": t * 10,
             "prefill_ms_p90": t * 10,
         }
-    table = render.latency_table(render.frame(rows, "latency"), {})
+    table = analysis.latency_table(frames.frame(rows, "latency"), {})
     spd = table[table.strategy == "spd"].set_index("provenance")
     assert spd.loc["simulated", "decode_bound_unresolved"].startswith("nocomm within 10% of the baseline")
     assert spd.loc["measured", "decode_bound_unresolved"] == "noise"
-    assert render.bound_unresolved(2.0, 10.0, 0.5) is None  # a 20% gap outside the spread: a share
-    assert render.bound_unresolved(0.25, 5.4, 0.0).startswith("nocomm within 10%")  # the 0.25 ms of -2534%
-    page = render.render(render.Results(rows=rows))
+    assert analysis.bound_unresolved(2.0, 10.0, 0.5) is None  # a 20% gap outside the spread: a share
+    assert analysis.bound_unresolved(0.25, 5.4, 0.0).startswith("nocomm within 10%")  # the 0.25 ms of -2534%
+    page = render.render(frames.Results(rows=rows))
     assert "n/a: nocomm within 10% of the baseline (0.5 of 10 ms): no bound to share" in page
     assert spd.loc["simulated", "prefill_bound_unresolved"].startswith("nocomm within 10%")
     assert not isinstance(spd.loc["measured", "prefill_bound_unresolved"], str)  # 20% gap, no spread: a share
@@ -368,13 +368,13 @@ def test_missing_kinds_of_rows_do_not_break_the_page(tmp_path):
     )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    text = render.render(render.load([only_latency]))
+    text = render.render(frames.load([only_latency]))
     assert "No projected latency rows in the results." in text
     assert "No accuracy rows in the results" in text
     assert "n/a: no spd_sensitivity rows in the results" in text
     assert "n/a: no nocomm row for this scenario" in text
     assert len(pngs(text.split('id="figures"')[1])) == 3  # latency, speedup, power; the rest say what is missing
-    blank = render.render(render.load([empty]))
+    blank = render.render(frames.load([empty]))
     assert "No latency rows measured on GPUs in the results." in blank and len(pngs(blank)) == 0
     assert json.loads(raw_json(blank)) == []
 
@@ -421,8 +421,8 @@ def test_regression_gate_passes_and_fails_on_thresholds(tmp_path, capsys):
 def test_not_a_json_row_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kind": "latency"}\n{"kind": \n')
-    with pytest.raises(render.ReportError, match=r"bad.jsonl:2 is not a JSON row"):
-        render.load([bad])
+    with pytest.raises(frames.ReportError, match=r"bad.jsonl:2 is not a JSON row"):
+        frames.load([bad])
 
 
 # ---------------------------------------------------------------- the page in a browser

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from reports import render
+from reports import frames, render
 from suite.results import LatencyScenario, Row
 
 
@@ -79,7 +79,7 @@ def rows() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def page() -> str:
-    return render.render(render.Results(rows=rows()))
+    return render.render(frames.Results(rows=rows()))
 
 
 def section(page: str) -> str:
@@ -130,5 +130,5 @@ def test_measured_differences_inside_the_spread_are_marked_as_noise(page):
 
 
 def test_no_composites_no_section():
-    page = render.render(render.Results(rows=[r for r in rows() if "+" not in r["strategy"]]))
+    page = render.render(frames.Results(rows=[r for r in rows() if "+" not in r["strategy"]]))
     assert 'id="composition"' not in page and 'href="#composition"' not in page

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from reports import render, summary
+from reports import analysis, frames, render, summary
 from suite.results import AccuracyScenario, LatencyScenario, Row, StrategyPerplexityScenario
 
 SEQ = 129  # 128 targets per window
@@ -77,7 +77,7 @@ def rows() -> list[dict]:
 
 
 def test_paired_perplexity_change_and_its_standard_error():
-    changes = summary.ppl_changes(render.frame(rows(), "perplexity"))
+    changes = summary.ppl_changes(frames.frame(rows(), "perplexity"))
     spd = changes[(MODEL, "spd", "", 2)]
     # d = 0.002, 0.006, 0.010: mean 0.006, sample sd 0.004, s.e. 0.004 / sqrt(3)
     assert spd.pct == pytest.approx(100 * (math.exp(0.006) - 1))
@@ -87,7 +87,7 @@ def test_paired_perplexity_change_and_its_standard_error():
 
 
 def test_best_method_at_each_budget():
-    page = render.render(render.Results(rows=rows()))
+    page = render.render(frames.Results(rows=rows()))
     head = page.split('id="summary"')[1].split('id="models"')[0]
     best = head.split('<table class="budgets">')[1].split("</table>")[0]
     # speedups 100/95 = 1.05 (tokenweave, exact), 100/80 = 1.25 (spd: +0.60% ppl, -0.8 pp),
@@ -121,10 +121,12 @@ def test_composites_reach_the_summary_and_the_pareto_as_any_strategy():
 
     composite = [_latency("spd+ladder", 60.0), _accuracy("spd+ladder", 0.68), _ppl("spd+ladder", [3.1, 3.6, 4.1])]
     data = rows() + composite
-    lat = render.latency_table(render.frame(data, "latency"), render.accuracy_deltas(render.frame(data, "accuracy"))[1])
+    lat = analysis.latency_table(
+        frames.frame(data, "latency"), analysis.accuracy_deltas(frames.frame(data, "accuracy"))[1]
+    )
     assert "spd+ladder" in figures._palette(lat)
     assert "png" in figures.pareto(lat)
-    page = render.render(render.Results(rows=data))
+    page = render.render(frames.Results(rows=data))
     best = page.split('<table class="budgets">')[1].split("</table>")[0]
     assert "spd+ladder: 1.67x end to end" in best  # 100/60; +10.5% ppl (exp 0.1), -2.0 pp: only the <= 2 pp budget
     assert best.count("spd+ladder") == 1

@@ -183,10 +183,10 @@ def test_sweep_writes_accuracy_rows_per_budget_and_variant(sweep):
 
 
 def test_report_draws_the_accuracy_figure_and_the_stability_table(sweep):
-    from reports import render
+    from reports import frames, render
 
     out, rows = sweep
-    html = render.render(render.load([out / "results.jsonl"]))
+    html = render.render(frames.load([out / "results.jsonl"]))
     stab = [r for r in rows if r["kind"] == "spd_stability"]
     assert {r["budget_pct"] for r in stab} == {25.0, 50.0, 75.0}
     assert all(-1 <= r["rank_corr_mean"] <= 1 and 0 <= r["set_agreement_mean"] <= 1 for r in stab)

@@ -1,6 +1,6 @@
 """The layout's rules, read from the source with ``ast``: no import cycle, ``suite`` never imports or
 names ``spd``/``baselines``/``reports`` (they plug in through entry points), ``reports`` never
-reaches torch, and the model math is written once."""
+reaches torch, the CI gate never reaches the HTML renderer, and the model math is written once."""
 
 from __future__ import annotations
 
@@ -146,6 +146,26 @@ def test_command_modules_stay_light():
         assert reaches_torch(REPO, name) == {}, name
 
 
+def import_chain(root: Path, start: str, target: str) -> list[str]:
+    """How ``start`` reaches ``target`` through imports anywhere in the modules (a function's too); [] if not."""
+    edges, _ = graph(root)
+    seen, todo = {start: [start]}, [start]
+    while todo:
+        current = todo.pop()
+        if current == target:
+            return seen[current]
+        for nxt in sorted(edges.get(current, set()) - set(seen)):
+            seen[nxt] = seen[current] + [nxt]
+            todo.append(nxt)
+    return []
+
+
+def test_gate_never_imports_the_renderer():
+    """The CI gate shares the report's statistics (``reports.analysis``), not its HTML renderer."""
+    assert import_chain(REPO, "reports.gate", "reports.analysis") == ["reports.gate", "reports.analysis"]
+    assert import_chain(REPO, "reports.gate", "reports.render") == []
+
+
 MODEL_MATH = {"RMSNorm": re.compile(r"\brsqrt\("), "SwiGLU": re.compile(r"\bsilu\(")}
 
 
@@ -206,6 +226,19 @@ def test_checker_finds_reports_reaching_torch_through_suite(tmp_path):
         },
     )
     assert reaches_torch(root) == {"reports.render": ["reports.render", "suite.results", "suite.env", "torch"]}
+
+
+def test_checker_finds_the_gate_importing_the_renderer_through_another_module(tmp_path):
+    root = _tree(
+        tmp_path,
+        {
+            "reports/gate.py": "from reports.analysis import x\n",
+            "reports/analysis.py": "def f():\n    from reports import render\n",
+            "reports/render.py": "",
+        },
+    )
+    chain = import_chain(root, "reports.gate", "reports.render")
+    assert chain == ["reports.gate", "reports.analysis", "reports.render"]
 
 
 def test_checker_finds_model_math_twice(tmp_path):
