@@ -45,9 +45,10 @@ from tqdm import tqdm
 
 from suite.defaults import BACKENDS, DEVICES, DTYPE_NAMES, KERNELS, default_kernels
 from suite.defaults import BENCH_STORE as STORE_NAME
+from suite.environment import environment
 from suite.errors import SpdbenchError
 from suite.latency.stats import Timings, summarise
-from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row, environment
+from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row
 from suite.vocabulary import PROVENANCES
 
 DECODE_MODES = ("eager", "cuda_graph")
