@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from spd.data import CALIBRATION, calibration_windows
-from spd.plan import PlanError
+from spd.plan_file import PlanError
 from spd.ppl import window_nll
 from spd.ranks import BlockStream
 from spd.stability import bootstrap
