@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 def now() -> str:
+    """The UTC time to the second (a row's ``time`` and its environment's)."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
