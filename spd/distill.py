@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from spd.data import calibration_windows
 from spd.headgroup import head_grouping, kv_cost, shards_of
-from spd.plan import Plan, load_plan
+from spd.plan_file import Plan, load_plan
 from spd.ranks import BlockStream, RankBlocks
 from spd.settings import DistillSettings
 from suite.model.sources import resolve

@@ -96,8 +96,9 @@ def strategy_ppl(
     """WikiText-2 test perplexity of each (strategy, options) at N = ``tp``, appended to ``results`` as
     ``perplexity`` rows with each window's NLL; configurations already there are not run again."""
     from spd.data import wikitext2_windows
+    from suite.environment import environment
     from suite.parallel import launch as launching
-    from suite.results import ResultStore, Row, StrategyPerplexityScenario, environment
+    from suite.results import ResultStore, Row, StrategyPerplexityScenario
 
     source = resolve(model)
     windows = wikitext2_windows(source, samples, seq_len)

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from spd.data import CALIBRATION, calibration_windows
-from spd.plan import PlanError
+from spd.plan_file import PlanError
 from spd.ppl import window_nll
 from spd.ranks import BlockStream
 from spd.stability import bootstrap
@@ -142,7 +142,8 @@ def analyse(
 
 def rows(state: dict, command: str) -> list:
     """Result rows for the results store: ``spd_sensitivity`` per block, ``spd_stability`` per budget."""
-    from suite.results import Row, SensitivityScenario, StabilityScenario, environment
+    from suite.environment import environment
+    from suite.results import Row, SensitivityScenario, StabilityScenario
 
     env, ppl, stability = environment(), state["ppl"], state["stability"]
     calibration = dict(

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from spd.plan import OverlayWeights, Plan, PlanError, load_plan
+from spd.plan_file import OverlayWeights, Plan, PlanError, load_plan
 from suite.parallel.strategy import Strategy, SyncedModule, all_reduce_each, megatron_modules, register
 from suite.vocabulary import parse_blocks
 

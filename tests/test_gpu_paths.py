@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spd.plan import Plan
+from spd.plan_file import Plan
 from suite.errors import RankError
 from suite.latency.interconnect import Profile
 from suite.latency.projection import ProjectingCommunicator

@@ -261,7 +261,7 @@ def test_the_projected_rank_is_the_heaviest_under_an_spd_plans_head_grouping(tmp
     """Head grouping moves the fifth query head of every block to rank 1: the projection runs rank 1."""
     from safetensors.torch import save_file
 
-    from spd.plan import Plan
+    from spd.plan_file import Plan
 
     config = source("random:tiny-uneven").config  # 9 heads: 5 + 4 on 2 ranks by default
     grouped = [{"q_heads": [5, 6, 7, 8], "ffn": [0, 100]}, {"q_heads": [0, 1, 2, 3, 4], "ffn": [100, 200]}]

@@ -18,7 +18,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from spd import headgroup
 from spd.data import calibration_windows
 from spd.distill import DistillSettings, distill_to
-from spd.plan import Plan, PlanError, load_plan, make_plan, restrict
+from spd.plan import make_plan, restrict
+from spd.plan_file import Plan, PlanError, load_plan
 from spd.ppl import ppl_job
 from spd.ranks import BlockStream
 from spd.sensitivity import analyse, progressive_nll

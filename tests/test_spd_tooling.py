@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from spd import stability
-from spd.plan import PlanError, make_plan, plan_for_blocks
+from spd.plan import make_plan, plan_for_blocks
+from spd.plan_file import PlanError
 from suite.cli import main
 from suite.parallel.strategy import make_strategy
 from tests.helpers import require_data, source

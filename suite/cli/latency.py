@@ -24,7 +24,8 @@ def cmd_bench(args, parser) -> int:
     for option, path in (("config", args.config), ("import_benchmark", args.import_benchmark)):
         if path and not Path(path).is_file():
             raise SpdbenchError(f"{option} {path}: no such file")
-    from suite.latency.bench import import_benchmark, load_config, run
+    from suite.latency.bench import load_config, run
+    from suite.latency.benchmark_import import import_benchmark
     from suite.results import ResultStore
 
     command, store = command_line(), ResultStore(Path(args.out) / STORE_NAME)

@@ -28,14 +28,14 @@ cell's row to ``OUT/bench.jsonl`` as soon as it finishes, so an interrupted run 
 finished cell; the same command resumes it (finished cells are skipped, failed ones retried).
 Impossible cells get a failed row naming the reason, and the other cells still run. Projected cells
 run in this process, simulated ones in one worker process per CPU; a simulated cell naming an unknown
-profile, or a strategy the simulation cannot express, stops the run before it starts.
+profile, or a strategy the simulation cannot express, stops the run before it starts. Each mode's
+cells run through its executor (``suite.latency.executors``).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 import sys
 from pathlib import Path
@@ -45,9 +45,10 @@ from tqdm import tqdm
 
 from suite.defaults import BACKENDS, DEVICES, DTYPE_NAMES, KERNELS, default_kernels
 from suite.defaults import BENCH_STORE as STORE_NAME
+from suite.environment import environment
 from suite.errors import SpdbenchError
-from suite.latency.stats import Timings, summarise
-from suite.results import BenchmarkScenario, LatencyScenario, ResultStore, Row, environment
+from suite.latency.executors import EXECUTORS, BenchRun, launch_units
+from suite.results import LatencyScenario, ResultStore
 from suite.vocabulary import PROVENANCES
 
 DECODE_MODES = ("eager", "cuda_graph")
@@ -209,114 +210,11 @@ def check(cell: LatencyScenario) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- rows
-
-
-def latency_row(
-    cell: LatencyScenario,
-    values: dict | None = None,
-    error: str | None = None,
-    *,
-    env: dict | None = None,
-    command: str = "",
-) -> Row:
-    """One result row: the scenario, then the figures (or null figures and the error)."""
-    return Row(
-        scenario=cell,
-        provenance=cell.provenance,
-        usable_model=_usable(cell.strategy),
-        status="failed" if error else "ok",
-        error=error,
-        values=values or {},
-        env=env if env is not None else environment(),
-        command=command,
-    )
-
-
-def _usable(name: str) -> bool:
-    """Whether a strategy is a usable model (an unknown one is not known to be a bound)."""
-    from suite.parallel.strategy import StrategyError, strategy_class
-
-    try:
-        return strategy_class(name).usable
-    except StrategyError:
-        return True
-
-
-# ---------------------------------------------------------------- running cells
-
-AGREE_S = 30.0  # how long ranks that finished a cell wait for the others before a lone failure ends the launch
-
-
-def _unit_job(comm, device, cells, store_path, command, done, total):
-    """On every rank: run the cells (same tp and device) in order; rank 0 stores each row.
-
-    After each cell the ranks agree on its outcome: a cell that failed on every rank is recorded and
-    the next one runs; a rank that failed alone records its cell and ends the launch (its peers'
-    collectives break at once instead of waiting for their timeout).
-    """
-    from suite.latency.measure import measure_cell
-    from suite.parallel import launch as launching
-    from suite.parallel.runner import ModelCache
-    from suite.parallel.strategy import bound_strategy
-
-    main = comm.rank == 0
-    store, env, models = ResultStore(store_path), environment(), ModelCache(device)
-    control = launching.control_group(min(AGREE_S, cells[0].timeout))
-    with tqdm(total=total, initial=done, disable=not main, desc="bench", unit="cell", file=sys.stderr) as bar:
-        for cell in cells:
-            bar.set_postfix_str(cell.label())
-            values, error = None, None
-            try:
-                strategy = bound_strategy(cell.strategy, cell.strategy_options, models.source(cell.model), comm.world)
-                values = measure_cell(
-                    cell, models.runner(cell.model, cell.dtype, strategy, comm, cell.kernels), comm, device
-                )
-            except Exception as exc:
-                error = f"{exc.__class__.__name__}: {exc}"
-            try:
-                error = launching.agree(control, error)
-            except Exception as exc:  # it or a peer failed alone: record it here (rank 0 may end with the launch)
-                store.append(latency_row(cell, error=f"rank {comm.rank}: {error or exc}", env=env, command=command))
-                raise
-            if main:
-                store.append(latency_row(cell, values, error, env=env, command=command))
-            bar.update()
-
-
-def _units(cells: list[LatencyScenario]) -> list[list[LatencyScenario]]:
-    """Launch units: cells sharing (tp, device, backend, timeout, mode, profiles), each ordered so that
-    one loaded model serves consecutive cells (model, dtype, then strategies that run their own)."""
-
-    def unit_key(c):
-        return c.tp, c.device, c.backend, c.timeout, c.mode, c.interconnect, c.device_profile
-
-    from suite.parallel.strategy import make_strategy
-
-    def model_order(c):
-        return c.model, c.dtype, c.kernels, make_strategy(c.strategy, c.strategy_options).model_key() or ""
-
-    units: dict = {}
-    for c in cells:
-        units.setdefault(unit_key(c), []).append(c)
-    return [sorted(u, key=model_order) for u in units.values()]
-
-
-def _modelled_cells(mode: str):
-    """The generator that runs a unit of projected or simulated cells in this process."""
-    if mode == "projected":
-        from suite.latency.projection import project_cells
-
-        return project_cells
-    if mode == "simulated":
-        from suite.latency.simulation import simulate_cells
-
-        return simulate_cells
-    raise ConfigError(f"mode={mode}: not a modelled mode")
+# ---------------------------------------------------------------- running the matrix
 
 
 def run(cells: list[LatencyScenario], out: str | os.PathLike, command: str = "") -> ResultStore:
-    """Run every cell not yet finished in ``OUT/bench.jsonl``."""
+    """Run every cell not yet finished in ``OUT/bench.jsonl``, each launch unit by the executor of its mode."""
     from suite.parallel import launch as launching
 
     store = ResultStore(Path(out) / STORE_NAME)
@@ -328,131 +226,23 @@ def run(cells: list[LatencyScenario], out: str | os.PathLike, command: str = "")
             f"bench: {len(cells) - len(pending)} of {len(cells)} cells already finished in {store.path}",
             file=sys.stderr,
         )
-    env = environment() if main else {}
-
-    def report(cell, error):
-        if main:
-            tqdm.write(f"bench: cell {cell.label()} failed: {error}", file=sys.stderr)
-            store.append(latency_row(cell, error=error, env=env, command=command))
-
-    simulated = [c for c in pending if c.mode == "simulated" and check_settings(c) is None]
-    if simulated:  # unknown profiles and strategies the simulation cannot express: usage errors
-        from suite.latency.simulation import check_cells
-
-        check_cells(simulated)
+    bench = BenchRun(store, command, environment() if main else {}, main, len(cells))
+    executors = {mode: executor(bench) for mode, executor in EXECUTORS.items()}
+    for mode, executor in executors.items():  # usage errors stop the run before any cell runs
+        cells_of_mode = [c for c in pending if c.mode == mode and check_settings(c) is None]
+        if cells_of_mode:
+            executor.check(cells_of_mode)
     runnable = []
     for c in pending:
         reason = check(c)
         if reason:
-            report(c, reason)
+            bench.report(c, reason)
         else:
             runnable.append(c)
-    done = len(cells) - len(runnable)
-    if launching.under_torchrun():  # one process group: the cells of its size and device, in one launch
-        world = int(os.environ["WORLD_SIZE"])
-        mine = [c for c in runnable if c.mode == "measured" and c.tp == world]
-
-        def place(c):
-            return c.device, c.backend, c.timeout
-
-        here = [c for c in mine if place(c) == place(mine[0])]
-        if main and len(here) < len(runnable):
-            tqdm.write(
-                f"bench: under torchrun with {world} ranks, {len(runnable) - len(here)} cells of other "
-                f"tp, device or mode are left for another launch",
-                file=sys.stderr,
-            )
-        if here:
-            device, backend, timeout = place(here[0])
-            launching.launch(
-                _unit_job,
-                world,
-                [c for u in _units(here) for c in u],
-                store.path,
-                command,
-                done,
-                len(cells),
-                device=device,
-                backend=backend,
-                timeout_s=timeout,
-            )
+    bench.done = len(cells) - len(runnable)
+    if launching.under_torchrun():
+        executors["measured"].run_under_torchrun(runnable, int(os.environ["WORLD_SIZE"]))
         return store
-    for unit in _units(runnable):
-        first = unit[0]
-        if first.mode != "measured":
-            with tqdm(
-                total=len(cells),
-                initial=done,
-                disable=not main,
-                desc=f"bench ({first.mode})",
-                unit="cell",
-                file=sys.stderr,
-            ) as bar:
-                for cell, values, error in _modelled_cells(first.mode)(unit):
-                    if error:
-                        report(cell, error)
-                    else:
-                        store.append(latency_row(cell, values, env=env, command=command))
-                    bar.update()
-            done += len(unit)
-            continue
-        todo = unit
-        while todo:
-            written = len(store.all_rows())
-            try:
-                launching.launch(
-                    _unit_job,
-                    first.tp,
-                    todo,
-                    store.path,
-                    command,
-                    done,
-                    len(cells),
-                    device=first.device,
-                    backend=first.backend,
-                    timeout_s=first.timeout,
-                )
-                done, todo = done + len(todo), []
-            except Exception as exc:  # the cell in progress failed: record it, go on with the rest
-                finished = store.finished()
-                failed = next((c for c in todo if c.cell_id not in finished), None)
-                if failed is None:
-                    raise
-                if any(r["cell_id"] == failed.cell_id for r in store.all_rows()[written:]):  # rank 0 recorded it
-                    tqdm.write(f"bench: cell {failed.label()} failed: {exc}", file=sys.stderr)
-                else:
-                    report(failed, f"{exc.__class__.__name__}: {exc}")
-                rest = [c for c in todo if c is not failed and c.cell_id not in finished]
-                done, todo = done + len(todo) - len(rest), rest
+    for unit in launch_units(runnable):
+        executors[unit[0].mode].run(unit)
     return store
-
-
-# ---------------------------------------------------------------- pytest-benchmark files
-
-
-def import_benchmark(path: str | os.PathLike, command: str = "") -> list[Row]:
-    """Latency rows from a pytest-benchmark JSON file (``pytest tests/bench --benchmark-json=PATH``).
-
-    Each case's ``extra_info`` holds its scenario and the slowest rank's prefill / decode / end-to-end
-    times per round (the same figures ``spdbench bench`` stores); pytest-benchmark's own median of
-    a round is kept as ``benchmark_e2e_ms_median``. A row's scenario names the benchmark and the
-    run's date, so importing a file twice yields the same cell ids.
-    """
-    data = json.loads(Path(path).read_text())
-    env = data["machine_info"].get("spdbench_env", data["machine_info"])
-    rows = []
-    for bench in data["benchmarks"]:
-        info = dict(bench["extra_info"])
-        info.pop("kind")
-        timings = Timings(*(info.pop(k) for k in ("prefill_ms", "decode_ms_per_token", "e2e_ms", "comm_fraction")))
-        usable = info.pop("usable_model")
-        scenario = BenchmarkScenario(**info, benchmark=bench["fullname"], run=data["datetime"])
-        values = summarise(timings, scenario.batch, scenario.new_tokens) | {
-            "benchmark_e2e_ms_median": 1e3 * bench["stats"]["median"],
-            "telemetry_status": "n/a: not sampled by pytest-benchmark",
-            "telemetry": {},
-        }
-        rows.append(
-            Row(scenario=scenario, usable_model=usable, values=values, env=env, command=command, time=data["datetime"])
-        )
-    return rows

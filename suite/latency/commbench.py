@@ -180,7 +180,7 @@ def write_profile(
     sms: int = 16,
 ) -> Path:
     """The measured profile as a YAML file (default ``NAME.yaml``); it loads back before it is kept."""
-    from suite.results import environment
+    from suite.environment import environment
 
     env, host = environment(), socket.gethostname()
     name = name or f"measured-{host}-{backend}"

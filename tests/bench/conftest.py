@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_benchmark_update_machine_info(config, machine_info):
     from test_latency import WORLD_SIZES
 
-    from suite.results import environment
+    from suite.environment import environment
 
     env = environment()
     machine_info["spdbench_env"] = env
