@@ -239,30 +239,25 @@ def summary(out: Path, outcomes: list[dict], env: dict, command_line: str, figur
 
 
 def gpu_environment() -> dict:
-    """The GPU this runs on, or UsageError when there is none."""
+    """The environment of a measurement (``suite.environment``) with the GPU this runs on and its peak
+    memory bandwidth, or UsageError when there is no GPU."""
     import torch
+
+    from suite.environment import environment
 
     if not torch.cuda.is_available():
         raise UsageError("no CUDA GPU is visible: run this on a machine with an H100 or H200")
-    env = {
-        "gpu": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-        "driver": None,
-        "peak_memory_gbps": None,
-    }
+    env = environment() | {"gpu": torch.cuda.get_device_name(0), "peak_memory_gbps": None}
     try:
         import pynvml
 
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
         # HBM transfers twice per clock: bytes/s = 2 x memory clock x bus width / 8
         clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
         env["peak_memory_gbps"] = 2 * clock_mhz * 1e6 * pynvml.nvmlDeviceGetMemoryBusWidth(handle) / 8 / 1e9
-    except Exception as exc:  # NVML missing: the peak stays unknown
-        env["driver"] = f"n/a: {exc.__class__.__name__}"
+    except Exception:  # NVML missing (environment() says so in its driver field): the peak stays unknown
+        pass
     return env
 
 
