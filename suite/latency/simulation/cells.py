@@ -33,7 +33,8 @@ from suite.latency.kernel_regime import KernelRegime, load_regime
 from suite.latency.projection import heaviest_rank
 from suite.latency.simulation.clock import Timeline
 from suite.latency.simulation.communicator import SimulatedCommunicator
-from suite.latency.simulation.costing import CostMode, tensor_bytes
+from suite.latency.simulation.costing import CostMode
+from suite.latency.simulation.shapes import tensor_bytes
 from suite.latency.stats import Timings, summarise
 from suite.model.llama import ForwardContext, Transformer
 from suite.model.sharding import build_weightless_rank_model
