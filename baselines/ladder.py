@@ -17,6 +17,7 @@ stack. This changes the model: pretrained weights without retraining lose accura
 runs on the strategy's modules: ``spd+ladder`` defers the syncs an SPD plan leaves the same way.
 """
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,11 +36,17 @@ class Ladder(Strategy):
     def __post_init__(self):
         parse_blocks(self.layers, None, "layers", StrategyError)  # bad syntax fails before any rank starts
 
-    def ladder_layers(self, n_layers: int) -> set[int]:
-        return parse_blocks(self.layers, n_layers, "layers", StrategyError)
+    def ladder_layers(self, n_layers: int) -> frozenset[int]:
+        return _ladder_layers(self.layers, n_layers)
 
     def run_layers(self, layers, h, comm, ctx):
-        return ladder_schedule(self.modules(layers), h, comm, ctx, self.ladder_layers(len(layers)))
+        return ladder_schedule(self.stack(layers), h, comm, ctx, self.ladder_layers(len(layers)))
+
+
+@functools.cache
+def _ladder_layers(layers: str, n_layers: int) -> frozenset[int]:
+    """The blocks ``layers`` names in a stack of ``n_layers`` (parsed once, not on every forward)."""
+    return frozenset(parse_blocks(layers, n_layers, "layers", StrategyError))
 
 
 def ladder_schedule(modules, h, comm, ctx, ladder: set[int]):

@@ -18,6 +18,6 @@ class NoComm(Strategy):
     usable = False
 
     def run_layers(self, layers, h, comm, ctx):
-        for module in self.modules(layers):
+        for module in self.stack(layers):
             h = h + module(h, ctx)
         return h

@@ -83,4 +83,4 @@ class SeqPar(Strategy):
     fused: bool = False  # each sync one comm.fused_sync (TokenWeave's fused kernel where one is modelled)
 
     def run_layers(self, layers, h, comm, ctx):
-        return fused_layers(self.modules(layers), h, comm, ctx, self.fused)
+        return fused_layers(self.stack(layers), h, comm, ctx, self.fused)

@@ -57,7 +57,7 @@ class TokenWeave(Strategy):
         return at if 0 < at < tokens else None
 
     def run_layers(self, layers, h, comm, ctx):
-        modules = self.modules(layers)
+        modules = self.stack(layers)
         if comm.world == 1:  # nothing to overlap or to shard
             return all_reduce_each(modules, h, comm, ctx)
         at = self.split_point(h.shape[0], comm.world)

@@ -278,3 +278,24 @@ def test_bad_strategy_options_are_one_line_errors(capsys, strategy, option, mess
         main(["generate", "--strategy", strategy, "--strategy-opt", option, "--prompt", "Hi"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["baseline", "ladder", "nocomm", "seqpar", "tokenweave", "spd", "spd+ladder", "spd+tokenweave"]
+)
+def test_the_stack_is_built_once_per_model(name):
+    """``modules(layers)`` is built on a model's first forward only (eager decode does not rebuild it per
+    step; the ladder would re-parse its layers), and again for another model."""
+    from suite.parallel.comm import Communicator
+    from suite.parallel.runner import Runner, load_runner
+
+    options = {"blocks": "all"} if name.startswith("spd") else {}
+    runner = load_runner(Communicator(), torch.device("cpu"), "random:tiny", name, options)
+    strategy, built = runner.strategy, []
+    modules = strategy.modules
+    strategy.modules = lambda layers: built.append(layers) or modules(layers)
+    runner.generate([[5, 17, 42]], 4)  # a prefill and three decode steps
+    assert built == [runner.model.layers]
+    other = load_runner(Communicator(), torch.device("cpu"), "random:tiny", name, options).model
+    Runner(other, strategy, runner.comm).generate([[5, 17, 42]], 2)
+    assert built == [runner.model.layers, other.layers]

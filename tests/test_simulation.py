@@ -24,7 +24,7 @@ from suite.latency.bench import expand, run
 from suite.latency.device import DeviceProfile, DeviceProfileError, available_devices, load_device
 from suite.latency.interconnect import Profile
 from suite.latency.simulation import CostMode, SimulatedCommunicator, Timeline, kernel_checks, simulate_cells
-from suite.latency.simulation.costing import lower_right_share
+from suite.latency.simulation.attention import lower_right_share
 from suite.latency.simulation.validation import load_published
 from suite.model.sharding import build_weightless_rank_model
 from suite.model.sources import resolve
@@ -580,15 +580,15 @@ def test_token_splitting_prefill_simulates_with_both_halves_causal(monkeypatch):
     """1024 tokens split in two: the first half attends causally to itself, the second lower-right
     causally to all 1024 keys (SDPA's causal bias): each is costed with the share of query/key pairs its
     mask keeps, counted here on the masks themselves."""
-    from suite.latency.simulation import costing
+    from suite.latency.simulation import attention
 
-    costed, share = [], costing.lower_right_share
+    costed, share = [], attention.lower_right_share
 
     def recorded(q_len, k_len):
         costed.append((q_len, k_len, share(q_len, k_len)))
         return costed[-1][2]
 
-    monkeypatch.setattr(costing, "lower_right_share", recorded)
+    monkeypatch.setattr(attention, "lower_right_share", recorded)
     cell = LatencyScenario(
         model="random:llama3-70b",
         strategy="tokenweave",

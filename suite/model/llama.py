@@ -12,13 +12,12 @@ stream anywhere (token splitting) and attention still sees the right keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
-from torch.utils._python_dispatch import _disable_current_modes
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -68,10 +67,7 @@ class Segment:
             return self.mask, False
         if self.length == self.kv_len:
             return None, True
-        # The bias holds no data. A tensor subclass cannot be created under a dispatch mode, so it is
-        # made outside any (counting and simulating modes run this path too).
-        with _disable_current_modes():
-            return causal_lower_right(self.length, self.kv_len), False
+        return causal_lower_right(self.length, self.kv_len), False
 
     def allowed(self) -> torch.Tensor:
         """Where attention is allowed, as a boolean mask (built for a causal segment too)."""
@@ -82,23 +78,23 @@ class Segment:
         )
 
     def sub(self, rows: slice, cols: slice, offset: int) -> Segment:
-        """The sub-rectangle ``rows x cols`` (relative), placed at ``offset`` in a new stream.
+        """The sub-rectangle ``rows x cols`` (relative), placed at ``offset`` in a new stream (a segment
+        of the same class).
 
         Slots ascend by one, so the keys after ``cols`` are not needed; a causal segment's part
         after a cut is the lower-right-aligned causal part of the same rows."""
         slots = self.slots[cols]
         n = (rows.stop - rows.start) * slots.shape[0]
         kv_len = self.kv_len - (self.length - cols.stop)
-        mask = None if self.mask is None else self.mask[rows, :, cols, :kv_len]
-        return Segment(
-            slice(offset, offset + n),
-            slice(self.rows.start + rows.start, self.rows.start + rows.stop),
-            slots,
-            kv_len,
-            mask,
-            self.cos[rows, cols],
-            self.sin[rows, cols],
-            self.causal,
+        return replace(
+            self,
+            tokens=slice(offset, offset + n),
+            rows=slice(self.rows.start + rows.start, self.rows.start + rows.stop),
+            slots=slots,
+            kv_len=kv_len,
+            mask=None if self.mask is None else self.mask[rows, :, cols, :kv_len],
+            cos=self.cos[rows, cols],
+            sin=self.sin[rows, cols],
         )
 
 

@@ -13,8 +13,9 @@ each (``spd+ladder``: SPD's modules on ladder's schedule).
 Lifecycle: ``make_strategy(name, options)`` checks the options; ``bind(source, tp)`` checks the
 strategy against a model and N and keeps what it needs from them (an SPD plan's blocks); then
 ``load_model`` builds a rank's shard from the strategy's ``layout`` and ``weights`` (the plain
-Megatron shard unless a strategy changes them) and ``run_layers`` runs it. ``model_key`` names
-the rank model a strategy runs, so strategies that run the same one share it.
+Megatron shard unless a strategy changes them) and ``run_layers`` runs it (on ``stack(layers)``: the
+modules, built on a model's first forward). ``model_key`` names the rank model a strategy runs, so
+strategies that run the same one share it.
 
 Strategies are found through the ``spdbench.strategies`` entry-point group (the built-ins
 register there too) or registered in-process with ``@register``.
@@ -84,7 +85,15 @@ class Strategy:
 
     def run_layers(self, layers: list[Block], h: torch.Tensor, comm: Communicator, ctx: ForwardContext) -> torch.Tensor:
         """The residual stream after the stack: the schedule of the modules' syncs."""
-        return all_reduce_each(self.modules(layers), h, comm, ctx)
+        return all_reduce_each(self.stack(layers), h, comm, ctx)
+
+    def stack(self, layers: list[Block]) -> list[SyncedModule]:
+        """``modules(layers)``, built on a model's first forward and kept for the next: a decode step does
+        not rebuild it in Python."""
+        kept = getattr(self, "_stack", None)
+        if kept is None or kept[0] is not layers:
+            kept = self._stack = (layers, self.modules(layers))
+        return kept[1]
 
     def bind(self, source: ModelSource, tp: int) -> None:
         """Check the strategy against the model and N, keeping what it needs of them; raises StrategyError."""

@@ -33,14 +33,28 @@ from suite.latency.kernel_regime import KernelRegime, load_regime
 from suite.latency.projection import heaviest_rank
 from suite.latency.simulation.clock import Timeline
 from suite.latency.simulation.communicator import SimulatedCommunicator
-from suite.latency.simulation.costing import CostMode, tensor_bytes
+from suite.latency.simulation.costing import CostMode
+from suite.latency.simulation.shapes import tensor_bytes
 from suite.latency.stats import Timings, summarise
-from suite.model.llama import ForwardContext, Transformer
+from suite.model.llama import ForwardContext, Segment, Transformer
 from suite.model.sharding import build_weightless_rank_model
 from suite.model.sources import DTYPES, resolve
 from suite.parallel.strategy import Strategy, bound_strategy, make_strategy
 
 GB = 1e9
+
+
+@dataclasses.dataclass
+class MetaSegment(Segment):
+    """A segment of a context moved to the meta device. Attention is priced as the regime's kernel runs it,
+    whatever mask the model passes, so a lower-right causal segment (the part of a causal prefill after a
+    token split) passes none: SDPA's causal bias is a tensor subclass, which cannot be made under the
+    pricing mode."""
+
+    def attention_mask(self):
+        if self.causal and self.length != self.kv_len:
+            return None, False
+        return super().attention_mask()
 
 
 class DoesNotFit(Exception):
@@ -193,12 +207,14 @@ class Simulator:
         with self.cost.pause():
             ctx = ForwardContext(
                 [
-                    dataclasses.replace(
-                        s,
-                        slots=s.slots.to("meta"),
-                        cos=s.cos.to("meta"),
-                        sin=s.sin.to("meta"),
-                        mask=None if s.mask is None else s.mask.to("meta"),
+                    MetaSegment(
+                        **vars(s)
+                        | dict(
+                            slots=s.slots.to("meta"),
+                            cos=s.cos.to("meta"),
+                            sin=s.sin.to("meta"),
+                            mask=None if s.mask is None else s.mask.to("meta"),
+                        )
                     )
                     for s in ctx.segments
                 ]
