@@ -21,7 +21,7 @@ import functools
 from collections import deque
 from dataclasses import dataclass
 
-from suite.parallel.strategy import Strategy, StrategyError, register
+from suite.parallel.strategy import ResidualStream, Strategy, StrategyError, register
 from suite.vocabulary import parse_blocks
 
 
@@ -51,18 +51,19 @@ def _ladder_layers(layers: str, n_layers: int) -> frozenset[int]:
 
 def ladder_schedule(modules, h, comm, ctx, ladder: set[int]):
     """The modules' all-reduces, those of modules in ``ladder`` blocks waited one module late."""
+    x = ResidualStream(h)
     pending = deque()  # async all-reduces of ladder outputs not yet in the stream, oldest first
 
-    def flush(h, keep):
+    def flush(keep):
         while len(pending) > keep:
-            h = h + pending.popleft().wait()
-        return h
+            x.add(pending.popleft())
 
     for module in modules:
         if module.layer not in ladder:
-            h = flush(h, 0)
-            h = h + comm.all_reduce(module(h, ctx))
+            flush(0)
+            x.add(comm.all_reduce(x.run(module, ctx)))
             continue
-        h = flush(h, 1)  # add the module before last; the previous one stays in flight
-        pending.append(comm.all_reduce(module(h, ctx), async_op=True))
-    return flush(h, 0)
+        flush(1)  # add the module before last; the previous one stays in flight
+        pending.append(comm.all_reduce(x.run(module, ctx), async_op=True))
+    flush(0)
+    return x.value()

@@ -29,18 +29,16 @@ from suite.vocabulary import parse_blocks
 def spd_modules(layers, drop: set[int]) -> list[SyncedModule]:
     """The stack's synced modules: a block in ``drop`` is one, Y_i + MLP_i(RMSNorm2(X + Y_i)); others two."""
 
-    def dropped(x, ctx, layer):
-        y = layer.attn(x, ctx)
-        return y + layer.ffn(x + y)
+    def merged(i, layer) -> SyncedModule:
+        def run(x, ctx, normed=None):  # normed: RMSNorm1(X), when the stream formed X with it
+            y = layer.self_attn(layer.input_layernorm(x) if normed is None else normed, ctx)
+            _, u = layer.post_attention_layernorm.add_forward(x, y)  # X + Y_i and its norm, one region
+            return y + layer.mlp(u)
+
+        return SyncedModule(i, None, run, stream_norm=layer.input_layernorm)
 
     return [
-        m
-        for i, layer in enumerate(layers)
-        for m in (
-            [SyncedModule(i, None, lambda x, ctx, block=layer: dropped(x, ctx, block))]
-            if i in drop
-            else megatron_modules(i, layer)
-        )
+        m for i, layer in enumerate(layers) for m in ([merged(i, layer)] if i in drop else megatron_modules(i, layer))
     ]
 
 

@@ -299,3 +299,23 @@ def test_the_stack_is_built_once_per_model(name):
     other = load_runner(Communicator(), torch.device("cpu"), "random:tiny", name, options).model
     Runner(other, strategy, runner.comm).generate([[5, 17, 42]], 2)
     assert built == [runner.model.layers, other.layers]
+
+
+@pytest.mark.parametrize(
+    "name, sums_per_layer, fewer",  # each module but the first reads a sum (ladder: two in flight at first)
+    [("baseline", 2, 1), ("nocomm", 2, 1), ("seqpar", 2, 1), ("ladder", 2, 2), ("spd", 2, 1)],
+)
+def test_each_sum_a_norm_reads_is_formed_with_that_norm(name, sums_per_layer, fewer):
+    """The residual add after a sync and the norm that reads it are one call (``RMSNorm.add_forward``, one
+    compiled region in kernels: compiled); the logits stay exact (the tests against Hugging Face)."""
+    from suite.parallel.comm import Communicator
+    from suite.parallel.runner import load_runner
+
+    options = {"blocks": "all"} if name == "spd" else {}
+    runner = load_runner(Communicator(), torch.device("cpu"), "random:tiny", name, options)
+    calls = []
+    for layer in runner.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.add_forward = lambda x, delta, norm=norm: calls.append(norm) or type(norm).add_forward(norm, x, delta)
+    runner.generate([[5, 17, 42]], 1)  # one prefill
+    assert len(calls) == sums_per_layer * len(runner.model.layers) - fewer

@@ -117,3 +117,17 @@ def test_cli_rejects_an_unknown_kernel_mode(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--prompt", "hi", "--kernels", "fused"])
     assert exc.value.code == 2 and "--kernels" in capsys.readouterr().err
+
+
+def test_compiled_mode_makes_each_residual_add_and_its_norm_one_region():
+    from suite.parallel.comm import Communicator
+    from suite.parallel.runner import load_runner
+
+    def compiled(f) -> bool:
+        return hasattr(f, "_torchdynamo_orig_callable")
+
+    eager = load_runner(Communicator(), torch.device("cpu"), MODEL, "baseline").model
+    model = load_runner(Communicator(), torch.device("cpu"), MODEL, "baseline", kernels="compiled").model
+    for ours, plain in zip(model.layers, eager.layers):
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            assert compiled(getattr(ours, name).add_forward) and not compiled(getattr(plain, name).add_forward)

@@ -5,8 +5,10 @@ deployment does (docs/kernels.md).
 
 - q/k/v and gate/up are merged into one GEMM each (the sharded weights, concatenated: exact);
 - each module body between two syncs is compiled by Inductor (regional compilation: one compiled region per
-  module kind, shared by every block): RMSNorm, the q/k/v projection with RoPE, the SwiGLU MLP. The
-  strategies' schedules, collectives and residual adds stay their own Python code;
+  module kind, shared by every block): RMSNorm, the q/k/v projection with RoPE, the SwiGLU MLP; the residual
+  add after a sync and the norm that reads its sum are one region (``RMSNorm.add_forward``, which the
+  strategies call through ``ResidualStream``). The strategies' schedules and collectives stay their own
+  Python code;
 - masked GQA attention folds each KV head's query group into the query length (no repeated K/V), and the
   runner's decode reads a power-of-two bound of the filled cache instead of the whole cache.
 """
@@ -41,8 +43,9 @@ def apply_kernels(model: Transformer, kernels: str) -> Transformer:
         attn.project = torch.compile(attn._project, fullgraph=True)
         attn.fold_groups = True
         mlp.compile(fullgraph=True)
-        block.input_layernorm.compile(fullgraph=True)
-        block.post_attention_layernorm.compile(fullgraph=True)
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            norm.compile(fullgraph=True)
+            norm.add_forward = torch.compile(norm.add_forward, fullgraph=True)
     model.norm.compile(fullgraph=True)
     model.kernels = kernels
     return model

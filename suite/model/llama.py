@@ -33,6 +33,12 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, RMSNorm(x + delta))``: a residual add and the norm that reads its sum, one region (one
+        kernel compiled)."""
+        h = x + delta
+        return h, self(h)
+
 
 @dataclass
 class Segment:

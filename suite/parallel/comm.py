@@ -77,9 +77,13 @@ class CommStats:
 
 def split_sync(comm, partial: torch.Tensor, residual: torch.Tensor, norm=None):
     """``residual_i += RS(partial)_i``, then ``AG(norm(residual_i))`` (``AG(residual_i)`` without a
-    norm): two collectives with the add and norm between them; returns both."""
-    residual = residual + comm.reduce_scatter(partial)
-    return residual, comm.all_gather(residual if norm is None else norm(residual))
+    norm): two collectives with the add and norm between them (one region: ``RMSNorm.add_forward``); returns
+    both."""
+    if norm is None:
+        residual = residual + comm.reduce_scatter(partial)
+        return residual, comm.all_gather(residual)
+    residual, normed = norm.add_forward(residual, comm.reduce_scatter(partial))
+    return residual, comm.all_gather(normed)
 
 
 class Pending:

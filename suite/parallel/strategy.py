@@ -33,7 +33,7 @@ from suite.errors import SpdbenchError
 from suite.model.llama import Block, ForwardContext, Transformer
 from suite.model.sharding import Layout, build_rank_model, default_layout
 from suite.model.sources import ModelSource, WeightSource
-from suite.parallel.comm import Communicator
+from suite.parallel.comm import Communicator, Pending
 from suite.vocabulary import STRATEGY_ENTRY_POINTS, check_strategy, installed_strategies
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -51,9 +51,44 @@ class SyncedModule:
     layer: int  # the block it belongs to
     norm: Callable | None
     run: Callable
+    # with norm None: the norm ``run`` applies to x first (an SPD block), passed as run(x, ctx, normed=...)
+    # when the stream forms x with it
+    stream_norm: Callable | None = None
 
     def __call__(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.run(h if self.norm is None else self.norm(h), ctx)
+
+
+class ResidualStream:
+    """The residual stream x with its latest addend held back, so that the next module's norm forms the sum
+    (``RMSNorm.add_forward``: with compiled kernels the add and the norm are one kernel, as deployments fuse
+    them). The sums are the same, in the same order, as adding each addend at once."""
+
+    def __init__(self, h: torch.Tensor):
+        self._h, self._addend = h, None
+
+    def add(self, y: torch.Tensor | Pending) -> None:
+        """x = x + y; an in-flight ``y`` is waited for once the sums before it are formed (they overlap it)."""
+        self._fold()
+        self._addend = y.wait() if isinstance(y, Pending) else y
+
+    def run(self, module: SyncedModule, ctx: ForwardContext) -> torch.Tensor:
+        """The module's partial output on x."""
+        norm = module.norm or module.stream_norm
+        if self._addend is None or norm is None:
+            return module(self.value(), ctx)
+        self._h, normed = norm.add_forward(self._h, self._addend)
+        self._addend = None
+        return module.run(normed, ctx) if module.norm is not None else module.run(self._h, ctx, normed=normed)
+
+    def value(self) -> torch.Tensor:
+        """x, its addends summed."""
+        self._fold()
+        return self._h
+
+    def _fold(self) -> None:
+        if self._addend is not None:
+            self._h, self._addend = self._h + self._addend, None
 
 
 def megatron_modules(index: int, layer: Block) -> list[SyncedModule]:
@@ -68,9 +103,10 @@ def all_reduce_each(
     modules: list[SyncedModule], h: torch.Tensor, comm: Communicator, ctx: ForwardContext
 ) -> torch.Tensor:
     """x_k = x_{k-1} + AR(m_k(x_{k-1})): every sync completes before the next module reads the stream."""
+    x = ResidualStream(h)
     for module in modules:
-        h = h + comm.all_reduce(module(h, ctx))
-    return h
+        x.add(comm.all_reduce(x.run(module, ctx)))
+    return x.value()
 
 
 class Strategy:
