@@ -90,7 +90,8 @@ def all_reduce_cells(data: Path) -> list[dict]:
                 sizes = rows[(rows["size"] >= lo) & (rows["size"] < hi)]
                 median_us = 1e3 * sizes["time_stats.all_reduce.median"].median()
                 cells.append({"interconnect": interconnect, "n": int(n), "bytes_from": lo, "bytes_to": hi,
-                              "sizes": len(sizes), "median_us": round(float(median_us), 1)})  # fmt: skip
+                              "sizes": len(sizes), "median_bytes": int(sizes["size"].median()),
+                              "median_us": round(float(median_us), 1)})  # fmt: skip
     return cells
 
 
@@ -128,7 +129,7 @@ def main() -> None:
                 f"{VIDUR} data/profiling/network/{{{net_paths}}}/all_reduce.csv: torch.distributed.all_reduce of"
                 " an fp16 buffer, the NCCL kernel's time from a Kineto trace (launch excluded, waiting for peers"
                 " included), rank 0; median_us = the median of the per-size medians in [bytes_from, bytes_to)"
-                " (small sizes are bimodal); written by scripts/vidur_cells.py"
+                " (small sizes are bimodal), median_bytes the median size there; written by scripts/vidur_cells.py"
             ],
         },
         all_reduce_cells(data),

@@ -765,7 +765,7 @@ def test_kernel_checks_price_decode_attention_and_all_reduce_by_hand():
     assert decode["modelled_ms"] == pytest.approx(1e3 * (5.2e-6 + nbytes / 1700e9))
     assert decode["error_pct"] == pytest.approx(100 * (decode["modelled_ms"] / 0.16 - 1))
     row = next(r for r in kernel_checks.all_reduces(load_published("vidur-all-reduce")) if r["n"] == 8)
-    assert row["interconnect"] == "a100-nvlink" and row["bytes_middle"] == 23170  # sqrt(8 KiB x 64 KiB)
+    assert row["interconnect"] == "a100-nvlink" and row["median_bytes"] == 34816  # of 2 KiB + 8 KiB x (1 .. 7)
     assert row["modelled_ms"] == pytest.approx(33.7e-3, rel=0.05)  # the profile's 8-GPU floor, 1 us of bandwidth
 
 

@@ -9,7 +9,6 @@ published - 1. Cells a profile was derived from are marked: they check the arith
 
 from __future__ import annotations
 
-import math
 import statistics
 
 from suite.latency.device import load_device
@@ -82,13 +81,12 @@ def attention(published: dict) -> list[dict]:
 
 def all_reduces(published: dict) -> list[dict]:
     """Median published all-reduce kernel time per size range against the profile's CUDA-graph price at
-    the range's geometric middle."""
+    the range's median size (the price grows with size: the median of the prices)."""
     rows = []
     for cell in published["cells"]:
         profile = load_profile(cell["interconnect"])
-        middle = int(math.sqrt(cell["bytes_from"] * cell["bytes_to"]))
-        modelled = 1e3 * profile.seconds("all_reduce", cell["n"], middle, launch="cuda_graph")
-        rows.append(_row(cell["median_us"] / 1e3, modelled, **cell, bytes_middle=middle))
+        modelled = 1e3 * profile.seconds("all_reduce", cell["n"], cell["median_bytes"], launch="cuda_graph")
+        rows.append(_row(cell["median_us"] / 1e3, modelled, **cell))
     return rows
 
 
