@@ -7,6 +7,7 @@ taken from the code under test."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -817,3 +818,22 @@ def test_validation_page_is_what_the_command_writes():
     assert decode["meets_bar"] == (
         decode["required"]["median_abs_error_pct"] <= 15 and decode["required"]["worst_abs_error_pct"] <= 35
     )
+
+
+def test_a_cell_simulates_the_same_after_other_cells():
+    """A simulator keeps what it learns across cells (op shapes, the context kernels it recorded): a cell
+    after another of the same shape replays them and must take the same time as on its own."""
+    import suite.latency.simulation.cells as cells_module
+
+    cell = LatencyScenario(
+        model="random:llama3-70b", strategy="spd", strategy_options={"blocks": "last:40"}, tp=8, batch=1,
+        prompt_len=1024, new_tokens=2, dtype="float16", device="cuda", decode_mode="cuda_graph",
+        kernels="compiled", mode="simulated", device_profile="h100-sxm", interconnect="h100-nvswitch",
+    )  # fmt: skip
+    cells_module._simulator.cache_clear()
+    alone = list(simulate_cells([cell], workers=1))[0][1]
+    cells_module._simulator.cache_clear()
+    before = dataclasses.replace(cell, strategy="baseline", strategy_options={})
+    after = list(simulate_cells([before, cell], workers=1))[1][1]
+    assert after["prefill_ms_median"] == alone["prefill_ms_median"]
+    assert after["decode_ms_per_token_median"] == alone["decode_ms_per_token_median"]

@@ -164,6 +164,7 @@ class Timeline:
 
     def sync_host(self) -> None:
         """The host waits for the device (a value read back, e.g. ``.item()``)."""
+        self._barrier()  # the kernels it waits for are issued (and recorded) first
         if self.log is not None:
             self.log.append(None)
         self.host = self.end()
