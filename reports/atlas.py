@@ -22,6 +22,7 @@ import pandas as pd
 
 from reports.cells import REFERENCE, missing
 from reports.summary import EXACT
+from suite.defaults import DEPLOYMENT
 
 # name -> (device profile, interconnect, N): the shipped systems. H200 SXM uses the same NVLink 4 /
 # NVSwitch fabric as H100 SXM, hence the same interconnect profile.
@@ -36,19 +37,7 @@ SYSTEMS = {
 MODELS = ["random:llama3-8b", "random:llama3-70b", "random:llama3.1-405b"]
 BATCHES = [1, 16, 64]
 SPD_SHARE = 0.5  # SPD (and its composites) drop the attention sync in the last half of the blocks
-# The deployment scenario: the ladder paper's prompt and generation length, half precision, CUDA-graph decode
-# over compiled kernels (merged GEMMs, fused elementwise runs, attention over the filled cache).
-SCENARIO = {
-    "prompt_len": 1024,
-    "new_tokens": 512,
-    "dtype": "float16",
-    "device": "cuda",
-    "decode_mode": "cuda_graph",
-    "kernels": "compiled",
-    "mode": "simulated",
-    "repetitions": 1,
-    "warmup": 0,
-}
+SCENARIO = {**DEPLOYMENT, "mode": "simulated", "repetitions": 1, "warmup": 0}
 PHASES = {
     "e2e": ("e2e_ms_median", "end to end"),
     "prefill": ("prefill_ms_median", "prefill"),

@@ -10,6 +10,17 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_TIMEOUT_S = 300  # seconds a collective may wait before the run fails
 BENCH_STORE = "bench.jsonl"  # OUT/bench.jsonl: the rows of `spdbench bench --out OUT`
 KERNELS = ("eager", "compiled")  # kernel modes of the harness (docs/kernels.md)
+# The deployment scenario of the main job's and the atlas's simulated cells: the ladder paper's prompt and
+# generation length, half precision, CUDA-graph decode over compiled kernels (merged GEMMs, fused elementwise
+# runs, attention over the filled cache).
+DEPLOYMENT = {
+    "prompt_len": 1024,
+    "new_tokens": 512,
+    "dtype": "float16",
+    "device": "cuda",
+    "decode_mode": "cuda_graph",
+    "kernels": "compiled",
+}
 
 
 def default_kernels(device: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from suite.cli.common import at_least, check_model
+from suite.defaults import DEPLOYMENT
 from suite.errors import SpdbenchError
 
 SPD_STRATEGIES = ["spd", "spd+ladder", "spd+tokenweave"]  # each runs the same SPD plan
@@ -26,18 +27,8 @@ SPD_BUDGET = 50  # % of blocks with SPD: the least sensitive half
 SWEEP_BUDGETS = "0,25,50,75,100"  # the SPD perplexity curve (zero-shot) at the largest N
 # WikiText-2 test perplexity per strategy x N: 2048 tokens, in windows enough for a paired standard error
 PPL_SAMPLES, PPL_SEQ_LEN = 16, 128
-# The simulated scenario: the ladder paper's (prompt 1024, 512 new tokens, decode in a CUDA graph),
-# at batch 1 (latency-bound decode) and 16 (a served batch), in half precision, with the kernels a
-# deployment runs (compiled: fused, merged GEMMs, flash attention over the filled cache).
-SIMULATED = {
-    "batch": [1, 16],
-    "prompt_len": 1024,
-    "new_tokens": 512,
-    "dtype": "float16",
-    "device": "cuda",
-    "decode_mode": "cuda_graph",
-    "kernels": "compiled",
-}
+# The simulated scenario: the deployment one at batch 1 (latency-bound decode) and 16 (a served batch).
+SIMULATED = {"batch": [1, 16], **DEPLOYMENT}
 LARGE_TP = [4, 8]
 # Measured on this machine: a check that every strategy runs, so one small repetition (on a CPU the
 # timings rank nothing; more repetitions would only cost time).

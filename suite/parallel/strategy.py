@@ -74,7 +74,7 @@ class ResidualStream:
 
     def run(self, module: SyncedModule, ctx: ForwardContext) -> torch.Tensor:
         """The module's partial output on x."""
-        norm = module.norm or module.stream_norm
+        norm = module.norm if module.norm is not None else module.stream_norm
         if self._addend is None or norm is None:
             return module(self.value(), ctx)
         self._h, normed = norm.add_forward(self._h, self._addend)

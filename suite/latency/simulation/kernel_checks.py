@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import statistics
 
+from torch.utils.flop_counter import sdpa_flop_count
+
 from suite.latency.device import load_device
 from suite.latency.interconnect import load_profile
+from suite.latency.simulation.attention import lower_right_share
 from suite.latency.simulation.validation import load_published
 
 DTYPE_BYTES = 2  # every published kernel time here is fp16
@@ -68,11 +71,11 @@ def attention(published: dict) -> list[dict]:
     device = load_device(published["device_profile"])
     heads, kv_heads, dim = (published["heads"][k] for k in ("query", "kv", "dim"))
 
-    def price(batch: int, queries: int, keys: int) -> float:
-        share = 1 - (queries - 1) / (2 * keys) if queries > 1 else 1.0  # the causal pairs, lower-right aligned
-        flops = 4 * batch * heads * queries * keys * dim * share
+    def price(batch: int, queries: int, keys: int) -> float:  # as price_attention: Q and the output, K and V
+        share = lower_right_share(queries, keys)
+        flops = sdpa_flop_count((batch, heads, queries, dim), (batch, heads, keys, dim), (batch, heads, keys, dim))
         nbytes = DTYPE_BYTES * batch * dim * (2 * heads * queries + 2 * kv_heads * keys)
-        return 1e3 * device.kernel_seconds("attention", flops, nbytes, keys=keys, causal=queries > 1)
+        return 1e3 * device.kernel_seconds("attention", flops * share, nbytes, keys=keys, causal=share < 1)
 
     # each query attends over the cached keys and the chunk's own
     rows = [_row(c["ms"], price(c["batch"], c["tokens"], c["cached"] + c["tokens"]), **c) for c in published["cells"]]
