@@ -11,10 +11,11 @@ that norms the residual stream itself as an SPD block does: U = AG(r_i)).
 Same math as the baseline's H = X + AR(Y); RMSNorm(H), up to summation order. ``seqpar``
 isolates the cost of this reordering from the overlap that ``tokenweave`` adds on top.
 
-With ``fused=true`` each sync is one ``comm.fused_sync`` (TokenWeave's single multimem kernel for
-reduce-scatter + add + RMSNorm + all-gather): a modelled communicator (projection, simulation)
-costs it as one fused collective; the torch.distributed communicator has no multimem backend and
-runs the same reduce-scatter, add, norm and all-gather as without it.
+Each sync is one ``comm.fused_sync`` by default, as TokenWeave deploys it: its single multimem
+kernel for reduce-scatter + add + RMSNorm + all-gather where the interconnect has one (a modelled
+interconnect with a ``fused_sync`` table: NVSwitch multimem); elsewhere, and on the
+torch.distributed communicator (no multimem backend), the same reduce-scatter, add, norm and
+all-gather run one by one. ``fused=false`` always runs them one by one.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ScatteredStream:
     """A run of tokens in sequence-parallel form: this rank's rows of the residual, and the
     normed full-width input U of the next module. ``ready`` marks U on a second CUDA stream."""
 
-    def __init__(self, h: torch.Tensor, ctx, norm, comm, fused: bool = False):
+    def __init__(self, h: torch.Tensor, ctx, norm, comm, fused: bool):
         self.ctx, self.tokens, self.comm = ctx, h.shape[0], comm
         self._sync = comm.fused_sync if fused else functools.partial(split_sync, comm)
         rows = -(-self.tokens // comm.world)
@@ -66,7 +67,7 @@ class ScatteredStream:
             self.ready = None
 
 
-def fused_layers(modules, h, comm, ctx, fused: bool = False):
+def fused_layers(modules, h, comm, ctx, fused: bool):
     """The modules with reduce-scatter/RMSNorm/all-gather syncs on one stream; returns the full
     residual stream."""
     if not modules:
@@ -80,7 +81,7 @@ def fused_layers(modules, h, comm, ctx, fused: bool = False):
 @register("seqpar")
 @dataclass
 class SeqPar(Strategy):
-    fused: bool = False  # each sync one comm.fused_sync (TokenWeave's fused kernel where one is modelled)
+    fused: bool = True  # each sync one comm.fused_sync (false: always the separate collectives)
 
     def run_layers(self, layers, h, comm, ctx):
         return fused_layers(self.stack(layers), h, comm, ctx, self.fused)

@@ -6,8 +6,8 @@ of 256 (for any ``split_multiple`` m: ``ceil(T / m) * m // 2 + split_offset``). 
 the cut is split and its second part attends to the first part's KV cache (lower-right causal
 attention, the same SDPA fast path as the first part). Each half keeps its residual
 token-sharded and syncs with the reduce-scatter -> residual add + RMSNorm -> all-gather of
-``seqpar`` (one ``comm.fused_sync`` with ``fused=true``, as TokenWeave's multimem kernel; only a
-modelled communicator runs it as one collective, see ``baselines.seqpar``). Per layer:
+``seqpar``: by default one ``comm.fused_sync``, TokenWeave's multimem kernel where the
+interconnect has one (see ``baselines.seqpar``). Per layer:
 
     comm stream                              compute stream
     sync+RMSNorm of half 2 (prev MLP)        attention half 1
@@ -41,7 +41,7 @@ class TokenWeave(Strategy):
     split_multiple: int = 256  # the token count is rounded up to a multiple of this before halving
     split_offset: int = 0  # tokens added to the first half (TokenWeave tunes it per token count)
     split_min_tokens: int = 1024  # fewer tokens: no split
-    fused: bool = False  # each sync one comm.fused_sync (TokenWeave's fused kernel where one is modelled)
+    fused: bool = True  # each sync one comm.fused_sync (false: always the separate collectives)
 
     def __post_init__(self):
         if self.split_multiple < 1:

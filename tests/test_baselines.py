@@ -31,7 +31,7 @@ GENERATED = {
     "baseline": ("baseline", {}),
     "seqpar": ("seqpar", {}),
     "tokenweave": ("tokenweave", TOKENWEAVE),
-    "tokenweave fused": ("tokenweave", TOKENWEAVE | {"fused": "true"}),
+    "tokenweave unfused": ("tokenweave", TOKENWEAVE | {"fused": "false"}),
 }
 LADDERS = ["all", "last:16", "3,4,7"]
 
@@ -91,7 +91,7 @@ def test_prompts_straddle_the_token_split():
     assert make_strategy("tokenweave", TOKENWEAVE).split_point(len(lengths), 2) == 2  # decode steps split too
 
 
-@pytest.mark.parametrize("name", ["seqpar", "tokenweave", "tokenweave fused"])
+@pytest.mark.parametrize("name", ["seqpar", "tokenweave", "tokenweave unfused"])
 def test_fused_and_split_sync_equal_baseline(tp_run, name):
     tp, out = tp_run
     base_tokens, base_prefill, base_logits = out["baseline"]

@@ -44,9 +44,9 @@ def _job(comm, device, model, blocks, prompts, equal):
         "spd+tokenweave": ("spd+tokenweave", spd | TOKENWEAVE),
         "spd+ladder": ("spd+ladder", spd),
     }
-    if model == "random:tiny":  # the fused sync and the empty ladder set on the small model only
+    if model == "random:tiny":  # the separate collectives and the empty ladder set on the small model only
         configs |= {
-            "spd+tokenweave fused": ("spd+tokenweave", spd | TOKENWEAVE | {"fused": "true"}),
+            "spd+tokenweave unfused": ("spd+tokenweave", spd | TOKENWEAVE | {"fused": "false"}),
             "spd+ladder no ladder": ("spd+ladder", spd | {"layers": ""}),
         }
     out = {}
@@ -123,7 +123,7 @@ def test_reference_without_spd_is_ladder_on_hugging_face_modules():
     assert _close(composed_reference("smollm2-135m", [prompt], 2, set())[0], ref)
 
 
-@pytest.mark.parametrize("key", ["spd+tokenweave", "spd+tokenweave fused"])
+@pytest.mark.parametrize("key", ["spd+tokenweave", "spd+tokenweave unfused"])
 def test_spd_tokenweave_equals_spd(composite_run, key):
     model, tp, out = composite_run
     if key not in out:
@@ -151,7 +151,7 @@ def test_spd_ladder_without_ladder_layers_is_spd(composite_run):
 
 
 def test_composites_take_both_parts_options():
-    composite = make_strategy("spd+tokenweave", {"plan": "", "blocks": "all", "split_offset": "32", "fused": "true"})
-    assert (composite.blocks, composite.split_offset, composite.fused) == ("all", 32, True)
+    composite = make_strategy("spd+tokenweave", {"plan": "", "blocks": "all", "split_offset": "32", "fused": "false"})
+    assert (composite.blocks, composite.split_offset, composite.fused) == ("all", 32, False)
     assert not composite.exact and composite.changes_model  # SPD's model
     assert make_strategy("spd+ladder", {"blocks": "last:2"}).layers == "all"

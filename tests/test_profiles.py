@@ -9,7 +9,15 @@ import json
 
 import pytest
 
-from suite.latency.interconnect import FUSED_SYNC, LAUNCHES, TRAFFIC, Profile, available_profiles, load_profile
+from suite.latency.interconnect import (
+    FUSED_SYNC,
+    LAUNCHES,
+    TRAFFIC,
+    Profile,
+    ProfileError,
+    available_profiles,
+    load_profile,
+)
 
 REFERENCE = "h100-nvswitch"
 SLOWER = ["a100-nvlink", "pcie-nop2p", "ib-2node"]  # lower-bandwidth interconnects than NVSwitch on H100
@@ -24,7 +32,7 @@ def cheaper_points(slower: Profile, reference: Profile) -> list[tuple]:
         (coll, launch, n, size)
         for launch in LAUNCHES
         for n in set(slower.ns(launch)) & set(reference.ns(launch))
-        for coll in TRAFFIC
+        for coll in set(slower.collectives()) & set(reference.collectives())
         for size in SIZES
         if slower.seconds(coll, n, size, launch) < reference.seconds(coll, n, size, launch)
     ]
@@ -84,7 +92,7 @@ def test_every_launch_mode_has_its_method_and_every_collective_its_table(name):
 @pytest.mark.parametrize("name", available_profiles())
 def test_costs_grow_with_size_and_eager_launches_cost_more(name):
     profile = load_profile(name)
-    for coll in TRAFFIC:
+    for coll in profile.collectives():
         for n in profile.ns("eager"):
             eager = [profile.seconds(coll, n, size, "eager") for size in SIZES]
             graph = [profile.seconds(coll, n, size, "cuda_graph") for size in SIZES]
@@ -196,16 +204,15 @@ def test_profile_command_lists_every_modelled_point(capsys):
     points = json.loads(capsys.readouterr().out)
     profile = load_profile("h100-nvswitch")
     assert {(p["collective"], p["launch"], p["n"]) for p in points} == {
-        (c, launch, n) for c in TRAFFIC for launch in LAUNCHES for n in (2, 4, 8)
-    }
+        (c, launch, n) for c in TRAFFIC if c != FUSED_SYNC for launch in LAUNCHES for n in (2, 4, 8)
+    }  # no fused kernel on this interconnect: no fused_sync to price
     assert {p["bytes"] for p in points} == {4**k for k in range(5, 16)}  # 1 KiB .. 1 GiB
     for p in points:
         assert set(p) == {"collective", "launch", "n", "bytes", "us"}
         assert p["us"] == pytest.approx(1e6 * profile.seconds(p["collective"], p["n"], p["bytes"], p["launch"]))
-    # no fused kernel here: the fused sync is a reduce-scatter and an all-gather
-    fused = next(p for p in points if p["collective"] == FUSED_SYNC and p["n"] == 8 and p["bytes"] == 16 * KB)
-    parts = sum(1e6 * profile.seconds(c, 8, 16 * KB, fused["launch"]) for c in ("reduce_scatter", "all_gather"))
-    assert fused["us"] == pytest.approx(parts)
+    with pytest.raises(ProfileError, match="no fused_sync kernel"):
+        profile.seconds(FUSED_SYNC, 8, 16 * KB)
+    assert load_profile("h100-nvswitch-multimem").collectives() == list(TRAFFIC)
 
 
 @pytest.mark.parametrize("name", available_profiles())
@@ -217,7 +224,8 @@ def test_profile_command_prints_the_method_and_table(name, capsys):
     profile = load_profile(name)
     assert profile.name in out and f"SMs a collective holds: {profile.sms}" in out
     assert all(text.split()[0] in out for text in profile.method.values())
-    assert "fused_sync" in out and "1G" in out
+    assert all(coll in out for coll in profile.collectives()) and "1G" in out
+    assert ("fused_sync" in out) == profile.has_fused_sync
 
 
 def test_profile_command_rejects_an_unknown_profile(capsys):

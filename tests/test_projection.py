@@ -16,6 +16,7 @@ import yaml
 from suite.latency.bench import expand, run
 from suite.latency.interconnect import FUSED_SYNC, RING_FACTOR, Profile, ProfileError, available_profiles, load_profile
 from suite.latency.projection import ProjectingCommunicator, heaviest_rank, projected_runner
+from suite.model.llama import RMSNorm
 from suite.model.sharding import BlockShard, default_layout
 from suite.parallel.comm import Communicator, Pending
 from suite.parallel.runner import load_runner
@@ -29,16 +30,18 @@ TOLERANCE_S = 5 * MS  # a sleep on a busy 2-core machine overshoots by less than
 SMS = {"sms": 4, "sms_source": "test"}
 
 
-def flat_profile(latency_us: float, busbw_gbps: float = math.inf, ns=(2, 4)) -> Profile:
-    """Every collective costs ``latency_us`` (plus the bandwidth term when busbw is finite)."""
+def flat_profile(latency_us: float, busbw_gbps: float = math.inf, ns=(2, 4), fused: bool = False) -> Profile:
+    """Every collective costs ``latency_us`` (plus the bandwidth term when busbw is finite); ``fused``:
+    the interconnect has TokenWeave's fused kernel at the same cost."""
     rows = [[1, latency_us, busbw_gbps]]
+    tables = {"all_reduce": {"eager": {n: rows for n in ns}}}
     return Profile.from_dict(
         {
             "name": "flat",
             "sources": ["test"],
             "method": "constant",
             **SMS,
-            "tables": {"all_reduce": {"eager": {n: rows for n in ns}}},
+            "tables": tables | ({FUSED_SYNC: tables["all_reduce"]} if fused else {}),
         }
     )
 
@@ -240,9 +243,10 @@ def test_fused_sync_is_one_modelled_collective_with_the_split_sync_shapes():
     comm.counts.clear()
     comm.reduce_scatter(partial), comm.all_gather(residual)  # what the split sync issues instead
     assert comm.counts == {"reduce_scatter": 1, "all_gather": 1} and comm.sms == 4  # sms: the profile's
-    without = ProjectingCommunicator(rank=1, world=4, profile=flat_profile(1000))  # no fused table: RS + AG
-    without.fused_sync(partial, residual)
-    assert without.counts == {FUSED_SYNC: 1} and without.modelled_s == pytest.approx(2e-3)
+    without = ProjectingCommunicator(rank=1, world=4, profile=flat_profile(1000))  # no fused kernel: its parts
+    out_residual, gathered = without.fused_sync(partial, residual, RMSNorm(3, 1e-6))
+    assert without.counts == {"reduce_scatter": 1, "all_gather": 1} and without.modelled_s == pytest.approx(2e-3)
+    assert out_residual.shape == (2, 3) and gathered.shape == (8, 3)
 
 
 def test_heaviest_rank_has_most_heads_then_kv_heads_then_ffn():
@@ -308,46 +312,37 @@ class _Recorder(Communicator):
 
 L = source("random:tiny-uneven").config.num_hidden_layers  # 3 blocks: 2L = 6 modules
 SPLIT = {"split_min_tokens": "0", "split_multiple": "4"}  # 16 prefill tokens split 8 + 8; a 2-token step does not
+UNFUSED = {"fused": "false"}  # the sync's reduce-scatter and all-gather as separate collectives
 COUNTS = [  # (strategy, options, prefill, decode step): every module synced once per token half
     ("baseline", {}, {"all_reduce": 2 * L}, {"all_reduce": 2 * L}),
     ("spd", {"blocks": "last:1"}, {"all_reduce": 2 * L - 1}, {"all_reduce": 2 * L - 1}),
     ("spd", {"blocks": "all"}, {"all_reduce": L}, {"all_reduce": L}),
     ("ladder", {"layers": "all"}, {"all_reduce": 2 * L}, {"all_reduce": 2 * L}),
-    ("seqpar", {}, {"reduce_scatter": 2 * L, "all_gather": 2 * L}, {"reduce_scatter": 2 * L, "all_gather": 2 * L}),
-    ("seqpar", {"fused": "true"}, {FUSED_SYNC: 2 * L}, {FUSED_SYNC: 2 * L}),
+    ("seqpar", {}, {FUSED_SYNC: 2 * L}, {FUSED_SYNC: 2 * L}),  # by default TokenWeave's fused kernel
+    ("seqpar", UNFUSED, {"reduce_scatter": 2 * L, "all_gather": 2 * L}, {"reduce_scatter": 2 * L, "all_gather": 2 * L}),
+    ("tokenweave", {}, {FUSED_SYNC: 2 * L}, {FUSED_SYNC: 2 * L}),  # 16 tokens < 1024: no split
+    ("tokenweave", SPLIT, {FUSED_SYNC: 4 * L}, {FUSED_SYNC: 2 * L}),
     (
         "tokenweave",
-        {},
-        {"reduce_scatter": 2 * L, "all_gather": 2 * L},
-        {"reduce_scatter": 2 * L, "all_gather": 2 * L},
-    ),  # 16 tokens < 1024: no split
-    (
-        "tokenweave",
-        SPLIT,
+        SPLIT | UNFUSED,
         {"reduce_scatter": 4 * L, "all_gather": 4 * L},
         {"reduce_scatter": 2 * L, "all_gather": 2 * L},
     ),
-    ("tokenweave", SPLIT | {"fused": "true"}, {FUSED_SYNC: 4 * L}, {FUSED_SYNC: 2 * L}),
     # composites: the 2L - 1 syncs SPD on one block leaves, on ladder's or TokenWeave's schedule
     ("spd+ladder", {"blocks": "last:1"}, {"all_reduce": 2 * L - 1}, {"all_reduce": 2 * L - 1}),
     (
         "spd+tokenweave",
-        {"blocks": "last:1"},
+        {"blocks": "last:1"} | UNFUSED,
         {"reduce_scatter": 2 * L - 1, "all_gather": 2 * L - 1},
         {"reduce_scatter": 2 * L - 1, "all_gather": 2 * L - 1},
     ),
     (
         "spd+tokenweave",
-        {"blocks": "all"} | SPLIT,
+        {"blocks": "all"} | SPLIT | UNFUSED,
         {"reduce_scatter": 2 * L, "all_gather": 2 * L},
         {"reduce_scatter": L, "all_gather": L},
     ),
-    (
-        "spd+tokenweave",
-        {"blocks": "last:1", "fused": "true"} | SPLIT,
-        {FUSED_SYNC: 2 * (2 * L - 1)},
-        {FUSED_SYNC: 2 * L - 1},
-    ),
+    ("spd+tokenweave", {"blocks": "last:1"} | SPLIT, {FUSED_SYNC: 2 * (2 * L - 1)}, {FUSED_SYNC: 2 * L - 1}),
     ("nocomm", {}, {}, {}),
 ]
 
@@ -369,7 +364,7 @@ def test_collectives_per_step_by_kind(name, options, prefill, decode):
         return comm.calls
 
     def projected(new_tokens):
-        runner = projected_runner("random:tiny-uneven", name, options, 2, flat_profile(0))
+        runner = projected_runner("random:tiny-uneven", name, options, 2, flat_profile(0, fused=True))
         runner.generate(prompts, new_tokens)
         return runner.comm.counts
 
@@ -395,7 +390,7 @@ def test_projected_fused_tokenweave_pays_one_fused_sync_per_sync_point():
     profile, prompts = load_profile("h100-nvswitch-multimem"), [[5, 6, 7, 8, 9, 10, 11, 12]] * 3
     hidden = source("random:tiny-uneven").config.hidden_size
     per_sync = {}
-    for name, options in (("baseline", {}), ("tokenweave", {"fused": "true"})):
+    for name, options in (("baseline", {}), ("tokenweave", {})):
         runner = projected_runner("random:tiny-uneven", name, options, 8, profile)
         runner.generate(prompts, 1)
         before, syncs = runner.comm.modelled_s, sum(runner.comm.counts.values())

@@ -119,10 +119,7 @@ def cmd_profile(args, parser) -> int:
         index=["collective", "launch", "n"], columns="bytes", values="us", sort=False
     )
     table.columns = [_size(b) for b in table.columns]
-    print(
-        "modelled time of one collective (us); fused_sync without a table of its own is a reduce-scatter "
-        "plus an all-gather"
-    )
+    print("modelled time of one collective (us)")
     print(table.to_string(float_format=lambda v: f"{v:.1f}"))
     return 0
 

@@ -185,18 +185,27 @@ class Profile:
     def launches(self) -> list[str]:
         return [launch for launch in LAUNCHES if self.ns(launch)]
 
+    @property
+    def has_fused_sync(self) -> bool:
+        """Whether the interconnect runs TokenWeave's fused kernel (a ``fused_sync`` table: multimem)."""
+        return FUSED_SYNC in self.tables
+
+    def collectives(self) -> list[str]:
+        """The collectives this profile prices: ``fused_sync`` only where it has the fused kernel."""
+        return [coll for coll in TRAFFIC if coll != FUSED_SYNC or self.has_fused_sync]
+
     def seconds(self, collective: str, n: int, nbytes: int, launch: str = "eager") -> float:
         """Modelled time of one collective of ``nbytes`` over ``n`` ranks.
 
         A collective without its own table for ``n`` uses the all-reduce table (same links and
         protocols; only the ring factor differs; its latency is the all-reduce's). ``fused_sync``
-        without a table of its own costs a reduce-scatter plus an all-gather (no fused kernel).
-        N between two tabulated N is interpolated.
+        exists only where the profile has its table (``has_fused_sync``). N between two tabulated N
+        is interpolated.
         """
         if n <= 1:
             return 0.0
-        if collective == FUSED_SYNC and FUSED_SYNC not in self.tables:  # no fused kernel: the two collectives
-            return self.seconds("reduce_scatter", n, nbytes, launch) + self.seconds("all_gather", n, nbytes, launch)
+        if collective == FUSED_SYNC and not self.has_fused_sync:
+            raise ProfileError(f"profile {self.name!r} has no fused_sync kernel (no multimem): price its parts")
         by_n = self.tables.get(collective, {}).get(launch, {})
         if not _covers(by_n, n):
             by_n = self.tables["all_reduce"].get(launch, {})
@@ -237,7 +246,7 @@ SIZES = [4**k for k in range(5, 16)]  # 1 KiB .. 1 GiB, the sizes ``spdbench pro
 
 
 def modelled_times(profile: Profile, sizes: list[int] | None = None) -> list[dict]:
-    """Every collective (``fused_sync`` included), launch mode, tabulated N and size of ``profile``:
+    """Every collective the profile prices, launch mode, tabulated N and size of ``profile``:
     ``{collective, launch, n, bytes, us}``."""
     return [
         {
@@ -247,7 +256,7 @@ def modelled_times(profile: Profile, sizes: list[int] | None = None) -> list[dic
             "bytes": size,
             "us": 1e6 * profile.seconds(coll, n, size, launch),
         }
-        for coll in TRAFFIC
+        for coll in profile.collectives()
         for launch in profile.launches()
         for n in profile.ns(launch)
         for size in sizes or SIZES

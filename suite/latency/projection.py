@@ -170,7 +170,7 @@ class ProjectingCommunicator(Communicator):
     Results keep the real shapes (all-reduce: the local partial; reduce-scatter: this rank's
     chunk of it; all-gather: the local piece repeated), so strategies run unchanged, but their
     values are not the model's. ``fused_sync`` is one modelled collective (TokenWeave's fused
-    kernel; a profile without a table for it costs a reduce-scatter plus an all-gather).
+    kernel) where the profile has it, else its parts (reduce-scatter, add, norm, all-gather).
     ``modelled_s`` accumulates the modelled link time and ``counts`` the collectives by kind, as
     issued (a CUDA graph's replays issue nothing from Python).
     """
@@ -223,7 +223,7 @@ class ProjectingCommunicator(Communicator):
 
     def fused_sync(self, partial: torch.Tensor, residual: torch.Tensor, norm=None):
         """One modelled collective; the add and norm run inside the fused kernel (its modelled time)."""
-        if self.world == 1:
+        if self.world == 1 or not self.profile.has_fused_sync:
             return super().fused_sync(partial, residual, norm)
         gathered = residual.repeat(self.world, *[1] * (residual.dim() - 1))
         return residual, self._spend(FUSED_SYNC, gathered, partial.numel() * partial.element_size(), False)

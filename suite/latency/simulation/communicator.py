@@ -29,7 +29,8 @@ class SimulatedCommunicator(Communicator):
 
     Results have the real shapes (all-reduce: the local partial; reduce-scatter: a chunk; all-gather:
     ``world`` times the rows), so strategies run unchanged. ``fused_sync`` is one communication op,
-    TokenWeave's fused reduce-scatter + residual add + RMSNorm + all-gather kernel.
+    TokenWeave's fused reduce-scatter + residual add + RMSNorm + all-gather kernel, where the
+    profile has that kernel (multimem); elsewhere its parts run one by one.
     """
 
     profile: Profile | None = None
@@ -78,7 +79,7 @@ class SimulatedCommunicator(Communicator):
         return self._collective("all_gather", out.numel() * out.element_size(), [x], [out], async_op)
 
     def fused_sync(self, partial: torch.Tensor, residual: torch.Tensor, norm=None):
-        if self.world == 1:
+        if self.world == 1 or not self.profile.has_fused_sync:
             return super().fused_sync(partial, residual, norm)
         synced = residual.new_empty(residual.shape)
         gathered = residual.new_empty((residual.shape[0] * self.world, *residual.shape[1:]))
