@@ -816,7 +816,7 @@ def test_vidur_cells_are_the_data_folders_medians():
 
 def test_validation_page_is_what_the_command_writes():
     """docs/validation.md is what the command it names writes: after a profile change, rerun it."""
-    from suite.latency.simulation import validation
+    from suite.latency.simulation import studies, validation
 
     doc = (REPO / "docs" / "validation.md").read_text()
     command = doc.splitlines()[0].split("`")[1]
@@ -827,7 +827,13 @@ def test_validation_page_is_what_the_command_writes():
     for name in validation.DATASETS:
         table = load_published(name)
         datasets.append(validation.validate_dataset(table | {"cells": [table["cells"][0], table["cells"][-1]]}))
-    page = validation.markdown(decode, kernel_checks.checks(), datasets, command)
+    # the studies: TokenWeave's prefill at 1K tokens only (the others in full)
+    cells = {name: studies.study_cells(name) for name in studies.SUMMARIES}
+    cells["tokenweave-prefill"] = [c for c in cells["tokenweave-prefill"] if c.prompt_len == 1024]
+    page = validation.markdown(decode, kernel_checks.checks(), datasets, studies.studies(cells), command)
+    study_rows = [line for line in page.split("## PCIe")[1].splitlines() if line.startswith("| ")]
+    # a header and a row per cell: 2 decode modes; 2 regimes x N = 4, 8; 2 regimes x 4 strategies
+    assert len(study_rows) == (1 + 2) + (1 + 4) + (1 + 8) and all(row in doc.splitlines() for row in study_rows)
     head = "## Beyond batch-1 decode"
     assert page.split(head)[0] == doc.split(head)[0]
     kernels = "## Per kernel"  # up to the end of the profiles used

@@ -22,7 +22,7 @@ def cmd_devbench(args, parser) -> int:
 
 
 def cmd_validate(args, parser) -> int:
-    from suite.latency.simulation import kernel_checks, validation
+    from suite.latency.simulation import kernel_checks, studies, validation
 
     published = validation.load_published(args.published)
     decode = validation.validate_decode(published, args.device_profile, args.interconnect)
@@ -60,7 +60,7 @@ def cmd_validate(args, parser) -> int:
             )
     if args.write:
         path = Path(args.write)
-        path.write_text(validation.markdown(decode, kernels, datasets, command_line()))
+        path.write_text(validation.markdown(decode, kernels, datasets, studies.studies(), command_line()))
         print(f"written {path}")
     return 0
 
@@ -84,7 +84,8 @@ def add_validate_simulation(sub) -> None:
         help="simulated cells against published measurements, error per cell",
         description="Simulates every cell of a published end-to-end table as it was measured "
         "(default: gpt-fast's tensor-parallel decode on 8x A100) and prints the error of tokens/s "
-        "per cell, the median and the worst; --write renders docs/validation.md.",
+        "per cell, the median and the worst; --write renders docs/validation.md, with the simulated "
+        "studies of suite/latency/studies.",
     )
     p.add_argument("--published", default="gpt-fast-tp", help="published table: a shipped name or a file")
     p.add_argument(

@@ -6,8 +6,8 @@ worst; a measured OOM is matched by a simulated "does not fit". ``validate_datas
 table of prefill times, decode step times or end-to-end batch times (``measure``), each simulated under
 the kernel regime, profiles and launch mode its implementation ran; cells left out of the summary (a
 regime the simulation does not model) stay listed with the reason. ``DATASETS`` are the shipped ones.
-``markdown`` renders them, with the per-kernel checks of ``kernel_checks``, as ``docs/validation.md``, so
-the document is regenerated, never edited, when a profile changes.
+``markdown`` renders them, with the per-kernel checks of ``kernel_checks`` and the simulated studies of
+``studies``, as ``docs/validation.md``, so the document is regenerated, never edited, when a profile changes.
 """
 
 from __future__ import annotations
@@ -279,9 +279,15 @@ def _peer(table: str, rows: list[dict]) -> dict | None:
     return {"tool": data["tool"], "command": data["command"], "call": data["call"], **summaries}
 
 
-def markdown(decode: dict, kernels: dict, datasets: list[dict], command: str) -> str:
-    """``docs/validation.md``: the comparison, its sources and the command that regenerates it."""
+def markdown(decode: dict, kernels: dict, datasets: list[dict], studies: dict, command: str) -> str:
+    """``docs/validation.md``: the comparison, its sources, the simulated studies
+    (``suite.latency.simulation.studies``) and the command that regenerates it."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(TEMPLATE.read_text()).render(
-        decode=decode, kernels=kernels, datasets=datasets, overall=overall(decode, datasets), command=command
+        decode=decode,
+        kernels=kernels,
+        datasets=datasets,
+        studies=studies,
+        overall=overall(decode, datasets),
+        command=command,
     )
