@@ -283,6 +283,17 @@ def markdown(decode: dict, kernels: dict, datasets: list[dict], studies: dict, c
     """``docs/validation.md``: the comparison, its sources, the simulated studies
     (``suite.latency.simulation.studies``) and the command that regenerates it."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    by_name = {d["name"]: d for d in datasets}
+
+    def cells(data: dict, **keys) -> list[dict]:
+        return [r for r in data["cells"] if all(r[k] == v for k, v in keys.items())]
+
+    env.globals |= {
+        "dataset": by_name.__getitem__,
+        "cells": cells,
+        "cell": lambda data, **keys: cells(data, **keys)[0],
+        "device": load_device,
+    }
     return env.from_string(TEMPLATE.read_text()).render(
         decode=decode,
         kernels=kernels,
