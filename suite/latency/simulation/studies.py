@@ -45,7 +45,6 @@ def simulate(cells) -> list[dict]:
                 "prefill_ms": values["prefill_ms_median"],
                 "decode_ms": values["decode_ms_per_token_median"],
                 "e2e_ms": values["e2e_ms_median"],
-                "exposed_ms": values["comm_fraction"] * values["e2e_ms_median"],
             }
         )
     return rows
@@ -90,13 +89,12 @@ def tokenweave_prefill(rows: list[dict]) -> dict:
     cell = study_cells("tokenweave-prefill")[0]
     by = {(r["kernels"], r["tp"], r["prompt_len"], r["strategy"]): r for r in rows}
     table = []
-    for kernels, tp, prompt in sorted({k[:3] for k in by}, key=lambda k: (k[0], k[1], k[2])):
+    for kernels, tp, prompt in sorted({k[:3] for k in by}):
         nocomm = by[kernels, tp, prompt, "nocomm"]["prefill_ms"]
         row = {"kernels": kernels, "tp": tp, "prompt_len": prompt, "nocomm": nocomm}
         for name in ("tokenweave", "tokenweave fused=false", "baseline"):
             row[name] = by[kernels, tp, prompt, name]["prefill_ms"]
             row[f"{name} ratio"] = row[name] / nocomm
-            row[f"{name} exposed"] = by[kernels, tp, prompt, name]["exposed_ms"]
         table.append(row)
     low, high = NEAR_BOUND
     variants = {}
