@@ -1,5 +1,6 @@
 """The ``compiled`` kernel mode against the single-process Hugging Face model: merged GEMMs, Inductor regions and
-attention over the filled cache give Hugging Face's greedy tokens for every exact strategy at N = 1, 2, 4.
+attention over the filled cache give Hugging Face's greedy tokens for every exact strategy at N = 1, 2, 4, and
+the strategies that change the model give what they give in eager mode.
 
 Compiling is slow on a small CPU: one launch per N, one small model, every strategy on the same compiled ranks.
 """
@@ -21,13 +22,21 @@ NEW_TOKENS = 24  # the cache of 33 slots is read through decode bounds 16, 32 an
 # split_multiple=2 cuts the prefill inside a row and every decode step (3 tokens -> 2 + 1) between rows
 EXACT = {"baseline": {}, "seqpar": {}, "tokenweave": {"split_min_tokens": "0", "split_multiple": "2"}}
 UNEVEN, UNEVEN_TP = "random:tiny-uneven", 2  # 9 heads on 2 ranks: 5 + 4, each rank reading KV groups unevenly
+OTHERS = {  # the strategies that change the model: compiled runs them as eager does (checked at N = UNEVEN_TP)
+    "spd": {"blocks": "last:1"},
+    "ladder": {},
+    "nocomm": {},
+    "spd+ladder": {"blocks": "last:1"},
+    "spd+tokenweave": {"blocks": "last:1", "split_min_tokens": "0", "split_multiple": "2"},
+}
 # float32 with Inductor's reordered reductions: logits within 1e-4 of the largest logit, as eager's tests
 TOLERANCE = 1e-4
 
 
 def _job(comm, device):
+    from suite.model.sources import resolve
     from suite.parallel.runner import Runner, load_runner
-    from suite.parallel.strategy import make_strategy
+    from suite.parallel.strategy import bound_strategy, make_strategy
 
     eager = load_runner(comm, device, MODEL, "baseline").generate(PROMPTS, NEW_TOKENS, keep_logits=True)
     model = load_runner(comm, device, MODEL, "baseline", kernels="compiled").model
@@ -38,6 +47,12 @@ def _job(comm, device):
     if comm.world == UNEVEN_TP:
         gen = load_runner(comm, device, UNEVEN, "baseline", kernels="compiled").generate(PROMPTS, NEW_TOKENS)
         out["uneven"] = gen.tokens, gen.prefill_logits
+        eager_model = load_runner(comm, device, MODEL, "baseline").model
+        for name, options in OTHERS.items():
+            strategy = bound_strategy(name, options, resolve(MODEL), comm.world)
+            for kernels, rank_model in (("eager", eager_model), ("compiled", model)):
+                gen = Runner(rank_model, strategy, comm).generate(PROMPTS, 4, keep_logits=True)
+                out[name, kernels] = gen.tokens, gen.prefill_logits, gen.step_logits
     return out
 
 
@@ -61,6 +76,17 @@ def test_compiled_equals_hugging_face(tp_run, name):
     _, _, eager_steps = out["eager"]
     for i, (ours, ref) in enumerate(zip(steps, eager_steps)):  # decode over the bound, eager over the whole cache
         assert _close(ours, ref), f"{name} tp={tp} decode step {i}"
+
+
+@pytest.mark.parametrize("name", list(OTHERS))
+def test_strategies_that_change_the_model_run_compiled_as_eager(tp_run, name):
+    tp, out = tp_run
+    if tp != UNEVEN_TP:
+        pytest.skip(f"checked at tp={UNEVEN_TP}")
+    (eager_tokens, eager_prefill, eager_steps), (tokens, prefill, steps) = out[name, "eager"], out[name, "compiled"]
+    assert tokens == eager_tokens, f"{name}: compiled greedy tokens differ from eager"
+    assert all(_close(ours, ref) for ours, ref in zip(prefill, eager_prefill)), f"{name}: prefill logits"
+    assert all(_close(ours, ref) for ours, ref in zip(steps, eager_steps)), f"{name}: decode logits"
 
 
 def test_uneven_heads_compiled_equal_hugging_face(tp_run):
