@@ -29,7 +29,7 @@ from suite.latency.simulation.attention import lower_right_share
 from suite.latency.simulation.validation import load_published
 from suite.model.sharding import build_weightless_rank_model
 from suite.model.sources import resolve
-from suite.parallel.strategy import bound_strategy
+from suite.parallel.strategy import available, bound_strategy
 from suite.results import LatencyScenario
 
 REPO = Path(__file__).resolve().parents[1]
@@ -551,6 +551,24 @@ def test_cells_of_every_strategy_give_complete_rows(tmp_path):
     by = {(r["strategy"], r["tp"]): r for r in rows}
     assert by[("nocomm", 4)]["comm_fraction"] == 0 < by[("baseline", 4)]["comm_fraction"]
     assert run(cells, tmp_path).rows() == rows  # resumed: nothing runs again
+
+
+def test_every_strategy_simulates_compiled_on_every_device_profile():
+    """Compiled kernels (fused runs, merged GEMMs) cost less than eager's for every strategy on every GPU profile."""
+    strategies = {name: {} for name in available()} | {
+        name: {"blocks": "all"} for name in ("spd", "spd+ladder", "spd+tokenweave")
+    }
+    cells = [
+        cell(name, options, tp=2, device_profile=device, kernels=kernels)
+        for device in available_devices()
+        for name, options in strategies.items()
+        for kernels in ("eager", "compiled")
+    ]
+    results = list(simulate_cells(cells))
+    assert all(error is None for _, _, error in results), [error for _, _, error in results if error]
+    for (eager, eager_values, _), (compiled, compiled_values, _) in zip(results[::2], results[1::2]):
+        assert (eager.kernels, compiled.kernels) == ("eager", "compiled") and eager.strategy == compiled.strategy
+        assert compiled_values["e2e_ms_median"] < eager_values["e2e_ms_median"], (eager.strategy, eager.device_profile)
 
 
 def test_a_cell_that_does_not_fit_is_a_failed_row_saying_what_it_needs(tmp_path):
