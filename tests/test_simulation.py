@@ -834,7 +834,8 @@ def test_vidur_cells_are_the_data_folders_medians():
 
 def test_validation_page_is_what_the_command_writes():
     """docs/validation.md is what the command it names writes: after a profile change, rerun it."""
-    from suite.latency.simulation import studies, validation
+    from suite.latency import studies
+    from suite.latency.simulation import validation
 
     doc = (REPO / "docs" / "validation.md").read_text()
     command = doc.splitlines()[0].split("`")[1]

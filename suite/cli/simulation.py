@@ -22,7 +22,8 @@ def cmd_devbench(args, parser) -> int:
 
 
 def cmd_validate(args, parser) -> int:
-    from suite.latency.simulation import kernel_checks, studies, validation
+    from suite.latency import studies
+    from suite.latency.simulation import kernel_checks, validation
 
     published = validation.load_published(args.published)
     decode = validation.validate_decode(published, args.device_profile, args.interconnect)

@@ -281,7 +281,7 @@ def _peer(table: str, rows: list[dict]) -> dict | None:
 
 def markdown(decode: dict, kernels: dict, datasets: list[dict], studies: dict, command: str) -> str:
     """``docs/validation.md``: the comparison, its sources, the simulated studies
-    (``suite.latency.simulation.studies``) and the command that regenerates it."""
+    (``suite.latency.studies``) and the command that regenerates it."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     by_name = {d["name"]: d for d in datasets}
 

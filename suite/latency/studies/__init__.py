@@ -1,5 +1,5 @@
 """Simulated studies that ``docs/validation.md`` reports after the validation, so that no figure on the page
-is typed by hand. Each is a bench matrix in ``suite/latency/studies/`` (``spdbench bench --config`` runs
+is typed by hand. Each is a bench matrix beside this file (``spdbench bench --config`` runs
 it on its own), simulated with ``simulate_cells`` and summarised here for the page's template:
 
 - ``spd-pcie``: the SPD paper's headline setting on ``pcie-nop2p``, SPD's latency below baseline's per
@@ -19,7 +19,7 @@ from suite.latency.bench import load_config
 from suite.latency.device import load_device
 from suite.latency.interconnect import load_profile
 
-STUDY_DIR = Path(__file__).parents[1] / "studies"
+STUDY_DIR = Path(__file__).parent
 NEAR_BOUND = (0.9, 1.2)  # TokenWeave reports prefills close to, sometimes just below, the model without communication
 
 
