@@ -82,6 +82,7 @@ def spd_pcie(rows: list[dict]) -> dict:
         "blocks": resolve(cell.model).config.num_hidden_layers,
         "modes": modes,
         "smallest_all_reduce_us": smallest,
+        "method": profile.method["cuda_graph"],
     }
 
 
