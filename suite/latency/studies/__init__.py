@@ -55,10 +55,10 @@ def variant(strategy: str, options: dict) -> str:
     return f"{strategy} fused=false" if str(options.get("fused", "")).lower() == "false" else strategy
 
 
-def spd_pcie(rows: list[dict]) -> dict:
+def spd_pcie(cells: list, rows: list[dict]) -> dict:
     from suite.model.sources import resolve
 
-    cell = next(c for c in study_cells("spd-pcie") if c.strategy == "spd")
+    cell = next(c for c in cells if c.strategy == "spd")
     profile = load_profile(cell.interconnect)
     by = {(r["decode_mode"], r["strategy"]): r for r in rows}
     modes = []
@@ -86,8 +86,8 @@ def spd_pcie(rows: list[dict]) -> dict:
     }
 
 
-def tokenweave_prefill(rows: list[dict]) -> dict:
-    cell = study_cells("tokenweave-prefill")[0]
+def tokenweave_prefill(cells: list, rows: list[dict]) -> dict:
+    cell = cells[0]
     by = {(r["kernels"], r["tp"], r["prompt_len"], r["strategy"]): r for r in rows}
     table = []
     for kernels, tp, prompt in sorted({k[:3] for k in by}):
@@ -118,8 +118,8 @@ def tokenweave_prefill(rows: list[dict]) -> dict:
     }
 
 
-def kernel_regimes(rows: list[dict]) -> dict:
-    cell = study_cells("kernel-regimes")[0]
+def kernel_regimes(cells: list, rows: list[dict]) -> dict:
+    cell = cells[0]
     table = []
     for kernels in sorted({r["kernels"] for r in rows}, key=["eager", "compiled"].index):
         of = {r["strategy"]: r for r in rows if r["kernels"] == kernels}
@@ -146,7 +146,7 @@ SUMMARIES = {"spd-pcie": spd_pcie, "tokenweave-prefill": tokenweave_prefill, "ke
 def studies(cells: dict[str, list] | None = None) -> dict:
     """Every study simulated and summarised, keyed by name with ``-`` as ``_`` (``cells``: a subset per
     study, for a quicker check)."""
+    chosen = {name: cells[name] if cells else study_cells(name) for name in SUMMARIES}
     return {
-        name.replace("-", "_"): summary(simulate(cells[name] if cells else study_cells(name)))
-        for name, summary in SUMMARIES.items()
+        name.replace("-", "_"): summary(chosen[name], simulate(chosen[name])) for name, summary in SUMMARIES.items()
     }
